@@ -1,0 +1,175 @@
+"""Actors and their supervisor.
+
+An `Actor` owns a bounded inbox and handles its messages one at a time in `handle`. Producers feel
+backpressure (`send` waits for room) or learn that the actor is busy (`offer` returns False); nothing is queued
+without bound. Long-lived side loops an actor needs (a lease heartbeat, a periodic flush) are started with
+`self.spawn`, which names and owns them: their failure is the actor's failure.
+
+The `Supervisor` runs each actor as a named task. An actor that raises is logged and restarted with
+exponential backoff; more than `max_restarts` crashes within `window_seconds` spends the budget, and the
+supervisor then stops the engine (`failed` is set) rather than run without that actor. Shutdown is by event:
+`stop` is set, actors finish what they are doing within the grace period, whatever is left is cancelled, and
+each actor's `on_stop` (release leases, flush buffers) runs shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+import structlog
+
+from engine.logs import get_logger
+
+M = TypeVar("M")
+log = get_logger(component="actor")
+
+
+class Actor(Generic[M]):
+    """Base actor: a bounded inbox and a loop that handles one message at a time."""
+
+    inbox_size = 16
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.inbox: asyncio.Queue[M] = asyncio.Queue(self.inbox_size)
+        self.stopping = asyncio.Event()
+        self._side_tasks: set[asyncio.Task[Any]] = set()
+
+    async def send(self, message: M) -> None:
+        """Deliver a message, waiting while the inbox is full."""
+        await self.inbox.put(message)
+
+    def offer(self, message: M) -> bool:
+        """Deliver a message if there is room; False when the inbox is full."""
+        try:
+            self.inbox.put_nowait(message)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def handle(self, message: M) -> None:
+        raise NotImplementedError
+
+    async def on_start(self) -> None:
+        """Runs before the first message, on every (re)start."""
+
+    async def on_stop(self) -> None:
+        """Runs once after the actor has stopped or was cancelled; shielded from cancellation."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a side task owned by this actor; if it fails, the actor's main loop fails with it."""
+        task = asyncio.create_task(coro, name=f"{self.name}:{name}")
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return task
+
+    async def run(self) -> None:
+        """The actor's main loop: until `stopping` is set, take a message and handle it."""
+        structlog.contextvars.bind_contextvars(actor=self.name)
+        await self.on_start()
+        stop_wait = asyncio.create_task(self.stopping.wait(), name=f"{self.name}:stop-wait")
+        try:
+            while not self.stopping.is_set():
+                get = asyncio.create_task(self.inbox.get(), name=f"{self.name}:inbox")
+                watched = {get, stop_wait, *self._side_tasks}
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                for task in done & self._side_tasks:
+                    task.result()  # a failed side task fails the actor (its exception propagates)
+                if get in done:
+                    await self.handle(get.result())
+                else:
+                    get.cancel()
+                    # A message that arrived while cancelling must not be lost.
+                    try:
+                        message = await get
+                    except asyncio.CancelledError:
+                        continue
+                    if not self.stopping.is_set():
+                        await self.handle(message)
+        finally:
+            stop_wait.cancel()
+            for task in list(self._side_tasks):
+                task.cancel()
+            await asyncio.gather(*self._side_tasks, return_exceptions=True)
+
+
+class Supervisor:
+    """Runs actors, restarts the ones that crash, and stops them all gracefully."""
+
+    def __init__(
+        self,
+        actors: list[Actor[Any]],
+        *,
+        max_restarts: int = 5,
+        window_seconds: float = 60.0,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.actors = actors
+        self.max_restarts = max_restarts
+        self.window_seconds = window_seconds
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.clock = clock
+        self.stop = stop or asyncio.Event()
+        self.failed: str | None = None
+        self.restarts: dict[str, list[float]] = {a.name: [] for a in actors}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        """Supervise until `stop` is set (by a signal or because a restart budget is spent)."""
+        self._tasks = {a.name: asyncio.create_task(self._keep_running(a), name=f"supervise:{a.name}")
+                       for a in self.actors}
+        await self.stop.wait()
+
+    async def _keep_running(self, actor: Actor[Any]) -> None:
+        while not self.stop.is_set():
+            try:
+                await actor.run()
+                return  # stopped on purpose
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                now = self.clock()
+                history = [t for t in self.restarts[actor.name] if now - t < self.window_seconds]
+                history.append(now)
+                self.restarts[actor.name] = history
+                if len(history) > self.max_restarts:
+                    self.failed = f"actor {actor.name} crashed {len(history)} times in {self.window_seconds:.0f}s"
+                    log.error("actor_restart_budget_spent", actor=actor.name, crashes=len(history),
+                              window_seconds=self.window_seconds, error=f"{type(exc).__name__}: {exc}",
+                              exc_info=exc)
+                    self.stop.set()
+                    return
+                delay = min(self.backoff_max, self.backoff_base * 2 ** (len(history) - 1))
+                log.error("actor_crashed", actor=actor.name, error=f"{type(exc).__name__}: {exc}",
+                          restart_in_seconds=delay, crashes_in_window=len(history), exc_info=exc)
+                try:
+                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
+                except TimeoutError:
+                    log.info("actor_restarted", actor=actor.name)
+
+    async def shutdown(self, grace_seconds: float) -> None:
+        """Stop every actor: let them finish within `grace_seconds`, cancel the rest, run their `on_stop`."""
+        self.stop.set()
+        for actor in self.actors:
+            actor.stopping.set()
+        tasks = list(self._tasks.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("shutdown_grace_expired", cancelled=sorted(t.get_name() for t in pending),
+                            grace_seconds=grace_seconds)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for actor in reversed(self.actors):
+            try:
+                await asyncio.shield(actor.on_stop())
+            except Exception as exc:
+                log.error("actor_stop_failed", actor=actor.name, error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,146 @@
+"""The engine on one process: the store, the actors and their supervisor, and the commands that drive them.
+
+`run.py` parses the command line and settings, then calls one of `serve`, `run_job`, `drain`, `migrate` or
+`status` here. The engine never imports `actors/`: `run.py` passes a `JobFactory` that builds the job actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from engine import __version__
+from engine.actor import Actor, Supervisor
+from engine.database import open_database
+from engine.jobs import Job, Run, Services
+from engine.log_writer import LogWriter
+from engine.logs import AppLogSink, get_logger, install_app_log
+from engine.node import NodeHeartbeat
+from engine.scheduler import Scheduler
+from engine.settings import JOBS, Settings
+from engine.store import Store
+
+log = get_logger(component="engine")
+JobFactory = Callable[[Services], dict[str, Job]]
+
+
+@asynccontextmanager
+async def opened_store(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Store]:
+    """The store for these settings (starting the embedded database if needed), migrated, closed after."""
+    database = await open_database(settings.database_url, settings.data_dir)
+    try:
+        store = await Store.connect(database.dsn, settings.node_name, max_size=settings.database_pool_size)
+        try:
+            if migrate:
+                await store.migrate()
+            yield store
+        finally:
+            await store.close()
+    finally:
+        await database.close()
+
+
+class Engine:
+    """Every actor of this process, supervised."""
+
+    def __init__(self, settings: Settings, store: Store, build_jobs: JobFactory, *, dr: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.stop = asyncio.Event()
+        self.app_log = AppLogSink(settings.app_log_level, settings.node_name)
+        install_app_log(self.app_log)
+        self.services = Services(settings, store, self.app_log, self.stop, dr=dr)
+        self.jobs = build_jobs(self.services)
+        self.services.jobs = self.jobs
+        on_live_nodes = getattr(dr, "set_share", None)
+        self.node = NodeHeartbeat(store, __version__, on_live_nodes)
+        self.log_writer = LogWriter(store, self.app_log)
+
+    def _supervisor(self, with_scheduler: bool) -> Supervisor:
+        actors: list[Actor[Any]] = [self.node, self.log_writer, *self.jobs.values()]
+        if with_scheduler:
+            schedules = {name: job.schedule for name, job in self.settings.jobs.items()}
+            actors.append(Scheduler(self.jobs, schedules, self.store))
+        return Supervisor(actors, stop=self.stop)
+
+    def _on_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def stop(signame: str) -> None:
+            if self.stop.is_set():
+                return
+            log.info("shutdown_requested", signal=signame, grace_seconds=self.settings.shutdown_grace_seconds)
+            self.stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig.name)
+
+    async def serve(self) -> int:
+        """Run every job on its schedule until SIGTERM/SIGINT; 0 after a clean stop, 1 if an actor gave up."""
+        for name in JOBS:
+            if name not in self.jobs:
+                log.warning("job_not_built", job=name, detail="this engine version does not implement it yet")
+        supervisor = self._supervisor(with_scheduler=True)
+        self._on_signals()
+        log.info("engine_started", node=self.store.node, version=__version__,
+                 jobs=sorted(self.jobs), pid_node=self.settings.node_name)
+        await supervisor.run()
+        await supervisor.shutdown(self.settings.shutdown_grace_seconds)
+        log.info("engine_stopped", clean=supervisor.failed is None, reason=supervisor.failed)
+        return 0 if supervisor.failed is None else 1
+
+    async def _with_actors(self, work: Callable[[], Any]) -> int:
+        """Run the actors (no scheduler) while `work` drives jobs; stop them after."""
+        supervisor = self._supervisor(with_scheduler=False)
+        self._on_signals()
+        supervising = asyncio.create_task(supervisor.run(), name="supervisor")
+        try:
+            result: int = await work()
+        finally:
+            await supervisor.shutdown(self.settings.shutdown_grace_seconds)
+            await supervising
+        return result if supervisor.failed is None else 1
+
+    async def run_job(self, name: str) -> int:
+        """One run of `name` now: 0 if it finished (even with failed records), 1 if it crashed."""
+        async def work() -> int:
+            run = await self._run(self.jobs[name], "manual")
+            return 0 if run is not None and run.status == "succeeded" else 1
+        return await self._with_actors(work)
+
+    async def drain(self, pause_seconds: float = 1.0) -> int:
+        """Run the jobs again and again until nothing is due anywhere."""
+        async def work() -> int:
+            crashed = False
+            while not self.stop.is_set():
+                due = {name: await job.due_count() for name, job in self.jobs.items()}
+                if not any(due.values()):
+                    log.info("drain_finished")
+                    return 1 if crashed else 0
+                progress = False
+                for name, job in self.jobs.items():
+                    if self.stop.is_set() or not due[name]:
+                        continue
+                    run = await self._run(job, "drain")
+                    crashed |= run is None or run.status != "succeeded"
+                    progress |= run is not None and run.claimed > 0
+                if not progress:
+                    # Due rows are leased by another process (or are being finished): wait for them.
+                    log.info("drain_waiting", due={k: v for k, v in due.items() if v})
+                    try:
+                        await asyncio.wait_for(self.stop.wait(), timeout=pause_seconds)
+                    except TimeoutError:
+                        pass
+            return 1 if crashed else 0
+        return await self._with_actors(work)
+
+    async def _run(self, job: Job, trigger: str) -> Run | None:
+        # Fire time is now; on the rare clash with another process's run of the same microsecond, try again.
+        for _ in range(3):
+            run = await job.run_now(trigger)
+            if run is not None:
+                return run
+        return None

@@ -1,0 +1,134 @@
+"""The job actor: what every job of the contract has in common.
+
+A job actor receives `RunRequest`s (from the scheduler, from `run JOB`/`drain`, or from another job on the same
+process). For each it first takes the run in `job_runs`: the unique (`job`, `fire_time`) lets exactly one
+process take a scheduled tick, however many share the database. It then calls the job's `run_once`, which
+claims and processes records and counts them in the `Run`, and records how the run ended.
+
+A run that raises is recorded `failed` with the error and logged; the actor itself carries on with the next
+request. Only a failure to record the run (the database is gone) escapes to the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from engine.actor import Actor
+from engine.logs import AppLogSink, get_logger, redact_text
+from engine.settings import Settings
+from engine.store import Store
+
+log = get_logger(component="jobs")
+
+
+@dataclass
+class RunRequest:
+    """Ask a job to run once. `done` (if given) receives the finished `Run`, or None if another process took it."""
+
+    fire_time: datetime
+    trigger: str  # schedule | manual | drain | message
+    done: asyncio.Future[Run | None] | None = None
+
+
+@dataclass
+class Run:
+    """One run of a job: its id in job_runs and the records it counted."""
+
+    id: int
+    job: str
+    fire_time: datetime
+    trigger: str
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    status: str = "running"
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Services:
+    """What jobs share on one process."""
+
+    settings: Settings
+    store: Store
+    app_log: AppLogSink
+    stopping: asyncio.Event
+    dr: Any = None  # engine.digital_river.DigitalRiverClient once a job needs it
+    jobs: dict[str, Job] = field(default_factory=dict)
+
+
+class Job(Actor[RunRequest]):
+    """Base for the five jobs. Subclasses implement `run_once` and `due_count`."""
+
+    inbox_size = 4
+    # Set by subclasses: the job's name in the contract.
+    job_name = ""
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(self.job_name)
+        self.services = services
+        self.settings = services.settings
+        self.store = services.store
+        self.concurrency = services.settings.jobs[self.job_name].concurrency
+        self.running: Run | None = None
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the engine is shutting down: stop claiming, finish what is in flight."""
+        return self.stopping.is_set() or self.services.stopping.is_set()
+
+    async def run_once(self, run: Run) -> None:
+        """Claim and process this job's due records, counting them on `run`."""
+        raise NotImplementedError
+
+    async def due_count(self) -> int:
+        """How many records are due for this job now (drain stops when every job says 0)."""
+        raise NotImplementedError
+
+    async def handle(self, message: RunRequest) -> None:
+        run_id = await self.store.fetchval(
+            "insert_job_run", self.job_name, message.fire_time, message.trigger, self.store.node)
+        if run_id is None:
+            log.info("job_tick_taken_elsewhere", job=self.job_name, fire_time=message.fire_time.isoformat())
+            if message.done and not message.done.done():
+                message.done.set_result(None)
+            return
+        run = Run(run_id, self.job_name, message.fire_time, message.trigger)
+        self.running = run
+        structlog.contextvars.bind_contextvars(job=self.job_name, run_id=run_id)
+        log.info("job_run_started", fire_time=message.fire_time.isoformat(), trigger=message.trigger)
+        try:
+            await self.run_once(run)
+            run.status = "succeeded"
+        except asyncio.CancelledError:
+            run.status, run.error = "failed", "cancelled at shutdown"
+            await asyncio.shield(self._finish(run))
+            raise
+        except Exception as exc:
+            run.status, run.error = "failed", redact_text(f"{type(exc).__name__}: {exc}")[:2000]
+            log.error("job_run_crashed", error=run.error, exc_info=exc)
+        finally:
+            self.running = None
+        await self._finish(run)
+        structlog.contextvars.unbind_contextvars("job", "run_id")
+        if message.done and not message.done.done():
+            message.done.set_result(run)
+
+    async def _finish(self, run: Run) -> None:
+        await self.store.execute("finish_job_run", run.id, run.status, run.claimed, run.succeeded, run.failed,
+                                 run.error)
+        log.info("job_run_finished", status=run.status, claimed=run.claimed, succeeded=run.succeeded,
+                 failed=run.failed, duration_ms=round((time.monotonic() - run.started) * 1000), error=run.error)
+
+    async def run_now(self, trigger: str) -> Run | None:
+        """Queue a run with fire time now and wait for it to finish (for `run JOB` and `drain`)."""
+        done: asyncio.Future[Run | None] = asyncio.get_running_loop().create_future()
+        await self.send(RunRequest(datetime.now(UTC), trigger, done))
+        return await done

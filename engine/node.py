@@ -1,0 +1,64 @@
+"""This process in `engine_nodes`: heartbeats, the live-node count, and runs left behind by dead processes.
+
+Every `HEARTBEAT_SECONDS` the node refreshes its row. A node is live while its heartbeat is younger than
+`LOST_AFTER_SECONDS`; the Digital River rate budget is split among live nodes (`on_live_nodes`). Runs left
+`running` by a node that stopped heartbeating (it was killed) are marked `failed`, so `status` tells the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+
+from engine.actor import Actor
+from engine.logs import get_logger
+from engine.store import Store
+
+log = get_logger(component="node")
+HEARTBEAT_SECONDS = 5.0
+LOST_AFTER_SECONDS = 30.0
+
+
+class NodeHeartbeat(Actor[None]):
+    """Keeps this process's `engine_nodes` row fresh."""
+
+    def __init__(self, store: Store, version: str, on_live_nodes: Callable[[int], None] | None = None,
+                 interval: float = HEARTBEAT_SECONDS, lost_after: float = LOST_AFTER_SECONDS) -> None:
+        super().__init__("node")
+        self.store = store
+        self.version = version
+        self.on_live_nodes = on_live_nodes
+        self.interval = interval
+        self.lost_after = lost_after
+        self.started_at = datetime.now(UTC)
+        self.live_nodes = 1
+
+    async def beat(self) -> None:
+        """One heartbeat: refresh the row, count live nodes, fail runs of lost nodes."""
+        await self.store.execute("node_heartbeat", self.store.node, os.getpid(), socket.gethostname(),
+                                 self.version)
+        self.live_nodes = max(1, int(await self.store.fetchval("live_node_count", self.lost_after)))
+        if self.on_live_nodes:
+            self.on_live_nodes(self.live_nodes)
+        for row in await self.store.fetch("fail_runs_of_lost_nodes", self.lost_after, self.store.node,
+                                          self.started_at):
+            log.warning("job_run_abandoned", job=row["job"], run_id=row["id"], node=row["node"])
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(actor=self.name)
+        await self.beat()
+        log.info("node_started", node=self.store.node, live_nodes=self.live_nodes)
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.interval)
+            except TimeoutError:
+                await self.beat()
+
+    async def on_stop(self) -> None:
+        await self.store.execute("node_stopped", self.store.node)
+        log.info("node_stopped", node=self.store.node)

@@ -1,0 +1,247 @@
+"""Environment variables → typed, validated settings.
+
+Every variable of CONTRACT.md is read here and nowhere else. `load()` checks them all before anything starts;
+the first bad one raises `SettingsError`, whose message is the single line the command prints before it exits
+with status 2: the variable, the value it had, and what is allowed. The API key's value is never repeated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from engine.cron import CronError, Schedule, parse_schedule
+
+T = TypeVar("T")
+
+# The five jobs, in pipeline order, with the Salesforce app's schedules and this engine's concurrency.
+JOBS: tuple[str, ...] = (
+    "subscription-installments",
+    "recurring-payments",
+    "order-fulfillment",
+    "line-item-fulfillment",
+    "log-cleanup",
+)
+DEFAULT_SCHEDULES: dict[str, str] = {
+    "subscription-installments": "0 0 * * * ?",
+    "recurring-payments": "0 0 * * * ?",
+    "order-fulfillment": "0 0/5 * * * ?",
+    "line-item-fulfillment": "0 0/5 * * * ?",
+    "log-cleanup": "0 0 0 ? * * *",
+}
+DEFAULT_CONCURRENCY: dict[str, int] = {job: 8 for job in JOBS} | {"recurring-payments": 32}
+
+APP_LOG_LEVELS = ("NONE", "ERROR", "WARN", "INFO", "DEBUG")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
+SECRET_SETTINGS = frozenset({"DR_API_KEY"})
+# Commands that talk to Digital River and so need a key.
+COMMANDS_NEEDING_KEY = frozenset({"serve", "run", "drain"})
+
+
+def env_prefix(job: str) -> str:
+    """`recurring-payments` → `RECURRING_PAYMENTS`, the prefix of its `_CONCURRENCY` and `_SCHEDULE`."""
+    return job.upper().replace("-", "_")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; `str()` is the one line shown to the operator."""
+
+    def __init__(self, name: str, value: str | None, allowed: str) -> None:
+        self.name = name
+        if value is None:
+            shown = "unset"
+        elif name in SECRET_SETTINGS:
+            shown = "<redacted>"
+        else:
+            shown = repr(value)
+        super().__init__(f"bad setting {name}={shown}: {allowed}")
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    name: str
+    schedule: Schedule
+    concurrency: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    dr_api_url: str
+    dr_api_key: str | None = field(repr=False)
+    dr_api_version: str | None
+    dr_timeout_seconds: float
+    dr_max_requests_per_second: float
+    cc_subscriptions_batch_query_limit: int
+    cc_subscription_processor_batch_size: int
+    recurring_payment_process_query_limit: int
+    recurring_payment_batch_size: int
+    subscription_retry_count: int
+    fulfillment_query_limit: int
+    fulfillment_retry_limit: int
+    jobs: dict[str, JobSettings]
+    schedule_time_zone: ZoneInfo
+    app_log_level: str
+    app_log_retention_days: int
+    log_level: str
+    log_format: str
+    lease_seconds: int
+    shutdown_grace_seconds: float
+    http_host: str
+    http_port: int
+    node_name: str
+    database_pool_size: int
+    data_dir: str
+
+    @property
+    def is_test_key(self) -> bool:
+        return bool(self.dr_api_key and self.dr_api_key.startswith("sk_test_"))
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never reach a log line, a table or an exception message."""
+        return tuple(s for s in (self.dr_api_key,) if s)
+
+
+class _Reader:
+    """Reads one variable at a time from an environment mapping, raising `SettingsError` on the first bad one."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        return self._number(name, default, lo, hi, int, "a whole number")
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        return self._number(name, default, lo, hi, float, "a number")
+
+    def _number(self, name: str, default: T, lo: T, hi: T, kind: Callable[[str], T], what: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        allowed = f"expected {what} from {lo} to {hi}"
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise SettingsError(name, value, allowed) from None
+        if not (lo <= parsed <= hi):  # type: ignore[operator]
+            raise SettingsError(name, value, allowed)
+        if isinstance(parsed, float) and parsed != parsed:  # NaN
+            raise SettingsError(name, value, allowed)
+        return parsed
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], *, upper: bool) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        normal = value.upper() if upper else value.lower()
+        if normal not in choices:
+            raise SettingsError(name, value, f"expected one of {', '.join(choices)}")
+        return normal
+
+
+def _url(reader: _Reader, name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
+    value = reader.raw(name)
+    if value is None:
+        return default
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not (parts.netloc or parts.query or parts.path):
+        raise SettingsError(name, _without_password(value), f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    return value
+
+
+def _without_password(url: str) -> str:
+    """A URL as it may be shown: any password replaced."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_terminal: bool | None = None) -> Settings:
+    """Read and validate every setting; raise `SettingsError` naming the first bad one."""
+    reader = _Reader(os.environ if env is None else env)
+    if is_terminal is None:
+        is_terminal = sys.stdout.isatty()
+
+    database_url = _url(reader, "DATABASE_URL", None, ("postgres", "postgresql"))
+    dr_api_url = _url(reader, "DR_API_URL", "https://api.digitalriver.com", ("http", "https"))
+    assert dr_api_url is not None
+    dr_api_url = dr_api_url.rstrip("/")
+
+    dr_api_key = reader.raw("DR_API_KEY")
+    if dr_api_key is None and command in COMMANDS_NEEDING_KEY:
+        raise SettingsError("DR_API_KEY", None, f"a Digital River secret key (sk_test_… or live) is required by {command}")
+    if dr_api_key is not None and (any(c.isspace() for c in dr_api_key) or not dr_api_key.isprintable()):
+        raise SettingsError("DR_API_KEY", dr_api_key, "expected a secret key without spaces or control characters")
+
+    dr_api_version = reader.raw("DR_API_VERSION")
+    if dr_api_version is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", dr_api_version):
+        raise SettingsError("DR_API_VERSION", dr_api_version, "expected an API version date like 2024-08-21")
+
+    is_test_key = bool(dr_api_key and dr_api_key.startswith("sk_test_"))
+    jobs = {}
+    tz_name = reader.raw("SCHEDULE_TIME_ZONE") or "UTC"
+    try:
+        schedule_tz = ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SettingsError("SCHEDULE_TIME_ZONE", tz_name, "expected an IANA time zone such as UTC or Europe/Berlin") from None
+    for job in JOBS:
+        prefix = env_prefix(job)
+        text = reader.raw(f"{prefix}_SCHEDULE") or DEFAULT_SCHEDULES[job]
+        try:
+            schedule = parse_schedule(text, schedule_tz)
+        except CronError as exc:
+            raise SettingsError(
+                f"{prefix}_SCHEDULE", text,
+                f"{exc}; expected Quartz cron (e.g. '0 0/5 * * * ?'), several joined by ';', 'every 30s|5m|1h', or 'off'",
+            ) from None
+        concurrency = reader.integer(f"{prefix}_CONCURRENCY", DEFAULT_CONCURRENCY[job], 1, 4096)
+        jobs[job] = JobSettings(job, schedule, concurrency)
+
+    log_format_default = "console" if is_terminal else "json"
+    node_name = reader.raw("NODE_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    if len(node_name) > 200 or not node_name.isprintable():
+        raise SettingsError("NODE_NAME", node_name, "expected printable text of at most 200 characters")
+
+    return Settings(
+        database_url=database_url,
+        dr_api_url=dr_api_url,
+        dr_api_key=dr_api_key,
+        dr_api_version=dr_api_version,
+        dr_timeout_seconds=reader.number("DR_TIMEOUT_SECONDS", 30.0, 0.1, 600.0),
+        dr_max_requests_per_second=reader.number(
+            "DR_MAX_REQUESTS_PER_SECOND", 20.0 if is_test_key else 200.0, 0.1, 100_000.0),
+        cc_subscriptions_batch_query_limit=reader.integer("CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT", 2000, 1, 1_000_000),
+        cc_subscription_processor_batch_size=reader.integer("CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE", 200, 1, 10_000),
+        recurring_payment_process_query_limit=reader.integer(
+            "RECURRING_PAYMENT_PROCESS_QUERY_LIMIT", 2000, 1, 1_000_000),
+        recurring_payment_batch_size=reader.integer("RECURRING_PAYMENT_BATCH_SIZE", 50, 1, 10_000),
+        subscription_retry_count=reader.integer("SUBSCRIPTION_RETRY_COUNT", 3, 0, 100),
+        fulfillment_query_limit=reader.integer("FULFILLMENT_QUERY_LIMIT", 200, 1, 1_000_000),
+        fulfillment_retry_limit=reader.integer("FULFILLMENT_RETRY_LIMIT", 5, 0, 100),
+        jobs=jobs,
+        schedule_time_zone=schedule_tz,
+        app_log_level=reader.choice("APP_LOG_LEVEL", "ERROR", APP_LOG_LEVELS, upper=True),
+        app_log_retention_days=reader.integer("APP_LOG_RETENTION_DAYS", 30, 1, 36_500),
+        log_level=reader.choice("LOG_LEVEL", "info", LOG_LEVELS, upper=False),
+        log_format=reader.choice("LOG_FORMAT", log_format_default, LOG_FORMATS, upper=False),
+        lease_seconds=reader.integer("LEASE_SECONDS", 300, 5, 86_400),
+        shutdown_grace_seconds=reader.number("SHUTDOWN_GRACE_SECONDS", 30.0, 0.0, 3600.0),
+        http_host=reader.raw("HTTP_HOST") or "127.0.0.1",
+        http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
+        node_name=node_name,
+        database_pool_size=reader.integer("DATABASE_POOL_SIZE", 10, 2, 200),
+        data_dir=reader.raw("DATA_DIR") or ".data",
+    )

@@ -1,0 +1,111 @@
+"""drjobs: `python run.py [serve|migrate|run JOB|drain|status [--json]|demo|sandbox [--port N]]`.
+
+Reads the command and the settings first; anything wrong is one line on stderr and exit 2, before anything is
+started or written. Then sets up logging and hands over to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.settings import JOBS, Settings, SettingsError, load
+
+USAGE = "usage: python run.py [serve | migrate | run JOB | drain | status [--json] | demo | sandbox [--port N]]"
+COMMANDS = ("serve", "migrate", "run", "drain", "status", "demo", "sandbox")
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass
+class Command:
+    name: str
+    job: str | None = None
+    json: bool = False
+    options: list[str] = field(default_factory=list)
+
+
+def parse(argv: Sequence[str]) -> Command:
+    """The command line → a Command; UsageError names what is wrong and what is allowed."""
+    args = list(argv)
+    if not args:
+        return Command("serve")
+    name, rest = args[0], args[1:]
+    if name in ("-h", "--help", "help"):
+        raise UsageError(USAGE)
+    if name not in COMMANDS:
+        raise UsageError(f"unknown command {name!r}; expected one of: {', '.join(COMMANDS)}")
+    if name == "run":
+        if len(rest) != 1:
+            raise UsageError(f"run takes exactly one JOB, one of: {', '.join(JOBS)}")
+        if rest[0] not in JOBS:
+            raise UsageError(f"unknown job {rest[0]!r}; expected one of: {', '.join(JOBS)}")
+        return Command(name, job=rest[0])
+    if name == "status":
+        if rest not in ([], ["--json"]):
+            raise UsageError(f"status takes only --json, not {' '.join(rest)!r}")
+        return Command(name, json=bool(rest))
+    if name in ("demo", "sandbox"):
+        return Command(name, options=rest)
+    if rest:
+        raise UsageError(f"{name} takes no arguments, not {' '.join(rest)!r}")
+    return Command(name)
+
+
+async def _main(command: Command, settings: Settings) -> int:
+    from actors import JOB_CLASSES, build_jobs
+    from engine import status
+    from engine.app import Engine, opened_store
+
+    if command.name == "migrate":
+        async with opened_store(settings) as store:
+            return 0
+    if command.name == "status":
+        async with opened_store(settings) as store:
+            data = await status.collect(settings, store, set(JOB_CLASSES))
+            print(status.render_json(data) if command.json else status.render_text(data))
+            return 0
+    if command.name == "run" and command.job not in JOB_CLASSES:
+        print(f"run.py: job {command.job} is not built in this version yet", file=sys.stderr)
+        return 2
+    async with opened_store(settings) as store:
+        engine = Engine(settings, store, build_jobs)
+        if command.name == "serve":
+            return await engine.serve()
+        if command.name == "run":
+            assert command.job is not None
+            return await engine.run_job(command.job)
+        return await engine.drain()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        command = parse(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"run.py: {exc}", file=sys.stderr)
+        return 2
+    if command.name in ("demo", "sandbox"):
+        print(f"run.py: {command.name} is not built yet: it comes with the Digital River sandbox and the "
+              "installment pipeline", file=sys.stderr)
+        return 2
+    try:
+        settings = load(command=command.name)
+    except SettingsError as exc:
+        print(f"run.py: {exc}", file=sys.stderr)
+        return 2
+
+    from engine.logs import configure
+
+    configure(settings.log_level, settings.log_format, settings.app_log_level, settings.secrets)
+    try:
+        return asyncio.run(_main(command, settings))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

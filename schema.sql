@@ -1,0 +1,289 @@
+-- drjobs store. Applied by `python run.py migrate` (and by `serve` on start); every statement is idempotent,
+-- so applying it again is harmless. Later changes are appended as `ALTER TABLE … ADD COLUMN IF NOT EXISTS`.
+--
+-- Conventions (CONTRACT.md): every table has an identity `id`, `created_at` and `updated_at`; money is
+-- numeric(18,2) with a char(3) currency beside it; every column beyond the contract's has a default.
+-- Columns the engine needs to do its work but that outside systems may leave empty are nullable: the engine
+-- fails such a record with a message naming the column instead of the database refusing the row.
+
+CREATE OR REPLACE FUNCTION drjobs_touch_updated_at() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+
+CREATE TABLE IF NOT EXISTS accounts (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    name            text NOT NULL DEFAULT '',
+    dr_customer_id  text,
+    email           text,
+    bill_to         jsonb,
+    time_zone       text NOT NULL DEFAULT 'UTC'
+);
+
+CREATE TABLE IF NOT EXISTS products (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    sku                 text UNIQUE,
+    name                text,
+    dr_sku_id           text,
+    tax_code            text,
+    country_of_origin   char(2),
+    eccn                text
+);
+
+CREATE TABLE IF NOT EXISTS stored_payments (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    account_id      bigint REFERENCES accounts (id),
+    dr_source_id    text,
+    is_active       boolean NOT NULL DEFAULT true
+);
+
+CREATE TABLE IF NOT EXISTS orders (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    account_id          bigint REFERENCES accounts (id),
+    parent_order_id     bigint REFERENCES orders (id),
+    dr_order_id         text UNIQUE,
+    dr_checkout_id      text,
+    dr_order_state      text,
+    dr_order_source     text NOT NULL DEFAULT 'Standard Checkout'
+        CHECK (dr_order_source IN ('Standard Checkout', 'Subscription—Installment', 'Subscription—Renewal')),
+    currency            char(3),
+    subtotal            numeric(18,2),
+    total_tax           numeric(18,2),
+    total_amount        numeric(18,2),
+    ship_to             jsonb,
+    bill_to             jsonb
+);
+
+CREATE TABLE IF NOT EXISTS order_items (
+    id                      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at              timestamptz NOT NULL DEFAULT now(),
+    updated_at              timestamptz NOT NULL DEFAULT now(),
+    order_id                bigint NOT NULL REFERENCES orders (id),
+    product_id              bigint REFERENCES products (id),
+    quantity                integer NOT NULL DEFAULT 1 CHECK (quantity >= 0),
+    unit_price              numeric(18,2),
+    tax_amount              numeric(18,2),
+    dr_order_item_id        text UNIQUE,
+    dr_order_item_state     text,
+    dr_billing_agreement_id text
+);
+CREATE INDEX IF NOT EXISTS order_items_order_id ON order_items (order_id);
+
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id                          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at                  timestamptz NOT NULL DEFAULT now(),
+    updated_at                  timestamptz NOT NULL DEFAULT now(),
+    account_id                  bigint REFERENCES accounts (id),
+    product_id                  bigint REFERENCES products (id),
+    stored_payment_id           bigint REFERENCES stored_payments (id),
+    parent_order_id             bigint REFERENCES orders (id),
+    parent_order_item_id        bigint REFERENCES order_items (id),
+    status                      text NOT NULL DEFAULT 'Active'
+        CHECK (status IN ('Active', 'Suspended', 'Cancelled', 'Completed')),
+    quantity                    integer NOT NULL DEFAULT 1 CHECK (quantity >= 0),
+    unit_price                  numeric(18,2),
+    currency                    char(3),
+    installment_frequency       text NOT NULL DEFAULT 'Monthly'
+        CHECK (installment_frequency IN ('Daily', 'Weekly', 'Monthly', 'Yearly')),
+    installment_interval        integer NOT NULL DEFAULT 1 CHECK (installment_interval > 0),
+    installment_anchor_date     date,
+    installment_count           integer NOT NULL DEFAULT 0 CHECK (installment_count >= 0),
+    installment_count_remaining integer NOT NULL DEFAULT 0 CHECK (installment_count_remaining >= 0),
+    installment_next_run_date   date,
+    dr_billing_agreement_id     text,
+    last_error_message          text
+);
+-- Due subscriptions: the installment job's scan.
+CREATE INDEX IF NOT EXISTS subscriptions_due ON subscriptions (installment_next_run_date, id)
+    WHERE status = 'Active' AND installment_count_remaining > 0;
+
+CREATE TABLE IF NOT EXISTS carts (
+    id                          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at                  timestamptz NOT NULL DEFAULT now(),
+    updated_at                  timestamptz NOT NULL DEFAULT now(),
+    account_id                  bigint REFERENCES accounts (id),
+    subscription_id             bigint REFERENCES subscriptions (id),
+    status                      text NOT NULL DEFAULT 'Open-DR' CHECK (status IN ('Open', 'Open-DR', 'Closed')),
+    currency                    char(3),
+    dr_checkout_id              text,
+    dr_order_id                 text,
+    dr_payment_state            text CHECK (dr_payment_state IN ('Successful', 'Declined')),
+    dr_payment_failure_reason   text
+);
+
+CREATE TABLE IF NOT EXISTS cart_items (
+    id                      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at              timestamptz NOT NULL DEFAULT now(),
+    updated_at              timestamptz NOT NULL DEFAULT now(),
+    cart_id                 bigint NOT NULL REFERENCES carts (id),
+    product_id              bigint REFERENCES products (id),
+    quantity                integer NOT NULL DEFAULT 1 CHECK (quantity >= 0),
+    unit_price              numeric(18,2),
+    dr_billing_agreement_id text
+);
+CREATE INDEX IF NOT EXISTS cart_items_cart_id ON cart_items (cart_id);
+
+CREATE TABLE IF NOT EXISTS subscription_process_data (
+    id                              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at                      timestamptz NOT NULL DEFAULT now(),
+    updated_at                      timestamptz NOT NULL DEFAULT now(),
+    subscription_id                 bigint NOT NULL REFERENCES subscriptions (id),
+    installment_number              integer NOT NULL CHECK (installment_number > 0),
+    cart_id                         bigint REFERENCES carts (id),
+    cart_item_id                    bigint REFERENCES cart_items (id),
+    parent_order_id                 bigint REFERENCES orders (id),
+    stored_payment_id               bigint REFERENCES stored_payments (id),
+    product_id                      bigint REFERENCES products (id),
+    account_id                      bigint REFERENCES accounts (id),
+    installment_run_date            date,
+    is_recurring_payment_processed  boolean NOT NULL DEFAULT false,
+    subscription_job_run_status     text NOT NULL DEFAULT 'Open'
+        CHECK (subscription_job_run_status IN ('Open', 'Successful', 'Failed')),
+    subscription_retry_count        integer NOT NULL DEFAULT 0 CHECK (subscription_retry_count >= 0),
+    next_attempt_at                 timestamptz NOT NULL DEFAULT now(),
+    upstream_id                     text NOT NULL UNIQUE DEFAULT gen_random_uuid()::text,
+    dr_checkout_id                  text,
+    dr_order_id                     text UNIQUE,
+    order_id                        bigint REFERENCES orders (id),
+    last_error_code                 text,
+    last_error_message              text,
+    last_attempt_at                 timestamptz,
+    locked_by                       text,
+    locked_until                    timestamptz,
+    UNIQUE (subscription_id, installment_number),
+    -- A processed record is a successful one, and a successful one has its Digital River order.
+    CHECK (is_recurring_payment_processed = (subscription_job_run_status = 'Successful')),
+    CHECK (subscription_job_run_status <> 'Successful' OR dr_order_id IS NOT NULL)
+);
+-- Due payment records: the recurring-payments claim.
+CREATE INDEX IF NOT EXISTS subscription_process_data_due
+    ON subscription_process_data (installment_run_date, id)
+    WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed;
+CREATE INDEX IF NOT EXISTS subscription_process_data_subscription
+    ON subscription_process_data (subscription_id, installment_number);
+
+CREATE TABLE IF NOT EXISTS fulfillments (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    order_id            bigint NOT NULL UNIQUE REFERENCES orders (id),
+    dr_order_id         text,
+    dr_order_state      text,
+    ofi_received        boolean NOT NULL DEFAULT false,
+    ocn_received        boolean NOT NULL DEFAULT false,
+    efn_status          text NOT NULL DEFAULT 'Open'
+        CHECK (efn_status IN ('Open', 'Pending', 'Completed', 'Failed')),
+    retry_count         integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
+    message             text,
+    dr_fulfillment_id   text,
+    next_attempt_at     timestamptz NOT NULL DEFAULT now(),
+    locked_by           text,
+    locked_until        timestamptz
+);
+-- Due order-level records (order-fulfillment claims the cancelled ones).
+CREATE INDEX IF NOT EXISTS fulfillments_due ON fulfillments (next_attempt_at, id)
+    WHERE efn_status IN ('Open', 'Pending');
+
+CREATE TABLE IF NOT EXISTS line_item_fulfillments (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    fulfillment_id      bigint NOT NULL REFERENCES fulfillments (id),
+    order_item_id       bigint REFERENCES order_items (id),
+    dr_order_item_id    text,
+    fulfill_quantity    integer NOT NULL DEFAULT 0 CHECK (fulfill_quantity >= 0),
+    cancel_quantity     integer NOT NULL DEFAULT 0 CHECK (cancel_quantity >= 0),
+    efn_status          text NOT NULL DEFAULT 'Open'
+        CHECK (efn_status IN ('Open', 'Pending', 'Completed', 'Failed')),
+    retry_count         integer NOT NULL DEFAULT 0 CHECK (retry_count >= 0),
+    message             text,
+    dr_fulfillment_id   text,
+    tracking_company    text,
+    tracking_number     text,
+    tracking_url        text,
+    next_attempt_at     timestamptz NOT NULL DEFAULT now(),
+    locked_by           text,
+    locked_until        timestamptz
+);
+CREATE INDEX IF NOT EXISTS line_item_fulfillments_due ON line_item_fulfillments (next_attempt_at, id)
+    WHERE efn_status IN ('Open', 'Pending');
+CREATE INDEX IF NOT EXISTS line_item_fulfillments_fulfillment ON line_item_fulfillments (fulfillment_id);
+
+CREATE TABLE IF NOT EXISTS application_logs (
+    id                      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at              timestamptz NOT NULL DEFAULT now(),
+    updated_at              timestamptz NOT NULL DEFAULT now(),
+    logging_level           text NOT NULL DEFAULT 'ERROR'
+        CHECK (logging_level IN ('ERROR', 'WARN', 'INFO', 'DEBUG')),
+    module_name             text,
+    message                 text,
+    exception_type          text,
+    exception_message       text,
+    stack_trace             text,
+    record_id               text,
+    response_status_code    integer,
+    request                 jsonb,
+    response                jsonb,
+    node                    text
+);
+-- log-cleanup deletes by age.
+CREATE INDEX IF NOT EXISTS application_logs_created_at ON application_logs (created_at, id);
+
+CREATE TABLE IF NOT EXISTS job_runs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    job         text NOT NULL CHECK (job IN ('subscription-installments', 'recurring-payments',
+                                             'order-fulfillment', 'line-item-fulfillment', 'log-cleanup')),
+    fire_time   timestamptz NOT NULL,
+    trigger     text NOT NULL DEFAULT 'schedule' CHECK (trigger IN ('schedule', 'manual', 'drain', 'message')),
+    node        text,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    status      text NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'succeeded', 'failed')),
+    claimed     integer NOT NULL DEFAULT 0,
+    succeeded   integer NOT NULL DEFAULT 0,
+    failed      integer NOT NULL DEFAULT 0,
+    error       text,
+    UNIQUE (job, fire_time)
+);
+CREATE INDEX IF NOT EXISTS job_runs_running ON job_runs (node) WHERE status = 'running';
+
+CREATE TABLE IF NOT EXISTS engine_nodes (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    name            text NOT NULL UNIQUE,
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at    timestamptz NOT NULL DEFAULT now(),
+    stopped_at      timestamptz,
+    pid             integer,
+    host            text,
+    version         text
+);
+
+-- updated_at follows every UPDATE.
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['accounts', 'products', 'stored_payments', 'orders', 'order_items', 'subscriptions',
+                             'carts', 'cart_items', 'subscription_process_data', 'fulfillments',
+                             'line_item_fulfillments', 'application_logs', 'job_runs', 'engine_nodes']
+    LOOP
+        EXECUTE format('CREATE OR REPLACE TRIGGER %I BEFORE UPDATE ON %I '
+                       'FOR EACH ROW EXECUTE FUNCTION drjobs_touch_updated_at()', t || '_touch', t);
+    END LOOP;
+END
+$$;

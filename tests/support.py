@@ -1,0 +1,117 @@
+"""Running `python run.py …` as a real subprocess in tests, and reading its JSON log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.settings import JOBS, env_prefix
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_KEY = "sk_test_drjobs_Secret_Tests_0123456789"
+
+
+def engine_env(database_url: str | None, **overrides: str) -> dict[str, str]:
+    """Environment for an engine subprocess: every schedule off unless overridden, JSON logs."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DR_", "DATABASE_URL", "APP_LOG", "LOG_", "NODE_NAME"))
+           and not k.endswith(("_SCHEDULE", "_CONCURRENCY"))}
+    env.update({
+        "DR_API_KEY": TEST_KEY,
+        # Nothing listens on the discard port: a job that called Digital River here would fail loudly.
+        "DR_API_URL": "http://127.0.0.1:9",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    })
+    for job in JOBS:
+        env[f"{env_prefix(job)}_SCHEDULE"] = "off"
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    env.update(overrides)
+    return env
+
+
+class EngineProcess:
+    """One `python run.py ARGS` subprocess whose stdout JSON lines are collected as they arrive."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.args = args
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.events: list[dict[str, Any]] = []
+        self.other_lines: list[str] = []
+        self.stderr = ""
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> EngineProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "run.py"), *self.args, env=self.env, cwd=str(ROOT),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        self._reader = asyncio.create_task(self._read(), name="engine-stdout")
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                self.other_lines.append(line)
+            self._changed.set()
+
+    def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event
+                and all(e.get(k) == v for k, v in fields.items())]
+
+    async def wait_for(self, event: str, count: int = 1, timeout: float = 30.0, **fields: Any) -> list[dict[str, Any]]:
+        """Wait until `count` events named `event` (with these fields) were logged."""
+        async def until() -> list[dict[str, Any]]:
+            while len(found := self.find(event, **fields)) < count:
+                if self.proc and self.proc.returncode is not None and self._reader and self._reader.done():
+                    raise AssertionError(f"engine exited ({self.proc.returncode}) before {event}: {self.stderr}")
+                self._changed.clear()
+                await self._changed.wait()
+            return found
+        return await asyncio.wait_for(until(), timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    async def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc and self.proc.stderr
+        stderr = await asyncio.wait_for(self.proc.stderr.read(), timeout)
+        self.stderr = stderr.decode(errors="replace")
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self._reader:
+            await self._reader
+        return code
+
+    async def __aenter__(self) -> EngineProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.kill()
+            await self.wait()
+
+
+async def run_command(args: list[str], env: dict[str, str], timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run `python run.py ARGS` to completion: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "run.py"), *args, env=env, cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
