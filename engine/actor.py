@@ -76,7 +76,7 @@ class Actor(Generic[M]):
                 get = asyncio.create_task(self.inbox.get(), name=f"{self.name}:inbox")
                 watched = {get, stop_wait, *self._side_tasks}
                 done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                for task in done & self._side_tasks:
+                for task in done - {get, stop_wait}:
                     task.result()  # a failed side task fails the actor (its exception propagates)
                 if get in done:
                     await self.handle(get.result())

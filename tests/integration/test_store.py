@@ -1,0 +1,162 @@
+"""The store: migrations, named queries, and the claim primitive (SKIP LOCKED, leases, heartbeat, release)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+
+import asyncpg
+import pytest
+
+from engine.store import QUERIES, Leases, Store, load_queries, sql
+from tests.integration.factories import process_records, subscription
+from tests.support import ROOT
+
+
+async def test_migrate_runs_again_and_concurrently(store: Store) -> None:
+    await asyncio.gather(store.migrate(), store.migrate(), store.migrate())
+    tables = {r["tablename"] for r in await store.pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+    assert {"accounts", "products", "stored_payments", "orders", "order_items", "subscriptions", "carts",
+            "cart_items", "subscription_process_data", "fulfillments", "line_item_fulfillments",
+            "application_logs", "job_runs", "engine_nodes"} <= tables
+
+
+async def test_every_named_query_is_valid_sql(store: Store) -> None:
+    async with store.pool.acquire() as conn:
+        for name in QUERIES:
+            tables = ["subscription_process_data"] if "{table}" in QUERIES[name] else [None]
+            for table in tables:
+                await conn.prepare(sql(name, table))  # parses and plans against the real schema
+
+
+def test_queries_file_rejects_duplicate_names(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "q.sql"
+    path.write_text("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
+    with pytest.raises(ValueError, match="defined twice"):
+        load_queries(path)
+
+
+def test_table_placeholder_only_takes_leased_tables() -> None:
+    with pytest.raises(ValueError, match="not a leased table"):
+        sql("extend_leases", "accounts; DROP TABLE x")
+
+
+async def test_schema_refuses_a_second_row_for_one_installment(store: Store) -> None:
+    sub = await subscription(store)
+    await process_records(store, sub, 1)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await process_records(store, sub, 1)
+
+
+async def test_schema_refuses_unknown_statuses_and_negative_quantities(store: Store) -> None:
+    sub = await subscription(store)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.pool.execute("UPDATE subscriptions SET status = 'Paused' WHERE id = $1", sub)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.pool.execute("UPDATE subscriptions SET quantity = -1 WHERE id = $1", sub)
+
+
+async def test_concurrent_claims_never_take_the_same_row(database_url: str, store: Store) -> None:
+    subs = [await subscription(store) for _ in range(40)]
+    for sub in subs:
+        await process_records(store, sub, 1)
+    stores = [await Store.connect(database_url, f"node-{i}", min_size=1, max_size=2) for i in range(4)]
+    try:
+        leases = [Leases(s, "subscription_process_data", 60) for s in stores]
+        results = await asyncio.gather(*(lease.claim("claim_payment_records", 15) for lease in leases))
+    finally:
+        for s in stores:
+            await s.close()
+    ids = [row["id"] for rows in results for row in rows]
+    assert len(ids) == 40 and len(set(ids)) == 40
+    owners = await store.pool.fetch("SELECT locked_by, count(*) FROM subscription_process_data GROUP BY 1")
+    assert sum(r["count"] for r in owners) == 40 and all(r["locked_by"] for r in owners)
+
+
+async def test_only_the_oldest_open_installment_of_a_subscription_is_claimable(store: Store) -> None:
+    sub = await subscription(store)
+    first, second, _ = await process_records(store, sub, 3)
+    leases = Leases(store, "subscription_process_data", 60)
+    assert [r["id"] for r in await leases.claim("claim_payment_records", 10)] == [first]
+    assert await leases.claim("claim_payment_records", 10) == []  # the first is in flight: nothing else
+    await store.pool.execute(
+        "UPDATE subscription_process_data SET subscription_job_run_status = 'Failed', locked_by = NULL "
+        "WHERE id = $1", first)
+    leases.done([first])
+    assert [r["id"] for r in await leases.claim("claim_payment_records", 10)] == [second]
+
+
+async def test_heartbeat_extends_leases_and_release_gives_rows_back(store: Store) -> None:
+    sub = await subscription(store)
+    [row_id] = await process_records(store, sub, 1)
+    leases = Leases(store, "subscription_process_data", 30)
+    await leases.claim("claim_payment_records", 1)
+    before = await store.pool.fetchval("SELECT locked_until FROM subscription_process_data WHERE id = $1", row_id)
+    leases.lease_seconds = 600
+    await leases.extend()
+    after = await store.pool.fetchval("SELECT locked_until FROM subscription_process_data WHERE id = $1", row_id)
+    assert (after - before).total_seconds() > 500
+    await leases.release()
+    row = await store.pool.fetchrow("SELECT locked_by, locked_until FROM subscription_process_data WHERE id = $1",
+                                    row_id)
+    assert row["locked_by"] is None and row["locked_until"] is None
+    assert leases.in_flight == set()
+
+
+async def test_heartbeat_reports_a_lease_taken_over_by_another_node(database_url: str, store: Store) -> None:
+    sub = await subscription(store)
+    [row_id] = await process_records(store, sub, 1)
+    mine = Leases(store, "subscription_process_data", 30)
+    await mine.claim("claim_payment_records", 1)
+    # This node stalled past its lease and another node claimed the row.
+    await store.pool.execute("UPDATE subscription_process_data SET locked_until = now() - interval '1 second'")
+    other_store = await Store.connect(database_url, "other-node", min_size=1, max_size=1)
+    try:
+        taken = await Leases(other_store, "subscription_process_data", 30).claim("claim_payment_records", 1)
+    finally:
+        await other_store.close()
+    assert [r["id"] for r in taken] == [row_id]
+    await mine.extend()
+    assert mine.lost == {row_id}
+    with pytest.raises(Exception, match="no longer leased"):
+        mine.check(row_id)
+
+
+KILLED_CLAIMER = textwrap.dedent("""
+    import asyncio, sys
+    from engine.store import Leases, Store
+
+    async def main():
+        store = await Store.connect(sys.argv[1], "doomed-node", min_size=1, max_size=1)
+        leases = Leases(store, "subscription_process_data", int(sys.argv[2]))
+        rows = await leases.claim("claim_payment_records", 100)
+        print(len(rows), flush=True)
+        await asyncio.sleep(3600)  # in flight until killed
+
+    asyncio.run(main())
+""")
+
+
+async def test_rows_of_a_killed_process_are_claimable_once_the_lease_expires(database_url: str,
+                                                                           store: Store) -> None:
+    for _ in range(5):
+        await process_records(store, await subscription(store), 1)
+    lease_seconds = 3
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED_CLAIMER, database_url, str(lease_seconds),
+        cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout
+    assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"5"
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+    survivor = Leases(store, "subscription_process_data", 60)
+    assert await survivor.claim("claim_payment_records", 100) == []  # still leased to the dead process
+    while await store.pool.fetchval("SELECT count(*) FROM subscription_process_data WHERE locked_until >= now()"):
+        await asyncio.sleep(0.2)
+    claimed = await survivor.claim("claim_payment_records", 100)
+    assert len(claimed) == 5
+    assert {r["locked_by"] for r in claimed} == {"test-node"}
