@@ -159,6 +159,8 @@ CREATE TABLE IF NOT EXISTS subscription_process_data (
     last_error_code                 text,
     last_error_message              text,
     last_attempt_at                 timestamptz,
+    -- Consecutive attempts that ended in an outage (not counted as attempts); drives the outage backoff.
+    outage_count                    integer NOT NULL DEFAULT 0 CHECK (outage_count >= 0),
     locked_by                       text,
     locked_until                    timestamptz,
     UNIQUE (subscription_id, installment_number),
@@ -172,6 +174,27 @@ CREATE INDEX IF NOT EXISTS subscription_process_data_due
     WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed;
 CREATE INDEX IF NOT EXISTS subscription_process_data_subscription
     ON subscription_process_data (subscription_id, installment_number);
+
+-- Every counted payment attempt (charged, declined, refused for bad data): the audit trail, and the history
+-- behind Digital River's limits on declined merchant-initiated charges (once a day, four in 30 days).
+CREATE TABLE IF NOT EXISTS payment_attempts (
+    id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    process_data_id     bigint NOT NULL REFERENCES subscription_process_data (id),
+    subscription_id     bigint NOT NULL REFERENCES subscriptions (id),
+    outcome             text NOT NULL CHECK (outcome IN ('charged', 'soft_decline', 'hard_decline', 'bad_data')),
+    code                text,
+    message             text,
+    dr_checkout_id      text,
+    dr_order_id         text,
+    amount              numeric(18,2),
+    currency            char(3),
+    node                text
+);
+CREATE INDEX IF NOT EXISTS payment_attempts_declines ON payment_attempts (subscription_id, created_at)
+    WHERE outcome IN ('soft_decline', 'hard_decline');
+CREATE INDEX IF NOT EXISTS payment_attempts_record ON payment_attempts (process_data_id);
 
 CREATE TABLE IF NOT EXISTS fulfillments (
     id                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -279,7 +302,7 @@ DECLARE
     t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['accounts', 'products', 'stored_payments', 'orders', 'order_items', 'subscriptions',
-                             'carts', 'cart_items', 'subscription_process_data', 'fulfillments',
+                             'carts', 'cart_items', 'subscription_process_data', 'payment_attempts', 'fulfillments',
                              'line_item_fulfillments', 'application_logs', 'job_runs', 'engine_nodes']
     LOOP
         EXECUTE format('CREATE OR REPLACE TRIGGER %I BEFORE UPDATE ON %I '

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from actors.log_cleanup import LogCleanup
+from actors.recurring_payments import RecurringPayments
+from actors.subscription_installments import SubscriptionInstallments
 from engine.jobs import Job, Services
 
-# The jobs this version implements, by contract name.
+# The jobs this version implements, by contract name, in pipeline order.
 JOB_CLASSES: dict[str, type[Job]] = {
+    SubscriptionInstallments.job_name: SubscriptionInstallments,
+    RecurringPayments.job_name: RecurringPayments,
     LogCleanup.job_name: LogCleanup,
 }
 

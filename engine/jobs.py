@@ -62,6 +62,8 @@ class Services:
     stopping: asyncio.Event
     dr: Any = None  # engine.digital_river.DigitalRiverClient once a job needs it
     jobs: dict[str, Job] = field(default_factory=dict)
+    # True under `serve`: jobs may start each other's runs. `run JOB` and `drain` drive every run themselves.
+    autonomous: bool = False
 
 
 class Job(Actor[RunRequest]):

@@ -150,8 +150,8 @@ def app_log() -> AppLogSink | None:
     return _sink
 
 
-_RESERVED = {"event", "level", "timestamp", "logger", "exc_info", "exception", "stack", "component", "actor", "job", "run_id",
-             "record_id", "status", "request", "response", "node"}
+_RESERVED = {"event", "level", "timestamp", "logger", "exc_info", "exception", "stack", "component", "actor",
+             "job", "run_id", "record_id", "status", "request", "response", "node"}
 
 
 def _redact_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -133,3 +133,215 @@ UPDATE subscription_process_data t
   FROM due
  WHERE t.id = due.id
 RETURNING t.*;
+
+-- name: account_time_zones
+-- subscription-installments: the distinct account time zones PostgreSQL knows (checked once per run).
+SELECT DISTINCT a.time_zone FROM accounts a
+ WHERE a.time_zone IN (SELECT name FROM pg_timezone_names);
+
+-- name: claim_due_subscriptions
+-- subscription-installments: lock up to $1 due subscriptions for this transaction, oldest run date first.
+-- Due means the run date is on or before today in the account's zone ($2: the zones known to be valid; any
+-- other zone counts as UTC here and the job suspends the subscription with a message).
+SELECT s.*, a.time_zone
+  FROM subscriptions s
+  LEFT JOIN accounts a ON a.id = s.account_id
+ WHERE s.status = 'Active' AND s.installment_count_remaining > 0
+   AND s.installment_next_run_date <= (now() AT TIME ZONE 'UTC')::date + 1
+   AND s.installment_next_run_date <= (now() AT TIME ZONE
+           CASE WHEN a.time_zone = ANY($2::text[]) THEN a.time_zone ELSE 'UTC' END)::date
+ ORDER BY s.installment_next_run_date, s.id
+ LIMIT $1
+   FOR UPDATE OF s SKIP LOCKED;
+
+-- name: count_due_subscriptions
+-- subscription-installments: how many subscriptions are due now (for drain).
+SELECT count(*)
+  FROM subscriptions s
+  LEFT JOIN accounts a ON a.id = s.account_id
+ WHERE s.status = 'Active' AND s.installment_count_remaining > 0
+   AND s.installment_next_run_date <= (now() AT TIME ZONE 'UTC')::date + 1
+   AND s.installment_next_run_date <= (now() AT TIME ZONE
+           CASE WHEN a.time_zone = ANY($1::text[]) THEN a.time_zone ELSE 'UTC' END)::date;
+
+-- name: insert_installment
+-- subscription-installments: one installment's cart, cart item and Open process-data record, in one statement.
+WITH s AS (
+    SELECT s.*, coalesce(s.dr_billing_agreement_id, oi.dr_billing_agreement_id) AS billing_agreement_id
+      FROM subscriptions s
+      LEFT JOIN order_items oi ON oi.id = s.parent_order_item_id
+     WHERE s.id = $1
+), cart AS (
+    INSERT INTO carts (account_id, subscription_id, status, currency)
+    SELECT account_id, id, 'Open-DR', currency FROM s
+    RETURNING id
+), item AS (
+    INSERT INTO cart_items (cart_id, product_id, quantity, unit_price, dr_billing_agreement_id)
+    SELECT cart.id, s.product_id, s.quantity, s.unit_price, s.billing_agreement_id FROM s, cart
+    RETURNING id, cart_id
+)
+INSERT INTO subscription_process_data (subscription_id, installment_number, cart_id, cart_item_id, parent_order_id,
+                                       stored_payment_id, product_id, account_id, installment_run_date)
+SELECT s.id, $2, item.cart_id, item.id, s.parent_order_id, s.stored_payment_id, s.product_id, s.account_id, $3
+  FROM s, item
+RETURNING id;
+
+-- name: advance_subscription
+-- subscription-installments: count $2 installments made and move to the next run date ($3, NULL when none remain).
+UPDATE subscriptions
+   SET installment_count = installment_count + $2,
+       installment_count_remaining = installment_count_remaining - $2,
+       installment_next_run_date = coalesce($3, installment_next_run_date),
+       status = CASE WHEN installment_count_remaining - $2 = 0 THEN 'Completed' ELSE status END,
+       last_error_message = NULL
+ WHERE id = $1;
+
+-- name: suspend_subscription
+-- subscription-installments: a subscription the job cannot schedule (its message names the field).
+UPDATE subscriptions SET status = 'Suspended', last_error_message = $2 WHERE id = $1;
+
+-- name: note_subscription_error
+-- subscription-installments: an unexpected database error on one subscription, kept for the operator.
+UPDATE subscriptions SET last_error_message = $2 WHERE id = $1;
+
+-- name: count_due_payment_records
+-- recurring-payments: records due now (leased or not), for drain.
+SELECT count(*) FROM subscription_process_data
+ WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed AND next_attempt_at <= now();
+
+-- name: payment_record_details
+-- recurring-payments: everything one charge needs for the claimed records $1, with the subscription's recent
+-- declines (Digital River's once-a-day and four-in-30-days limits). Cart and cart item first, the
+-- subscription's own fields where a record was written without them.
+SELECT p.id, p.subscription_id, p.installment_number, p.installment_run_date, p.upstream_id, p.dr_checkout_id,
+       p.dr_order_id, p.subscription_retry_count, p.outage_count, p.cart_id, p.parent_order_id, p.product_id,
+       p.stored_payment_id,
+       coalesce(c.currency, s.currency) AS currency,
+       coalesce(ci.quantity, s.quantity) AS quantity,
+       coalesce(ci.unit_price, s.unit_price) AS unit_price,
+       coalesce(ci.dr_billing_agreement_id, s.dr_billing_agreement_id) AS billing_agreement_id,
+       a.id AS account_id, a.dr_customer_id, a.email, a.bill_to AS account_bill_to,
+       pr.id AS product_found, pr.sku, pr.name AS product_name, pr.dr_sku_id, pr.tax_code, pr.country_of_origin,
+       pr.eccn,
+       sp.id AS payment_found, sp.dr_source_id, sp.is_active AS payment_active,
+       po.ship_to, po.bill_to AS order_bill_to,
+       d.last_decline_at, d.declines_30d, d.oldest_decline_30d
+  FROM subscription_process_data p
+  JOIN subscriptions s ON s.id = p.subscription_id
+  LEFT JOIN carts c ON c.id = p.cart_id
+  LEFT JOIN cart_items ci ON ci.id = p.cart_item_id
+  LEFT JOIN accounts a ON a.id = coalesce(p.account_id, s.account_id)
+  LEFT JOIN products pr ON pr.id = coalesce(p.product_id, s.product_id)
+  LEFT JOIN stored_payments sp ON sp.id = coalesce(p.stored_payment_id, s.stored_payment_id)
+  LEFT JOIN orders po ON po.id = coalesce(p.parent_order_id, s.parent_order_id)
+  LEFT JOIN LATERAL (
+        SELECT max(pa.created_at) AS last_decline_at, count(*) AS declines_30d,
+               min(pa.created_at) AS oldest_decline_30d
+          FROM payment_attempts pa
+         WHERE pa.subscription_id = p.subscription_id
+           AND pa.outcome IN ('soft_decline', 'hard_decline')
+           AND pa.created_at > now() - interval '30 days'
+  ) d ON true
+ WHERE p.id = ANY($1::bigint[]);
+
+-- name: save_checkout
+-- recurring-payments: commit the checkout id on the record (and its cart) BEFORE the order is submitted.
+-- Counts 0 when this node no longer holds the lease: then no order may be submitted.
+WITH rec AS (
+    UPDATE subscription_process_data
+       SET dr_checkout_id = $3, last_attempt_at = now()
+     WHERE id = $1 AND locked_by = $2 AND dr_order_id IS NULL
+    RETURNING id, cart_id
+), cart AS (
+    UPDATE carts c SET dr_checkout_id = $3 FROM rec WHERE c.id = rec.cart_id RETURNING c.id
+)
+SELECT count(*) FROM rec;
+
+-- name: finish_charged
+-- recurring-payments: in one transaction, the installment's order and items, the cart closed, the attempt, and
+-- the record Successful and processed. Idempotent: a record already processed changes nothing (no row back).
+-- $1 record, $2 node, $3 dr order id, $4 dr checkout id, $5 order state, $6 currency, $7 subtotal,
+-- $8 total tax, $9 total amount, $10 items as jsonb [{dr_item_id, quantity, unit_price, tax_amount, state,
+-- billing_agreement_id}]
+WITH rec AS (
+    SELECT p.id, p.subscription_id, p.cart_id, p.product_id, coalesce(p.account_id, s.account_id) AS account_id,
+           coalesce(p.parent_order_id, s.parent_order_id) AS parent_order_id
+      FROM subscription_process_data p
+      JOIN subscriptions s ON s.id = p.subscription_id
+     WHERE p.id = $1 AND NOT p.is_recurring_payment_processed
+       FOR UPDATE OF p
+), ord AS (
+    INSERT INTO orders (account_id, parent_order_id, dr_order_id, dr_checkout_id, dr_order_state, dr_order_source,
+                        currency, subtotal, total_tax, total_amount, ship_to, bill_to)
+    SELECT rec.account_id, rec.parent_order_id, $3, $4, $5, 'Subscription—Installment', $6, $7, $8, $9,
+           po.ship_to, po.bill_to
+      FROM rec LEFT JOIN orders po ON po.id = rec.parent_order_id
+    ON CONFLICT (dr_order_id) DO UPDATE SET dr_order_state = EXCLUDED.dr_order_state
+    RETURNING id
+), items AS (
+    INSERT INTO order_items (order_id, product_id, quantity, unit_price, tax_amount, dr_order_item_id,
+                             dr_order_item_state, dr_billing_agreement_id)
+    SELECT ord.id, rec.product_id, i.quantity, i.unit_price, i.tax_amount, i.dr_item_id, i.state,
+           i.billing_agreement_id
+      FROM ord, rec,
+           jsonb_to_recordset($10::jsonb) AS i(dr_item_id text, quantity int, unit_price numeric,
+                                               tax_amount numeric, state text, billing_agreement_id text)
+    ON CONFLICT (dr_order_item_id) DO NOTHING
+    RETURNING id
+), cart AS (
+    UPDATE carts c
+       SET status = 'Closed', dr_order_id = $3, dr_checkout_id = coalesce($4, c.dr_checkout_id),
+           dr_payment_state = 'Successful', dr_payment_failure_reason = NULL
+      FROM rec WHERE c.id = rec.cart_id
+    RETURNING c.id
+), attempt AS (
+    INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, dr_checkout_id, dr_order_id, amount,
+                                  currency, node)
+    SELECT rec.id, rec.subscription_id, 'charged', $4, $3, $9, $6, $2 FROM rec
+    RETURNING id
+)
+UPDATE subscription_process_data p
+   SET subscription_job_run_status = 'Successful', is_recurring_payment_processed = true, dr_order_id = $3,
+       dr_checkout_id = coalesce($4, p.dr_checkout_id), order_id = (SELECT id FROM ord), last_error_code = NULL,
+       last_error_message = NULL, outage_count = 0, locked_by = NULL, locked_until = NULL
+  FROM rec
+ WHERE p.id = rec.id
+RETURNING p.order_id;
+
+-- name: finish_failed_attempt
+-- recurring-payments: a counted attempt without an order (decline, bad data): count it, set the status and next
+-- attempt, keep the reason on the record and its cart, write the attempt. Returns nothing without the lease.
+-- $1 record, $2 node, $3 status, $4 next attempt, $5 code, $6 message, $7 outcome, $8 clear the checkout,
+-- $9 the cart's payment state (NULL keeps it), $10 amount, $11 currency
+WITH rec AS (
+    UPDATE subscription_process_data p
+       SET subscription_job_run_status = $3, subscription_retry_count = subscription_retry_count + 1,
+           next_attempt_at = $4, last_error_code = $5, last_error_message = $6, last_attempt_at = now(),
+           dr_checkout_id = CASE WHEN $8 THEN NULL ELSE p.dr_checkout_id END, outage_count = 0,
+           locked_by = NULL, locked_until = NULL
+     WHERE p.id = $1 AND p.locked_by = $2 AND NOT p.is_recurring_payment_processed
+    RETURNING p.id, p.subscription_id, p.cart_id, p.subscription_retry_count
+), old AS (
+    SELECT dr_checkout_id FROM subscription_process_data WHERE id = $1
+), cart AS (
+    UPDATE carts c
+       SET dr_payment_state = coalesce($9, c.dr_payment_state), dr_payment_failure_reason = $6,
+           dr_checkout_id = CASE WHEN $8 THEN NULL ELSE c.dr_checkout_id END
+      FROM rec WHERE c.id = rec.cart_id
+    RETURNING c.id
+), attempt AS (
+    INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, code, message, dr_checkout_id, amount,
+                                  currency, node)
+    SELECT rec.id, rec.subscription_id, $7, $5, $6, (SELECT dr_checkout_id FROM old), $10, $11, $2 FROM rec
+    RETURNING id
+)
+SELECT subscription_retry_count FROM rec;
+
+-- name: postpone_record
+-- recurring-payments: no attempt was made or its outcome is unknown (outage, unknown, a decline limit): try again
+-- at $3, checkout kept. $6 adds to the outage count. Returns nothing without the lease.
+UPDATE subscription_process_data
+   SET next_attempt_at = $3, last_error_code = $4, last_error_message = $5, outage_count = outage_count + $6,
+       locked_by = NULL, locked_until = NULL
+ WHERE id = $1 AND locked_by = $2 AND NOT is_recurring_payment_processed
+RETURNING id;

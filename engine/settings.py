@@ -160,7 +160,8 @@ def _url(reader: _Reader, name: str, default: str | None, schemes: tuple[str, ..
         return default
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.netloc or parts.query or parts.path):
-        raise SettingsError(name, _without_password(value), f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        starts = " or ".join(s + "://" for s in schemes)
+        raise SettingsError(name, _without_password(value), f"expected a URL starting with {starts}")
     return value
 
 
@@ -182,7 +183,8 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
 
     dr_api_key = reader.raw("DR_API_KEY")
     if dr_api_key is None and command in COMMANDS_NEEDING_KEY:
-        raise SettingsError("DR_API_KEY", None, f"a Digital River secret key (sk_test_… or live) is required by {command}")
+        raise SettingsError("DR_API_KEY", None,
+                            f"a Digital River secret key (sk_test_… or live) is required by {command}")
     if dr_api_key is not None and (any(c.isspace() for c in dr_api_key) or not dr_api_key.isprintable()):
         raise SettingsError("DR_API_KEY", dr_api_key, "expected a secret key without spaces or control characters")
 
@@ -196,7 +198,8 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
     try:
         schedule_tz = ZoneInfo(tz_name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise SettingsError("SCHEDULE_TIME_ZONE", tz_name, "expected an IANA time zone such as UTC or Europe/Berlin") from None
+        raise SettingsError("SCHEDULE_TIME_ZONE", tz_name,
+                            "expected an IANA time zone such as UTC or Europe/Berlin") from None
     for job in JOBS:
         prefix = env_prefix(job)
         text = reader.raw(f"{prefix}_SCHEDULE") or DEFAULT_SCHEDULES[job]
@@ -205,7 +208,8 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         except CronError as exc:
             raise SettingsError(
                 f"{prefix}_SCHEDULE", text,
-                f"{exc}; expected Quartz cron (e.g. '0 0/5 * * * ?'), several joined by ';', 'every 30s|5m|1h', or 'off'",
+                f"{exc}; expected Quartz cron (e.g. '0 0/5 * * * ?'), several joined by ';', "
+                "'every 30s|5m|1h', or 'off'",
             ) from None
         concurrency = reader.integer(f"{prefix}_CONCURRENCY", DEFAULT_CONCURRENCY[job], 1, 4096)
         jobs[job] = JobSettings(job, schedule, concurrency)

@@ -43,3 +43,44 @@ async def process_records(store: Store, subscription_id: int, count: int, **colu
         ids.append(int(await store.pool.fetchval(
             f"INSERT INTO subscription_process_data ({names}) VALUES ({params}) RETURNING id", *values.values())))
     return ids
+
+
+async def due_subscription(store: Store, *, source: str = "src_card_ok", unit_price: object = 10, months_behind: int = 0,
+                           remaining: int = 12, time_zone: str = "UTC", account: dict[str, object] | None = None,
+                           product: dict[str, object] | None = None, payment_active: bool = True,
+                           **columns: object) -> int:
+    """A monthly subscription whose next installment is due today (or `months_behind` months ago), with every
+    Digital River id an installment needs; the keyword groups override parts of it."""
+    from actors.subscription_installments import add_months
+
+    today = date.today()
+    run_date = add_months(today, -months_behind)
+    async with store.pool.acquire() as conn:
+        acc = {"name": "Acme", "dr_customer_id": "cus_acme", "email": "billing@acme.example", "time_zone": time_zone,
+               "bill_to": '{"address": {"country": "US", "postalCode": "55401"}, "name": "Acme"}'} | (account or {})
+        account_id = await _insert(conn, "accounts", acc)
+        prod = {"sku": f"SKU-{account_id}", "name": "Widget subscription", "dr_sku_id": "sku_widget",
+                "tax_code": "4512.1"} | (product or {})
+        product_id = await _insert(conn, "products", prod)
+        payment_id = await _insert(conn, "stored_payments", {"account_id": account_id, "dr_source_id": source,
+                                                             "is_active": payment_active})
+        order_id = await _insert(conn, "orders", {
+            "account_id": account_id, "dr_order_id": f"ord_parent_{account_id}", "currency": "USD",
+            "ship_to": '{"address": {"country": "US", "postalCode": "55401"}, "name": "Acme"}'})
+        item_id = await _insert(conn, "order_items", {
+            "order_id": order_id, "product_id": product_id, "quantity": 1, "unit_price": unit_price,
+            "dr_order_item_id": f"item_parent_{account_id}", "dr_billing_agreement_id": f"ba_{account_id}"})
+        values = {
+            "account_id": account_id, "product_id": product_id, "stored_payment_id": payment_id,
+            "parent_order_id": order_id, "parent_order_item_id": item_id, "quantity": 1, "unit_price": unit_price,
+            "currency": "USD", "installment_frequency": "Monthly", "installment_anchor_date": run_date,
+            "installment_next_run_date": run_date, "installment_count_remaining": remaining,
+        } | columns
+        return await _insert(conn, "subscriptions", values)
+
+
+async def _insert(conn: object, table: str, values: dict[str, object]) -> int:
+    names = ", ".join(values)
+    params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    return int(await conn.fetchval(  # type: ignore[attr-defined]
+        f"INSERT INTO {table} ({names}) VALUES ({params}) RETURNING id", *values.values()))

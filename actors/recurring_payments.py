@@ -1,0 +1,400 @@
+"""DR Recurring Payment Processor: charge each installment record exactly once.
+
+Takes `Open`, unprocessed records whose `next_attempt_at` has come, ordered by installment run date: at most
+RECURRING_PAYMENT_PROCESS_QUERY_LIMIT per run, RECURRING_PAYMENT_BATCH_SIZE per claim, and
+RECURRING_PAYMENTS_CONCURRENCY in flight. Only the lowest open installment of a subscription can be claimed, so
+two installments of one subscription are never charged at once. For each record (billing-rules.md):
+
+1. An order already on the record: only the local writes are finished.
+2. The record's data is checked before any call; bad data fails it with a message naming the field.
+3. Digital River's limits on declined merchant-initiated charges: a subscription declined in the last 24 hours,
+   or four times in 30 days, waits (no attempt is made or counted).
+4. A checkout already on the record means an earlier attempt may have created an order: look it up by
+   checkout id, then by upstream id. Found: adopt it. Not found: submit that same checkout again.
+5. Otherwise create the checkout (upstreamId = the record's) and commit its id before submitting the order.
+6. `POST /orders`: 201 → the order, its items, the cart closed and the record `Successful`, in one
+   transaction. 409 decline, 400, timeouts and outages go where the table in billing-rules.md says.
+
+A 401/403 stops the run from claiming more: the key is refused, and nothing is counted against any record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from engine.digital_river import (
+    AuthError,
+    BadRequestError,
+    DeclinedError,
+    DigitalRiverClient,
+    DigitalRiverError,
+    NotFoundError,
+    Order,
+    TransientError,
+)
+from engine.failpoints import failpoint
+from engine.jobs import Job, Run
+from engine.logs import get_logger
+from engine.money import is_currency
+from engine.store import LeaseLost, Leases
+
+log = get_logger(component="recurring_payments")
+
+DECLINE_PAUSE = timedelta(hours=24)
+DECLINE_WINDOW = timedelta(days=30)
+DECLINES_PER_WINDOW = 4
+OUTAGE_BACKOFF_MAX = timedelta(hours=1)
+
+# One structured line per record outcome; the level for each is chosen here and nowhere else.
+OUTCOME_LEVEL = {
+    "installment_charged": "info",
+    "installment_adopted": "info",
+    "installment_deferred": "info",
+    "installment_declined": "warning",
+    "installment_failed": "error",
+    "installment_outage": "warning",
+    "installment_unknown": "warning",
+    "installment_key_refused": "error",
+    "installment_lease_lost": "warning",
+    "installment_crashed": "error",
+}
+
+
+class BadData(ValueError):
+    """The record cannot be sent to Digital River; the message names the field."""
+
+    def __init__(self, message: str, code: str = "invalid_data") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Outcome:
+    event: str
+    fields: dict[str, Any]
+
+
+def outage_delay(outages: int) -> timedelta:
+    """1, 2, 4 … minutes after consecutive outages, at most an hour."""
+    return min(OUTAGE_BACKOFF_MAX, timedelta(minutes=2 ** min(outages, 10)))
+
+
+def validate(rec: asyncpg.Record) -> None:
+    """Raise BadData naming the first field that keeps this record from being charged."""
+    if rec["payment_found"] is None:
+        raise BadData("stored_payment_id: the subscription has no stored payment")
+    if not rec["payment_active"]:
+        raise BadData(f"stored_payments.is_active is false for stored payment {rec['stored_payment_id']}")
+    if not (rec["dr_source_id"] or "").strip():
+        raise BadData("stored_payments.dr_source_id is empty")
+    if rec["account_id"] is None:
+        raise BadData("account_id: the record and its subscription have no account")
+    if not (rec["dr_customer_id"] or "").strip():
+        raise BadData("accounts.dr_customer_id is empty")
+    if rec["product_found"] is None:
+        raise BadData("product_id: the record and its subscription have no product")
+    if not (rec["dr_sku_id"] or "").strip() and not ((rec["product_name"] or "").strip() and rec["tax_code"]):
+        raise BadData("products.dr_sku_id is empty and products.name/tax_code do not give product details")
+    if rec["quantity"] is None or rec["quantity"] <= 0:
+        raise BadData(f"cart_items.quantity must be positive, got {rec['quantity']}")
+    if rec["unit_price"] is None or rec["unit_price"] <= 0:
+        raise BadData(f"cart_items.unit_price must be positive, got {rec['unit_price']}")
+    if not is_currency(rec["currency"]):
+        raise BadData(f"carts.currency {rec['currency']!r} is not a known ISO 4217 currency")
+    if not (rec["billing_agreement_id"] or "").strip():
+        raise BadData("cart_items.dr_billing_agreement_id is empty: no billing agreement to charge against")
+
+
+def _json(value: str | None) -> Any:
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise BadData("orders.ship_to/bill_to is not valid JSON") from None
+
+
+def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
+    """The `POST /checkouts` body for one installment (digital-river.md)."""
+    item: dict[str, Any] = {
+        "price": float(rec["unit_price"]),
+        "quantity": rec["quantity"],
+        "subscriptionInfo": {
+            "autoRenewal": True,
+            "billingAgreementId": rec["billing_agreement_id"],
+            "subscriptionId": str(rec["subscription_id"]),
+        },
+        "metadata": {"installmentNumber": rec["installment_number"]},
+    }
+    if rec["dr_sku_id"]:
+        item["skuId"] = rec["dr_sku_id"]
+    else:
+        details: dict[str, Any] = {"name": rec["product_name"], "taxCode": rec["tax_code"]}
+        if rec["country_of_origin"]:
+            details["countryOfOrigin"] = rec["country_of_origin"]
+        if rec["eccn"]:
+            details["eccn"] = rec["eccn"]
+        item["productDetails"] = details
+    body: dict[str, Any] = {
+        "currency": rec["currency"].strip().upper(),
+        "customerId": rec["dr_customer_id"],
+        "sourceId": rec["dr_source_id"],
+        "chargeType": "merchant_initiated",
+        "upstreamId": rec["upstream_id"],
+        "items": [item],
+        "metadata": {"subscriptionProcessDataId": str(rec["id"])},
+    }
+    if rec["email"]:
+        body["email"] = rec["email"]
+    ship_to = _json(rec["ship_to"])
+    bill_to = _json(rec["order_bill_to"]) or _json(rec["account_bill_to"])
+    if ship_to:
+        body["shipTo"] = ship_to
+    if bill_to:
+        body["billTo"] = bill_to
+    return body
+
+
+def order_items(order: Order, unit_price: Decimal) -> str:
+    return json.dumps([{
+        "dr_item_id": item.id, "quantity": item.quantity,
+        "unit_price": str(unit_price if item.quantity == 0 else (item.amount / item.quantity).quantize(
+            Decimal("0.01"))),
+        "tax_amount": str(item.tax_amount), "state": item.state, "billing_agreement_id": item.billing_agreement_id,
+    } for item in order.items])
+
+
+class RecurringPayments(Job):
+    job_name = "recurring-payments"
+
+    @property
+    def dr(self) -> DigitalRiverClient:
+        client: DigitalRiverClient = self.services.dr
+        return client
+
+    async def due_count(self) -> int:
+        return int(await self.store.fetchval("count_due_payment_records"))
+
+    async def run_once(self, run: Run) -> None:
+        limit = self.settings.recurring_payment_process_query_limit
+        batch = self.settings.recurring_payment_batch_size
+        leases = Leases(self.store, "subscription_process_data", self.settings.lease_seconds)
+        beat_stop = asyncio.Event()
+        beat = asyncio.create_task(leases.heartbeat(beat_stop), name="recurring-payments:lease-heartbeat")
+        in_flight: set[asyncio.Task[None]] = set()
+        self.key_refused = False
+        taken = 0
+        try:
+            while taken < limit and not self.stop_requested and not self.key_refused:
+                free = self.concurrency - len(in_flight)
+                if free <= 0:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                rows = await leases.claim("claim_payment_records", min(batch, free, limit - taken))
+                if not rows:
+                    if not in_flight:
+                        break
+                    # The next installment of a subscription in flight becomes claimable when it finishes.
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                taken += len(rows)
+                run.claimed += len(rows)
+                for rec in await self.store.fetch("payment_record_details", [r["id"] for r in rows]):
+                    task = asyncio.create_task(self._process(run, leases, rec), name=f"payment:{rec['id']}")
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            if in_flight:
+                await asyncio.wait(in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            beat_stop.set()
+            await asyncio.shield(self._release(leases, beat))
+        if self.key_refused:
+            raise AuthError("Digital River refused the API key (401/403); the run stopped claiming")
+
+    async def _release(self, leases: Leases, beat: asyncio.Task[None]) -> None:
+        await beat
+        await leases.release()
+
+    async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record) -> None:
+        started = time.monotonic()
+        fields: dict[str, Any] = {"record_id": rec["id"], "subscription_id": rec["subscription_id"],
+                                  "installment_number": rec["installment_number"]}
+        try:
+            outcome = await self._charge(leases, rec)
+        except asyncio.CancelledError:
+            raise
+        except LeaseLost as exc:
+            outcome = Outcome("installment_lease_lost", {"error": str(exc)})
+        except Exception as exc:  # a bug or a database failure: the lease lapses and the record comes back
+            outcome = Outcome("installment_crashed", {"error": f"{type(exc).__name__}: {exc}"})
+            log.error("installment_crashed", exc_info=exc, **fields)
+        leases.done([rec["id"]])
+        if outcome.event in ("installment_charged", "installment_adopted"):
+            run.succeeded += 1
+        elif outcome.event in ("installment_failed", "installment_declined", "installment_crashed"):
+            run.failed += 1
+        getattr(log, OUTCOME_LEVEL[outcome.event])(
+            outcome.event, duration_ms=round((time.monotonic() - started) * 1000), **fields, **outcome.fields)
+
+    async def _charge(self, leases: Leases, rec: asyncpg.Record) -> Outcome:
+        """The exactly-once protocol for one record; returns how it ended."""
+        dr = self.dr
+        try:
+            if rec["dr_order_id"]:
+                return await self._charged(rec, await dr.get_order(rec["dr_order_id"]), adopted=True)
+            try:
+                validate(rec)
+                body = checkout_body(rec)
+            except BadData as exc:
+                return await self._failed(rec, exc.code, str(exc), hard=True)
+            limit = self._decline_limit(rec)
+            if limit is not None:
+                until, why = limit
+                return await self._postpone(rec, "installment_deferred", "decline_limit", why, until=until)
+            checkout_id = rec["dr_checkout_id"]
+            if checkout_id:
+                order = await self._find_order(rec, checkout_id)
+                if order is not None:
+                    return await self._charged(rec, order, adopted=True)
+            else:
+                checkout = await dr.create_checkout(body)
+                if checkout.payment_session_state not in (None, "requires_confirmation"):
+                    return await self._failed(
+                        rec, "payment_session_state",
+                        f"checkout {checkout.id} payment session is {checkout.payment_session_state}, "
+                        "not requires_confirmation", hard=True)
+                failpoint("after_checkout_created")
+                if not await self.store.fetchval("save_checkout", rec["id"], self.store.node, checkout.id):
+                    raise LeaseLost(f"record {rec['id']} lease lost before its order was submitted")
+                checkout_id = checkout.id
+                failpoint("after_checkout_saved")
+            return await self._submit(rec, checkout_id)
+        except AuthError as exc:
+            self.key_refused = True
+            await leases.release([rec["id"]])
+            return Outcome("installment_key_refused", {"error": str(exc)})
+        except TransientError as exc:
+            return await self._postpone(rec, "installment_outage", "dr_unavailable", str(exc), outage=True)
+        except BadRequestError as exc:
+            return await self._failed(rec, exc.code or "bad_request", _dr_message(exc), hard=True, error=exc)
+        except NotFoundError as exc:
+            # An order id on the record that Digital River does not know: an operator has to look.
+            return await self._postpone(rec, "installment_unknown", "order_not_found", str(exc), outage=True)
+        except DigitalRiverError as exc:
+            return await self._failed(rec, exc.code or "dr_error", _dr_message(exc), hard=True, error=exc)
+
+    async def _submit(self, rec: asyncpg.Record, checkout_id: str) -> Outcome:
+        """POST /orders for a committed checkout, and every way it can end."""
+        try:
+            order = await self.dr.create_order(checkout_id)
+        except DeclinedError as exc:
+            return await self._failed(rec, exc.code or "declined", _dr_message(exc), hard=not exc.soft,
+                                      decline=True, error=exc)
+        except NotFoundError:
+            # The checkout already became an order (an earlier attempt's answer was lost): find it.
+            found = await self._find_order(rec, checkout_id)
+            if found is None:
+                return await self._postpone(rec, "installment_unknown", "checkout_consumed",
+                                            f"checkout {checkout_id} was consumed but no order was found yet",
+                                            outage=True)
+            return await self._charged(rec, found, adopted=True)
+        except TransientError as exc:
+            # The order may or may not exist: look before doing anything else.
+            try:
+                found = await self._find_order(rec, checkout_id)
+            except TransientError as lookup:
+                return await self._postpone(rec, "installment_unknown", "outcome_unknown",
+                                            f"{exc}; lookup failed: {lookup}", outage=True)
+            if found is None:
+                return await self._postpone(rec, "installment_outage", "dr_unavailable", str(exc), outage=True)
+            return await self._charged(rec, found, adopted=True)
+        except BadRequestError as exc:
+            return await self._failed(rec, exc.code or "bad_request", _dr_message(exc), hard=True, error=exc)
+        failpoint("after_order_created")
+        return await self._charged(rec, order, adopted=False)
+
+    async def _find_order(self, rec: asyncpg.Record, checkout_id: str) -> Order | None:
+        orders = await self.dr.list_orders(checkout_id=checkout_id)
+        if not orders:
+            orders = await self.dr.list_orders(upstream_ids=[rec["upstream_id"]])
+        return orders[0] if orders else None
+
+    def _decline_limit(self, rec: asyncpg.Record) -> tuple[datetime, str] | None:
+        """When Digital River's limits on declined merchant-initiated charges let this subscription be charged
+        again (None: now), whatever the settings say."""
+        now = datetime.now(UTC)
+        waits = []
+        if rec["last_decline_at"] is not None and rec["last_decline_at"] + DECLINE_PAUSE > now:
+            waits.append((rec["last_decline_at"] + DECLINE_PAUSE, "declined in the last 24 hours"))
+        if (rec["declines_30d"] or 0) >= DECLINES_PER_WINDOW:
+            waits.append((rec["oldest_decline_30d"] + DECLINE_WINDOW, "declined 4 times in 30 days"))
+        if not waits:
+            return None
+        until, why = max(waits)
+        return until, f"subscription {rec['subscription_id']} {why}; next attempt at {until.isoformat()}"
+
+    async def _charged(self, rec: asyncpg.Record, order: Order, *, adopted: bool) -> Outcome:
+        order_id = await self.store.fetchval(
+            "finish_charged", rec["id"], self.store.node, order.id, order.checkout_id or rec["dr_checkout_id"],
+            order.state, order.currency.upper(), order.subtotal, order.total_tax, order.total_amount,
+            order_items(order, rec["unit_price"] or Decimal(0)))
+        failpoint("after_order_saved")
+        return Outcome("installment_adopted" if adopted else "installment_charged", {
+            "dr_order_id": order.id, "order_id": order_id, "order_state": order.state,
+            "amount": str(order.total_amount), "tax": str(order.total_tax), "currency": order.currency})
+
+    async def _failed(self, rec: asyncpg.Record, code: str, message: str, *, hard: bool, decline: bool = False,
+                      error: DigitalRiverError | None = None) -> Outcome:
+        """A counted attempt without an order: Failed when hard or past SUBSCRIPTION_RETRY_COUNT, else Open."""
+        attempts = rec["subscription_retry_count"] + 1
+        exhausted = attempts > self.settings.subscription_retry_count
+        status = "Failed" if hard or exhausted else "Open"
+        next_attempt = datetime.now(UTC) + (DECLINE_PAUSE if decline else timedelta(0))
+        outcome_kind = ("soft_decline" if error is not None and getattr(error, "soft", False) else "hard_decline") \
+            if decline else "bad_data"
+        kept = await self.store.fetchval(
+            "finish_failed_attempt", rec["id"], self.store.node, status, next_attempt, code, message[:2000],
+            outcome_kind, decline, "Declined" if decline else None,
+            rec["unit_price"] * rec["quantity"] if rec["unit_price"] and rec["quantity"] else None,
+            (rec["currency"] or "").strip().upper()[:3] or None)
+        if kept is None:
+            raise LeaseLost(f"record {rec['id']} lease lost before its failure was written")
+        self.services.app_log.write(
+            "ERROR" if status == "Failed" else "WARN", self.job_name, f"installment {outcome_kind}: {message}",
+            record_id=rec["id"], status=error.status if error else None,
+            request={"checkoutId": rec["dr_checkout_id"], "upstreamId": rec["upstream_id"]},
+            response=error.response if error else None)
+        return Outcome("installment_declined" if decline and status == "Open" else "installment_failed", {
+            "status": status, "code": code, "reason": message, "retry_count": attempts})
+
+    async def _postpone(self, rec: asyncpg.Record, event: str, code: str, message: str, *, outage: bool = False,
+                        until: datetime | None = None) -> Outcome:
+        """No attempt counted: an outage or unknown outcome (the checkout is kept, so the next attempt looks
+        for its order first; backoff 1, 2, 4 … minutes) or a decline limit (until the limit allows)."""
+        if until is None:
+            until = datetime.now(UTC) + outage_delay(rec["outage_count"])
+        kept = await self.store.fetchval(
+            "postpone_record", rec["id"], self.store.node, until, code, message[:2000], 1 if outage else 0)
+        if kept is None:
+            raise LeaseLost(f"record {rec['id']} lease lost before it was postponed")
+        if outage:
+            self.services.app_log.write("WARN", self.job_name, f"{event}: {message}", record_id=rec["id"])
+        return Outcome(event, {"code": code, "reason": message, "next_attempt_at": until.isoformat()})
+
+
+def _dr_message(exc: DigitalRiverError) -> str:
+    where = f" (parameter {exc.parameter})" if exc.parameter else ""
+    status = f" {exc.status}" if exc.status else ""
+    return f"Digital River{status} {exc.code or exc.type or 'error'}{where}: {exc.message}"

@@ -1,0 +1,185 @@
+"""CC Subscription Installment Processor: turn due subscriptions into installment records.
+
+Takes subscriptions that are `Active`, have installments remaining, and whose `installment_next_run_date` is on
+or before today in the account's time zone: oldest first, at most CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT per run,
+CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE per claim and transaction. For each due installment, in one transaction
+(a savepoint per subscription, so one bad row does not undo its neighbours):
+
+- an `Open-DR` cart and its cart item for the subscribed product (quantity, price, billing agreement);
+- a `subscription_process_data` record, `Open`, with a fresh `upstream_id`;
+- `installment_count + 1`, `installment_count_remaining - 1`, the next run date, `Completed` when none remain.
+
+Next dates are counted from the anchor date, never from the last clamped date, so the 31st stays the 31st where
+a month has one. A subscription several periods behind gets one record per missed installment, oldest first
+(at most MAX_CATCH_UP per subscription per transaction; the rest follows in the next batch). The unique
+(`subscription_id`, `installment_number`) makes a second record for one installment impossible even when two
+engines run the job at once. After each commit the recurring-payments actor of this process is told to run.
+"""
+
+from __future__ import annotations
+
+import calendar
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+
+from engine.jobs import Job, Run, RunRequest
+from engine.logs import get_logger
+from engine.store import sql
+
+log = get_logger(component="subscription_installments")
+MAX_CATCH_UP = 100
+
+
+def add_months(anchor: date, months: int) -> date:
+    """`anchor` moved by whole months, its day clamped to the target month's length (Jan 31 + 1 → Feb 28/29)."""
+    index = anchor.year * 12 + (anchor.month - 1) + months
+    year, month = divmod(index, 12)
+    return date(year, month + 1, min(anchor.day, calendar.monthrange(year, month + 1)[1]))
+
+
+def installment_date(anchor: date, frequency: str, interval: int, periods: int) -> date:
+    """The date `periods` intervals after the anchor."""
+    if frequency == "Daily":
+        return anchor + timedelta(days=periods * interval)
+    if frequency == "Weekly":
+        return anchor + timedelta(weeks=periods * interval)
+    if frequency == "Monthly":
+        return add_months(anchor, periods * interval)
+    if frequency == "Yearly":
+        return add_months(anchor, 12 * periods * interval)
+    raise ValueError(f"installment_frequency {frequency!r} is not Daily, Weekly, Monthly or Yearly")
+
+
+def next_installment_date(anchor: date, frequency: str, interval: int, after: date) -> date:
+    """The first date on the anchor's schedule strictly after `after`."""
+    if frequency in ("Daily", "Weekly"):
+        step = interval * (1 if frequency == "Daily" else 7)
+        periods = max(0, (after - anchor).days // step)
+    else:
+        step_months = interval * (1 if frequency == "Monthly" else 12)
+        periods = max(0, ((after.year - anchor.year) * 12 + after.month - anchor.month) // step_months - 1)
+    while (candidate := installment_date(anchor, frequency, interval, periods)) <= after:
+        periods += 1
+    return candidate
+
+
+@dataclass(frozen=True)
+class Installment:
+    number: int
+    run_date: date
+
+
+def due_installments(sub: asyncpg.Record, today: date, limit: int = MAX_CATCH_UP) -> tuple[list[Installment], date]:
+    """The installments of `sub` due by `today`, oldest first, and the next run date after them."""
+    anchor = sub["installment_anchor_date"] or sub["installment_next_run_date"]
+    frequency, interval = sub["installment_frequency"], sub["installment_interval"]
+    run_date = sub["installment_next_run_date"]
+    number = sub["installment_count"]
+    remaining = sub["installment_count_remaining"]
+    made: list[Installment] = []
+    while run_date <= today and remaining > 0 and len(made) < limit:
+        number += 1
+        remaining -= 1
+        made.append(Installment(number, run_date))
+        run_date = next_installment_date(anchor, frequency, interval, run_date)
+    return made, run_date
+
+
+class BadSubscription(ValueError):
+    """A subscription the job cannot schedule; the message names the field."""
+
+
+def local_today(time_zone: str | None, now: datetime) -> date:
+    try:
+        return now.astimezone(ZoneInfo(time_zone or "UTC")).date()
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadSubscription(f"accounts.time_zone {time_zone!r} is not an IANA time zone") from None
+
+
+class SubscriptionInstallments(Job):
+    job_name = "subscription-installments"
+
+    async def run_once(self, run: Run) -> None:
+        limit = self.settings.cc_subscriptions_batch_query_limit
+        batch = self.settings.cc_subscription_processor_batch_size
+        zones = await self.known_time_zones()
+        taken = 0
+        while taken < limit and not self.stop_requested:
+            size = min(batch, limit - taken)
+            made, seen = await self._batch(run, size, zones)
+            taken += seen
+            if made:
+                self._wake_payments()
+            if seen < size:
+                break
+
+    async def known_time_zones(self) -> list[str]:
+        """The accounts' time zones that both PostgreSQL and Python know; due dates use UTC for any other
+        (and the subscription is then suspended with a message naming the bad zone)."""
+        valid = []
+        for row in await self.store.fetch("account_time_zones"):
+            try:
+                ZoneInfo(row["time_zone"])
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+            valid.append(row["time_zone"])
+        return valid
+
+    async def _batch(self, run: Run, size: int, zones: list[str]) -> tuple[int, int]:
+        """Claim up to `size` due subscriptions and make their installments in one transaction."""
+        now = datetime.now(UTC)
+        made = 0
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones)
+            for sub in subs:
+                run.claimed += 1
+                try:
+                    async with conn.transaction():
+                        made += await self._make_installments(conn, sub, now)
+                    run.succeeded += 1
+                except BadSubscription as exc:
+                    run.failed += 1
+                    await conn.execute(sql("suspend_subscription"), sub["id"], str(exc))
+                    log.error("subscription_suspended", subscription_id=sub["id"], reason=str(exc))
+                except asyncpg.UniqueViolationError:
+                    # A record for this installment number exists already (written outside the engine):
+                    # the counts disagree with the records, which an operator has to settle.
+                    run.failed += 1
+                    reason = (f"subscription_process_data already has installment {sub['installment_count'] + 1}; "
+                              "subscriptions.installment_count is behind its records")
+                    await conn.execute(sql("suspend_subscription"), sub["id"], reason)
+                    log.error("subscription_suspended", subscription_id=sub["id"], reason=reason)
+                except asyncpg.PostgresError as exc:
+                    run.failed += 1
+                    log.error("subscription_installment_failed", subscription_id=sub["id"],
+                              error=f"{type(exc).__name__}: {exc}")
+                    await conn.execute(sql("note_subscription_error"), sub["id"], f"{type(exc).__name__}: {exc}")
+        return made, len(subs)
+
+    async def _make_installments(self, conn: asyncpg.Connection, sub: asyncpg.Record, now: datetime) -> int:
+        today = local_today(sub["time_zone"], now)
+        if sub["installment_interval"] is None or sub["installment_interval"] < 1:
+            raise BadSubscription("subscriptions.installment_interval must be at least 1")
+        made, next_run = due_installments(sub, today)
+        for installment in made:
+            record_id = await conn.fetchval(sql("insert_installment"), sub["id"], installment.number,
+                                            installment.run_date)
+            log.info("installment_created", subscription_id=sub["id"], record_id=record_id,
+                     installment_number=installment.number, run_date=installment.run_date.isoformat())
+        remaining = sub["installment_count_remaining"] - len(made)
+        await conn.execute(sql("advance_subscription"), sub["id"], len(made), next_run if remaining else None)
+        return len(made)
+
+    def _wake_payments(self) -> None:
+        if not self.services.autonomous:
+            return
+        payments = self.services.jobs.get("recurring-payments")
+        if payments is not None and not payments.offer(RunRequest(datetime.now(UTC), "message")):
+            log.info("payments_already_busy")
+
+    async def due_count(self) -> int:
+        return int(await self.store.fetchval("count_due_subscriptions", await self.known_time_zones()))
+

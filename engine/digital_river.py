@@ -1,0 +1,929 @@
+"""The Digital River client: typed calls, errors as data, safe retries and the shared rate budget.
+
+One `DigitalRiverClient` per process, on one aiohttp session, shared by every actor. It is built from plain
+values (tests build it directly) or with `DigitalRiverClient.from_settings(settings, app_log)`, and opened with
+`async with client:` (or `await client.start()` / `await client.close()`).
+
+Calls
+    create_checkout(body) -> Checkout        POST /checkouts        retried on transient failures
+    create_order(checkout_id) -> Order       POST /orders           NEVER retried: the caller reconciles
+    list_orders(checkout_id=, upstream_ids=, ids=, limit=) -> list[Order]
+                                             GET /orders            retried
+    get_order(order_id) -> Order             GET /orders/{id}       retried
+    create_fulfillment(body) -> Fulfillment  POST /fulfillments     retried (a repeat answers 409
+                                                                    item_fulfilled/item_cancelled, which the
+                                                                    caller treats as done)
+
+Answers are parsed tolerantly into frozen dataclasses that keep the whole answer in `.raw`: unknown fields and
+unknown enum values (an order state this code has never seen) pass through untouched. Only a missing or
+mistyped field the jobs depend on (an `id`, a total, an item's quantity) makes the answer malformed.
+
+Errors: one tree, every class carrying `status`, `type`, `code`, `parameter`, `message` and `kind`
+(an `ErrorKind` the jobs switch on). `str(error)` names the call, the status and Digital River's words, and
+never the API key or the Authorization header.
+
+    DigitalRiverError                 base; `kind` says what the caller should do
+    ├── DeclinedError                 409 on POST /orders: the payment was declined and the checkout is burned.
+    │                                 `.soft` is True for declines that may be retried a day later
+    │                                 (insufficient_funds, do_not_honor, …) and False for hard ones (fraud,
+    │                                 stop_recurring, …). A decline code in neither list (`failed-request`, a
+    │                                 code Digital River adds later) is SOFT: the record is retried a day later,
+    │                                 bounded by SUBSCRIPTION_RETRY_COUNT and the 4-in-30-days rule, which is
+    │                                 safer than failing a subscription on a code we cannot read.
+    ├── BadRequestError               400 and the other non-retryable 4xx (405, 406, 422, …): fix the data
+    ├── NotFoundError                 404 (on POST /orders: that checkout already became an order)
+    ├── ConflictError                 409 anywhere but POST /orders (fulfillments: item_fulfilled, …)
+    ├── AuthError                     401, 403: our key is refused
+    └── TransientError                connection errors, timeouts, 408, 429, 5xx; `.retry_after` in seconds
+        └── MalformedResponseError    a 2xx whose body is not JSON or lacks a required field. On POST /orders
+                                      the order may exist, so it is an unknown outcome like any transient
+                                      failure: reconcile. Not retried by the client (a second look would most
+                                      likely be just as malformed).
+
+An error body that is not JSON (a proxy's HTML page) is classified by its status like any other, with a
+message such as "HTTP 502 with a non-JSON body (text/html, 1234 bytes)".
+
+Retries: transient failures of GETs, create_checkout and create_fulfillment are retried up to `max_retries`
+times with exponential backoff and full jitter (a uniform wait in [0, min(backoff_max, backoff_base·2^n)]).
+A `Retry-After` header (seconds or an HTTP date) replaces the jittered wait; one longer than `backoff_max`
+ends the retries at once, so a record does not hold a concurrency slot for minutes (its own backoff takes
+over). create_order is never repeated: a second POST could charge twice, so the caller looks the order up.
+
+Rate: every request, retries included, first takes a token from one bucket shared by all callers of the
+client. Its rate is DR_MAX_REQUESTS_PER_SECOND divided by the number of live engine processes
+(`set_share`, called from the node heartbeat). A 429 pauses every request of the client until its
+`Retry-After` (1 s when absent) has passed, because Digital River refuses everything before that time anyway.
+
+Logging: each failed call writes ONE `application_logs` row after its retries are spent (not one per attempt),
+level ERROR, module `digital-river`, message `dr_request_failed`, with the status, the request
+(method, path, body; never headers) and the response body, redacted. Every attempt logs a structlog DEBUG
+event `dr_request` (method, path, status, ms); nothing above DEBUG is logged per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import enum
+import json
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+from yarl import URL
+
+from engine.logs import AppLogSink, redact, redact_text, register_secrets
+
+if TYPE_CHECKING:
+    from engine.settings import Settings
+
+__all__ = [
+    "AuthError",
+    "BadRequestError",
+    "Checkout",
+    "CheckoutItem",
+    "ClientStats",
+    "ConflictError",
+    "DeclinedError",
+    "DigitalRiverClient",
+    "DigitalRiverError",
+    "ErrorKind",
+    "Fulfillment",
+    "FulfillmentItem",
+    "MalformedResponseError",
+    "NotFoundError",
+    "Order",
+    "OrderItem",
+    "TokenBucket",
+    "TransientError",
+    "decline_is_soft",
+]
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+# Decline codes on merchant-initiated charges (digital-river.md, billing-rules.md). Codes are compared after
+# lower-casing and turning '-' into '_', since Digital River spells some with hyphens (`failed-request`).
+SOFT_DECLINE_CODES = frozenset({
+    "insufficient_funds", "do_not_honor", "card_expired", "expired_card", "issuer_unavailable", "no_response",
+    "limit_exceeded", "try_again_later", "processing_error", "failed_request",
+})
+HARD_DECLINE_CODES = frozenset({
+    "declined", "fraud", "fraudulent", "account_closed", "stop_recurring", "lost_stolen_card", "lost_card",
+    "stolen_card", "pickup_card", "invalid_card_number", "invalid_account", "restricted_card",
+    "revocation_of_authorization", "revocation_of_all_authorizations",
+})
+
+DEFAULT_RETRY_AFTER_429 = 1.0
+# The bucket may run ahead by this much of a second's budget, so a burst of callers is not serialised to the
+# microsecond while any one second still stays close to the budget.
+BURST_SECONDS = 0.1
+
+
+def decline_is_soft(code: str | None) -> bool:
+    """Whether a 409 decline code on POST /orders may be retried later. Unknown codes count as soft."""
+    if not code:
+        return True
+    return _normal_code(code) not in HARD_DECLINE_CODES
+
+
+def _normal_code(code: str) -> str:
+    return code.strip().lower().replace("-", "_")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class ErrorKind(enum.Enum):
+    """What a failed call means for the caller."""
+
+    SOFT_DECLINE = "soft_decline"
+    HARD_DECLINE = "hard_decline"
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    AUTH = "auth"
+    TRANSIENT = "transient"
+    MALFORMED = "malformed"
+
+
+class DigitalRiverError(Exception):
+    """Base of every error the client raises. See the module docstring for the tree."""
+
+    kind: ErrorKind = ErrorKind.TRANSIENT
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error_type: str | None = None,
+        code: str | None = None,
+        parameter: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        response: Any = None,
+    ) -> None:
+        self.message = redact_text(message)
+        super().__init__(self.message)
+        self.status = status
+        self.type = error_type
+        self.code = code
+        self.parameter = parameter
+        self.method = method
+        self.path = path
+        # The parsed error body (or a short text excerpt), for the application log.
+        self.response = response
+        self.attempts = 1
+
+    def __str__(self) -> str:
+        parts = []
+        if self.method and self.path:
+            parts.append(f"{self.method} {self.path}:")
+        if self.status is not None:
+            parts.append(f"HTTP {self.status}")
+        label = "/".join(p for p in (self.type, self.code) if p)
+        if label:
+            parts.append(label)
+        if self.parameter:
+            parts.append(f"[{self.parameter}]")
+        text = " ".join(parts)
+        text = f"{text}: {self.message}" if text else self.message
+        if self.attempts > 1:
+            text += f" (after {self.attempts} attempts)"
+        return redact_text(text)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+
+class DeclinedError(DigitalRiverError):
+    """409 on POST /orders: no order, the checkout is burned. `.soft` says whether a later retry is allowed."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.soft = decline_is_soft(self.code)
+        self.kind = ErrorKind.SOFT_DECLINE if self.soft else ErrorKind.HARD_DECLINE
+
+
+class BadRequestError(DigitalRiverError):
+    """400 and other 4xx that repeating cannot fix; `parameter` names the field when Digital River does."""
+
+    kind = ErrorKind.BAD_REQUEST
+
+
+class NotFoundError(DigitalRiverError):
+    """404. On POST /orders it means the checkout was already turned into an order."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
+class ConflictError(DigitalRiverError):
+    """409 outside order creation, e.g. `item_fulfilled`, `order_cancelled`, `quantity_too_large`."""
+
+    kind = ErrorKind.CONFLICT
+
+
+class AuthError(DigitalRiverError):
+    """401 or 403: the key is refused. The jobs stop claiming work."""
+
+    kind = ErrorKind.AUTH
+
+
+class TransientError(DigitalRiverError):
+    """Connection error, timeout, 408, 429 or 5xx. On POST /orders the outcome is unknown: reconcile."""
+
+    kind = ErrorKind.TRANSIENT
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class MalformedResponseError(TransientError):
+    """A 2xx answer that is not JSON or lacks a field the jobs need; `parameter` names the field."""
+
+    kind = ErrorKind.MALFORMED
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answers
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutItem:
+    id: str
+    sku_id: str | None
+    quantity: int
+    price: Decimal | None
+    amount: Decimal | None
+    tax_amount: Decimal
+    billing_agreement_id: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkout:
+    id: str
+    currency: str
+    subtotal: Decimal
+    total_tax: Decimal
+    total_amount: Decimal
+    items: tuple[CheckoutItem, ...]
+    payment_session_state: str | None
+    upstream_id: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderItem:
+    id: str
+    sku_id: str | None
+    quantity: int
+    amount: Decimal
+    tax_amount: Decimal
+    state: str | None
+    billing_agreement_id: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    id: str
+    state: str
+    checkout_id: str | None
+    upstream_id: str | None
+    customer_id: str | None
+    currency: str
+    subtotal: Decimal
+    total_tax: Decimal
+    total_amount: Decimal
+    items: tuple[OrderItem, ...]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FulfillmentItem:
+    item_id: str | None
+    sku_id: str | None
+    quantity: int
+    cancel_quantity: int
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Fulfillment:
+    id: str
+    order_id: str
+    items: tuple[FulfillmentItem, ...]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+def _missing(name: str, what: str = "lacks required field") -> MalformedResponseError:
+    return MalformedResponseError(f"response {what} {name!r}", error_type="malformed_response",
+                                  code="missing_field", parameter=name)
+
+
+def _obj(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _missing(name, "has no object at")
+    return value
+
+
+def _req_str(obj: Mapping[str, Any], key: str, name: str) -> str:
+    value = obj.get(key)
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):  # an id sent as a number is still an id
+        return str(value)
+    raise _missing(name)
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _to_decimal(value: Any) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, str)):
+        try:
+            result = Decimal(str(value))  # str() of a float is its shortest repr: 10.99, not 10.9900000001
+        except InvalidOperation:
+            return None
+        return result if result.is_finite() else None
+    return None
+
+
+def _req_money(obj: Mapping[str, Any], key: str, name: str) -> Decimal:
+    value = _to_decimal(obj.get(key))
+    if value is None:
+        raise _missing(name)
+    return value
+
+
+def _opt_money(obj: Mapping[str, Any], key: str) -> Decimal | None:
+    return _to_decimal(obj.get(key))
+
+
+def _req_int(obj: Mapping[str, Any], key: str, name: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool):
+        raise _missing(name)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _missing(name)
+
+
+def _opt_int(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return 0
+
+
+def _tax_amount(item: Mapping[str, Any], name: str) -> Decimal:
+    return _req_money(_obj(item.get("tax"), f"{name}.tax"), "amount", f"{name}.tax.amount")
+
+
+def _billing_agreement(item: Mapping[str, Any]) -> str | None:
+    info = item.get("subscriptionInfo")
+    return _opt_str(info, "billingAgreementId") if isinstance(info, dict) else None
+
+
+def _items(body: Mapping[str, Any]) -> list[Any]:
+    items = body.get("items", [])
+    if not isinstance(items, list):
+        raise _missing("items", "has no list at")
+    return items
+
+
+def parse_checkout(body: Any) -> Checkout:
+    """A `Checkout` from a checkout answer; raises `MalformedResponseError` naming a missing field."""
+    body = _obj(body, "checkout")
+    items = []
+    for i, raw_item in enumerate(_items(body)):
+        name = f"items[{i}]"
+        item = _obj(raw_item, name)
+        items.append(CheckoutItem(
+            id=_req_str(item, "id", f"{name}.id"),
+            sku_id=_opt_str(item, "skuId"),
+            quantity=_req_int(item, "quantity", f"{name}.quantity"),
+            price=_opt_money(item, "price"),
+            amount=_opt_money(item, "amount"),
+            tax_amount=_tax_amount(item, name),
+            billing_agreement_id=_billing_agreement(item),
+            raw=item,
+        ))
+    payment = body.get("payment")
+    session = payment.get("session") if isinstance(payment, dict) else None
+    return Checkout(
+        id=_req_str(body, "id", "id"),
+        currency=_req_str(body, "currency", "currency"),
+        subtotal=_req_money(body, "subtotal", "subtotal"),
+        total_tax=_req_money(body, "totalTax", "totalTax"),
+        total_amount=_req_money(body, "totalAmount", "totalAmount"),
+        items=tuple(items),
+        payment_session_state=_opt_str(session, "state") if isinstance(session, dict) else None,
+        upstream_id=_opt_str(body, "upstreamId"),
+        raw=body,
+    )
+
+
+def parse_order(body: Any, where: str = "") -> Order:
+    """An `Order` from an order answer (or one element of a list, `where` naming it)."""
+    body = _obj(body, where or "order")
+    items = []
+    for i, raw_item in enumerate(_items(body)):
+        name = f"{where}items[{i}]"
+        item = _obj(raw_item, name)
+        items.append(OrderItem(
+            id=_req_str(item, "id", f"{name}.id"),
+            sku_id=_opt_str(item, "skuId"),
+            quantity=_req_int(item, "quantity", f"{name}.quantity"),
+            amount=_req_money(item, "amount", f"{name}.amount"),
+            tax_amount=_tax_amount(item, name),
+            state=_opt_str(item, "state"),
+            billing_agreement_id=_billing_agreement(item),
+            raw=item,
+        ))
+    return Order(
+        id=_req_str(body, "id", f"{where}id"),
+        state=_req_str(body, "state", f"{where}state"),
+        checkout_id=_opt_str(body, "checkoutId"),
+        upstream_id=_opt_str(body, "upstreamId"),
+        customer_id=_opt_str(body, "customerId"),
+        currency=_req_str(body, "currency", f"{where}currency"),
+        subtotal=_req_money(body, "subtotal", f"{where}subtotal"),
+        total_tax=_req_money(body, "totalTax", f"{where}totalTax"),
+        total_amount=_req_money(body, "totalAmount", f"{where}totalAmount"),
+        items=tuple(items),
+        raw=body,
+    )
+
+
+def parse_order_list(body: Any) -> list[Order]:
+    """The orders of a `{hasMore, data}` list envelope."""
+    data = _obj(body, "list").get("data")
+    if not isinstance(data, list):
+        raise _missing("data")
+    return [parse_order(order, f"data[{i}].") for i, order in enumerate(data)]
+
+
+def parse_fulfillment(body: Any) -> Fulfillment:
+    """A `Fulfillment` from a fulfillment answer."""
+    body = _obj(body, "fulfillment")
+    items = []
+    for i, raw_item in enumerate(_items(body)):
+        item = _obj(raw_item, f"items[{i}]")
+        items.append(FulfillmentItem(
+            item_id=_opt_str(item, "itemId"),
+            sku_id=_opt_str(item, "skuId"),
+            quantity=_opt_int(item, "quantity"),
+            cancel_quantity=_opt_int(item, "cancelQuantity"),
+            raw=item,
+        ))
+    return Fulfillment(
+        id=_req_str(body, "id", "id"),
+        order_id=_req_str(body, "orderId", "orderId"),
+        items=tuple(items),
+        raw=body,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rate budget
+
+
+class TokenBucket:
+    """A token bucket shared by every caller, fair in arrival order, with a pause for 429s.
+
+    Implemented as a virtual schedule (GCRA): each `acquire` reserves the next free slot at once and sleeps
+    until it, so callers are served in order without a lock and the fast path does not await anything.
+    """
+
+    def __init__(self, rate: float, *, burst_seconds: float = BURST_SECONDS, clock: Clock = time.monotonic,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._burst_seconds = burst_seconds
+        self._tat = clock()  # theoretical arrival time of the next request
+        self._paused_until = 0.0
+        self.rate = rate
+        self._interval = 0.0
+        self._tolerance = 0.0
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float) -> None:
+        """Change the rate (requests per second) from now on."""
+        if not rate > 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        self.rate = rate
+        self._interval = 1.0 / rate
+        burst = max(1.0, rate * self._burst_seconds)
+        self._tolerance = (burst - 1.0) * self._interval
+
+    def pause(self, seconds: float) -> None:
+        """Refuse every token until `seconds` from now; after it, tokens resume at the rate without a burst."""
+        until = self._clock() + max(0.0, seconds)
+        if until > self._paused_until:
+            self._paused_until = until
+            self._tat = max(self._tat, until + self._tolerance)
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until
+
+    async def acquire(self) -> float:
+        """Wait for a token; return the seconds spent waiting."""
+        waited = 0.0
+        while True:
+            now = self._clock()
+            if now < self._paused_until:
+                delay = self._paused_until - now
+                waited += delay
+                await self._sleep(delay)
+                continue
+            tat = self._tat if self._tat > now else now
+            self._tat = tat + self._interval
+            delay = tat - self._tolerance - now
+            if delay <= 0:
+                return waited
+            waited += delay
+            await self._sleep(delay)
+            if self._clock() >= self._paused_until:
+                return waited
+            # A 429 paused the client while this caller slept: its slot is void, take a new one after the pause.
+
+
+@dataclass
+class ClientStats:
+    """Counters for /metrics. `requests` is keyed by (endpoint, status), status being the HTTP status as text
+    or `timeout` / `connection_error` when no answer came."""
+
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    retries: int = 0
+    rate_limit_wait_seconds: float = 0.0
+    rate_limited: int = 0  # 429 answers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The client
+
+
+def parse_retry_after(value: str | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta seconds or an HTTP date); None when absent or garbage."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - now()).total_seconds())
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+class DigitalRiverClient:
+    """The Digital River API client. See the module docstring for calls, errors, retries and rate."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        api_version: str | None = None,
+        timeout_seconds: float = 30.0,
+        max_requests_per_second: float = 20.0,
+        connection_limit: int = 100,
+        app_log: AppLogSink | None = None,
+        app_version: str = "0.1.0",
+        max_retries: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("a Digital River API key is required")
+        register_secrets([api_key])
+        self.base_url = base_url.rstrip("/")
+        self.api_version = api_version
+        self.timeout_seconds = timeout_seconds
+        self.max_requests_per_second = max_requests_per_second
+        self.connection_limit = connection_limit
+        self.app_log = app_log
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.bucket = TokenBucket(max_requests_per_second, clock=clock, sleep=sleep)
+        self.stats = ClientStats()
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "upstream-application-id": f"drjobs/{app_version}",
+        }
+        if api_version:
+            self._headers["digitalriver-version"] = api_version
+        self._urls: dict[str, URL] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._log: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, app_log: AppLogSink | None = None) -> DigitalRiverClient:
+        """The process's client: connections enough for every job's concurrency (at least 16)."""
+        if not settings.dr_api_key:
+            raise ValueError("DR_API_KEY is required to talk to Digital River")
+        connections = max(16, sum(job.concurrency for job in settings.jobs.values()))
+        return cls(
+            settings.dr_api_url,
+            settings.dr_api_key,
+            api_version=settings.dr_api_version,
+            timeout_seconds=settings.dr_timeout_seconds,
+            max_requests_per_second=settings.dr_max_requests_per_second,
+            connection_limit=connections,
+            app_log=app_log,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the HTTP session (idempotent)."""
+        if self._session is not None:
+            return
+        connector = aiohttp.TCPConnector(limit=self.connection_limit, limit_per_host=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_seconds),
+            # Keep the wire small and the per-request work smaller: no cookies to parse or store.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+        # A concrete logger now, so a filtered-out DEBUG call costs one no-op method call per request.
+        self._log = structlog.get_logger("digital-river").bind()
+
+    async def close(self) -> None:
+        """Close the HTTP session; in-flight calls fail."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> DigitalRiverClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def set_share(self, live_nodes: int) -> None:
+        """Use 1/`live_nodes` of the cluster's DR_MAX_REQUESTS_PER_SECOND (called from the node heartbeat)."""
+        self.bucket.set_rate(self.max_requests_per_second / max(1, live_nodes))
+
+    # -- typed calls ------------------------------------------------------------------------------------------
+
+    async def create_checkout(self, body: Mapping[str, Any]) -> Checkout:
+        """POST /checkouts. Retried on transient failures (an extra checkout costs nothing)."""
+        return await self._call("POST", "/checkouts", "POST /checkouts", parse_checkout, body=body, retry=True)
+
+    async def create_order(self, checkout_id: str) -> Order:
+        """POST /orders {checkoutId}. Never retried: on TransientError the outcome is unknown; look it up."""
+        return await self._call("POST", "/orders", "POST /orders", parse_order,
+                                body={"checkoutId": checkout_id}, retry=False)
+
+    async def list_orders(
+        self,
+        *,
+        checkout_id: str | None = None,
+        upstream_ids: str | Sequence[str] | None = None,
+        ids: str | Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[Order]:
+        """GET /orders filtered by checkout id, upstream ids and/or order ids: the first page (up to `limit`)."""
+        if not 1 <= limit <= 100:
+            raise ValueError(f"limit must be 1..100, got {limit}")
+        params = {"limit": str(limit)}
+        if checkout_id is not None:
+            params["checkoutId"] = checkout_id
+        if upstream_ids is not None:
+            params["upstreamIds"] = _csv(upstream_ids)
+        if ids is not None:
+            params["ids"] = _csv(ids)
+        return await self._call("GET", "/orders", "GET /orders", parse_order_list, params=params, retry=True)
+
+    async def get_order(self, order_id: str) -> Order:
+        """GET /orders/{id}."""
+        return await self._call("GET", "/orders/" + quote(order_id, safe=""), "GET /orders/{id}", parse_order,
+                                retry=True)
+
+    async def create_fulfillment(self, body: Mapping[str, Any]) -> Fulfillment:
+        """POST /fulfillments. Retried: a repeat of a fulfillment that went through answers 409 item_fulfilled."""
+        return await self._call("POST", "/fulfillments", "POST /fulfillments", parse_fulfillment, body=body,
+                                retry=True)
+
+    # -- mechanics --------------------------------------------------------------------------------------------
+
+    def _url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = URL(self.base_url + path)
+            if len(self._urls) < 64:  # fixed paths only in practice; ids make the rest one-offs
+                self._urls[path] = url
+        return url
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        endpoint: str,
+        parse: Callable[[Any], T],
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        retry: bool,
+    ) -> T:
+        data = None if body is None else json.dumps(body, separators=(",", ":"), default=_json_default).encode()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                status, answer = await self._attempt(method, path, endpoint, data, params,
+                                                     create_order=not retry)
+                try:
+                    return parse(answer)
+                except MalformedResponseError as exc:
+                    exc.status, exc.response = status, answer
+                    raise
+            except DigitalRiverError as exc:
+                exc.method, exc.attempts = method, attempt
+                if exc.path is None:
+                    exc.path = path
+                delay = self._retry_delay(exc, attempt) if retry else None
+                if delay is None:
+                    self._log_failure(exc, method, path, body, params)
+                    raise
+                self.stats.retries += 1
+                await self._sleep(delay)
+
+    def _retry_delay(self, exc: DigitalRiverError, attempt: int) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up."""
+        if not isinstance(exc, TransientError) or isinstance(exc, MalformedResponseError):
+            return None
+        if attempt > self.max_retries:
+            return None
+        if exc.retry_after is not None:
+            return exc.retry_after if exc.retry_after <= self.backoff_max else None
+        ceiling = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        return self._rng.uniform(0.0, ceiling)
+
+    async def _attempt(self, method: str, path: str, endpoint: str, data: bytes | None,
+                       params: dict[str, str] | None, *, create_order: bool) -> tuple[int, Any]:
+        """One request: its status and decoded JSON body, or the classified error."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("DigitalRiverClient is not started: use `async with client:` or `await start()`")
+        waited = await self.bucket.acquire()
+        if waited:
+            self.stats.rate_limit_wait_seconds += waited
+        headers = self._headers.copy()
+        headers["upstream-id"] = str(uuid.uuid4())
+        started = time.perf_counter()
+        try:
+            async with session.request(method, self._url(path), data=data, params=params, headers=headers,
+                                       allow_redirects=False) as response:
+                status = response.status
+                raw = await response.read()
+                retry_after_header = response.headers.get("Retry-After")
+                content_type = response.content_type
+        except TimeoutError:
+            self.stats.requests[(endpoint, "timeout")] += 1
+            self._log.debug("dr_request", method=method, path=path, status=None, error="timeout",
+                            ms=_ms(started))
+            raise TransientError(f"no answer within {self.timeout_seconds:g} s", code="timeout",
+                                 path=path) from None
+        except aiohttp.ClientError as exc:
+            self.stats.requests[(endpoint, "connection_error")] += 1
+            self._log.debug("dr_request", method=method, path=path, status=None, error="connection_error",
+                            ms=_ms(started))
+            # `from None`: some aiohttp errors carry the request's headers, Authorization included.
+            raise TransientError(f"connection failed: {type(exc).__name__}: {exc}", code="connection_error",
+                                 path=path) from None
+        self.stats.requests[(endpoint, str(status))] += 1
+        self._log.debug("dr_request", method=method, path=path, status=status, ms=_ms(started))
+        if 200 <= status < 300:
+            if not raw:
+                raise MalformedResponseError(f"HTTP {status} with an empty body", status=status, path=path,
+                                             error_type="malformed_response", code="empty_body")
+            try:
+                return status, json.loads(raw)
+            except ValueError:
+                raise MalformedResponseError(_non_json(status, content_type, raw), status=status, path=path,
+                                             error_type="malformed_response", code="not_json",
+                                             response=_excerpt(raw)) from None
+        raise self._error(status, raw, content_type, retry_after_header, path, create_order=create_order)
+
+    def _error(self, status: int, raw: bytes, content_type: str, retry_after_header: str | None, path: str,
+               *, create_order: bool) -> DigitalRiverError:
+        """The exception for a non-2xx answer, classified by status (and on 409, by the call)."""
+        error_type = code = parameter = None
+        response: Any
+        try:
+            response = json.loads(raw) if raw else None
+        except ValueError:
+            response = None
+        if isinstance(response, dict):
+            error_type = _opt_str(response, "type")
+            errors = response.get("errors")
+            first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
+            code = _opt_str(first, "code")
+            parameter = _opt_str(first, "parameter")
+            message = _opt_str(first, "message") or _opt_str(response, "message") or f"HTTP {status}"
+        elif raw and response is None:
+            message = _non_json(status, content_type, raw)
+            response = _excerpt(raw)
+        else:
+            message = f"HTTP {status}" + ("" if raw else " with an empty body")
+        kwargs: dict[str, Any] = {"status": status, "error_type": error_type, "code": code,
+                                  "parameter": parameter, "path": path, "response": response}
+        if status == 429:
+            retry_after = parse_retry_after(retry_after_header)
+            pause = DEFAULT_RETRY_AFTER_429 if retry_after is None else retry_after
+            self.stats.rate_limited += 1
+            self.bucket.pause(pause)
+            return TransientError(message, retry_after=pause, **kwargs)
+        if status == 408 or status >= 500:
+            return TransientError(message, retry_after=parse_retry_after(retry_after_header), **kwargs)
+        if status in (401, 403):
+            return AuthError(message, **kwargs)
+        if status == 404:
+            return NotFoundError(message, **kwargs)
+        if status == 409:
+            return DeclinedError(message, **kwargs) if create_order else ConflictError(message, **kwargs)
+        if 400 <= status < 500:
+            return BadRequestError(message, **kwargs)
+        # 1xx/3xx: nothing Digital River answers; treat as an outage rather than guess.
+        return MalformedResponseError(f"unexpected HTTP {status}", **kwargs)
+
+    def _log_failure(self, exc: DigitalRiverError, method: str, path: str, body: Mapping[str, Any] | None,
+                     params: dict[str, str] | None) -> None:
+        if self.app_log is None:
+            return
+        record_id = structlog.contextvars.get_contextvars().get("record_id")
+        request: dict[str, Any] = {"method": method, "path": path, "body": redact(dict(body)) if body else None}
+        if params:
+            request["query"] = params
+        self.app_log.write("ERROR", "digital-river", "dr_request_failed", record_id=record_id, status=exc.status,
+                           request=request, response=exc.response, exc=exc)
+
+
+def _json_default(value: Any) -> Any:
+    # Money arrives as Decimal from the store; Digital River wants JSON numbers, and two-decimal amounts
+    # survive the trip through float exactly (json writes the shortest repr).
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _csv(values: str | Iterable[str]) -> str:
+    return values if isinstance(values, str) else ",".join(values)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _non_json(status: int, content_type: str, raw: bytes) -> str:
+    return f"HTTP {status} with a non-JSON body ({content_type or 'no content type'}, {len(raw)} bytes)"
+
+
+def _excerpt(raw: bytes, limit: int = 2000) -> str:
+    return redact_text(raw[:limit].decode("utf-8", "replace"))

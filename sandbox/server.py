@@ -1,0 +1,468 @@
+"""The local Digital River: an aiohttp app, the `Sandbox` helper that runs it, and the `sandbox` command.
+
+    async with Sandbox(SandboxConfig(latency_ms=5)) as sb:   # 127.0.0.1, ephemeral port
+        client = DigitalRiverClient(sb.url, "sk_test_anything")
+        ...
+        assert len(sb.ledger.orders_for_checkout(checkout.id)) == 1
+        sb.configure(error_rate=0.2)                         # change behaviour mid-test
+
+`serve(host, port, config)` runs it until cancelled (or until `stop` is set), for `python run.py sandbox
+--port N` and `python -m sandbox`; `config_from_args(argv)` reads that command's flags. docs/sandbox.md
+describes endpoints, scripted behaviours, control endpoints and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from sandbox import model
+from sandbox.config import ConfigError, SandboxConfig, config_from_args
+from sandbox.ledger import Ledger
+from sandbox.model import ApiError
+
+__all__ = ["Sandbox", "SandboxConfig", "SandboxState", "config_from_args", "main", "make_app", "serve"]
+
+Answer = tuple[int, dict[str, Any]]
+Handler = Callable[[web.Request, "SandboxState"], Awaitable[Answer]]
+
+
+class _Drop(Exception):
+    """Raised by a handler whose answer must be lost: the connection is aborted instead."""
+
+
+class _TooMany(Exception):
+    """Answer 429 with this Retry-After value."""
+
+    def __init__(self, retry_after: str) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class SandboxState:
+    """The live configuration, the ledger, the seeded random source and the rate-limit window."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.ledger = Ledger(config.max_ledger_requests)
+        self.rng = random.Random(config.seed)
+        self._window_start = -math.inf
+        self._window_count = 0
+        self._blocked_until = -math.inf
+
+    def reconfigure(self, changes: dict[str, Any]) -> SandboxConfig:
+        """Apply field changes (validated as a whole; nothing changes on error). A new seed restarts the
+        random sequence; a new rate limit starts a fresh window."""
+        config = self.config.updated(changes)
+        if "seed" in changes:
+            self.rng.seed(config.seed)
+        if "rate_limit" in changes or "retry_after_seconds" in changes:
+            self._window_start = self._blocked_until = -math.inf
+        if config.max_ledger_requests != self.ledger.requests.maxlen:
+            self.ledger.requests = type(self.ledger.requests)(self.ledger.requests, maxlen=config.max_ledger_requests)
+        self.config = config
+        return config
+
+    def reset(self) -> None:
+        """Empty the ledger and restart the random sequence and the rate window."""
+        self.ledger.clear()
+        self.rng.seed(self.config.seed)
+        self._window_start = self._blocked_until = -math.inf
+
+    def refused_for(self, now: float) -> float | None:
+        """Seconds the caller must wait under the rate limit, or None if this request may pass."""
+        limit = self.config.rate_limit
+        if limit is None:
+            return None
+        if now < self._blocked_until:
+            return self._blocked_until - now
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_count = now, 0
+        self._window_count += 1
+        if self._window_count > limit:
+            self._blocked_until = now + self.config.retry_after_seconds
+            return self.config.retry_after_seconds
+        return None
+
+    def retry_after_header(self, seconds: float) -> str:
+        # Digital River sends whole seconds; a fractional setting (for fast tests) is sent as it is.
+        if float(self.config.retry_after_seconds).is_integer():
+            return str(max(1, math.ceil(seconds - 1e-9)))
+        return f"{seconds:.3f}"
+
+
+STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state", SandboxState)
+
+
+def _json(payload: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(payload, separators=(",", ":")).encode(), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def _authorized(request: web.Request, config: SandboxConfig) -> bool:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        return False
+    key = header[7:].strip()
+    if config.api_key is not None:
+        return key == config.api_key
+    return bool(key) and key.startswith(config.key_prefix)
+
+
+def api(endpoint: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a Digital River endpoint: latency, rate limit, auth, injected faults, error envelope, ledger."""
+    async def run(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        config = state.config
+        response: web.Response
+        try:
+            if config.latency_ms or config.latency_max_ms:
+                low = config.latency_ms
+                high = config.latency_max_ms if config.latency_max_ms is not None else low
+                await asyncio.sleep((low if high == low else state.rng.uniform(low, high)) / 1000)
+            wait = state.refused_for(asyncio.get_running_loop().time())
+            if wait is not None:
+                raise _TooMany(state.retry_after_header(wait))
+            if not _authorized(request, config):
+                raise ApiError(401, "unauthorized", "unauthorized", "Missing or invalid API key.")
+            if not config.fault_endpoints or endpoint in config.fault_endpoints:
+                await _inject_faults(state, config)
+            status, payload = await handler(request, state)
+            response = _json(payload, status)
+        except ApiError as exc:
+            response = _json(exc.body(), exc.status)
+        except _TooMany as exc:
+            response = _json(ApiError(429, "too_many_requests", "too_many_requests",
+                                            "Too many requests; retry later.").body(), 429,
+                             {"Retry-After": exc.retry_after})
+        except _Drop:
+            state.ledger.record_request(request.method, request.path, 0)
+            if request.transport is not None:
+                request.transport.abort()
+            # Nothing reaches the client; aiohttp discards this answer on the aborted connection.
+            return web.Response(status=500)
+        state.ledger.record_request(request.method, request.path, response.status)
+        return response
+
+    return run
+
+
+async def _inject_faults(state: SandboxState, config: SandboxConfig) -> None:
+    rng = state.rng
+    if config.throttle_rate and rng.random() < config.throttle_rate:
+        raise _TooMany(state.retry_after_header(config.retry_after_seconds))
+    if config.error_rate and rng.random() < config.error_rate:
+        raise ApiError(500, "internal_server_error", "internal_server_error", "Injected server error.")
+    if config.timeout_rate and rng.random() < config.timeout_rate:
+        # Longer than the client waits: it gives up and closes, which cancels this handler.
+        await asyncio.sleep(config.timeout_seconds)
+        raise ApiError(504, "gateway_timeout", "gateway_timeout", "Injected timeout.")
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise model.bad_request("invalid_request", None, "The request body is empty.")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise model.bad_request("invalid_request", None, "The request body is not valid JSON.") from None
+
+
+# -- Digital River endpoints ----------------------------------------------------------------------------------
+
+
+async def create_checkout(request: web.Request, state: SandboxState) -> Answer:
+    checkout = model.build_checkout(await _body(request))
+    if checkout["id"] in state.ledger.checkouts:
+        raise model.conflict("already_exists", f"Checkout '{checkout['id']}' already exists.", "id")
+    state.ledger.add_checkout(checkout)
+    return 201, checkout
+
+
+async def get_checkout(request: web.Request, state: SandboxState) -> Answer:
+    checkout = state.ledger.checkouts.get(request.match_info["id"])
+    if checkout is None:
+        raise model.not_found(f"Checkout '{request.match_info['id']}' not found.", "id")
+    return 200, checkout
+
+
+async def create_order(request: web.Request, state: SandboxState) -> Answer:
+    body = await _body(request)
+    if not isinstance(body, dict):
+        raise model.bad_request("invalid_request", None, "The request body must be a JSON object.")
+    # Digital River ignores the other fields of POST /orders (upstreamId belongs on the checkout).
+    checkout_id = body.get("checkoutId")
+    if checkout_id is None:
+        raise model.bad_request("missing_parameter", "checkoutId", "'checkoutId' is required.")
+    if not isinstance(checkout_id, str) or not checkout_id:
+        raise model.bad_request("invalid_parameter", "checkoutId", "'checkoutId' must be a non-empty string.")
+    ledger = state.ledger
+    checkout = ledger.checkouts.get(checkout_id)
+    if checkout is None or checkout_id in ledger.orders_by_checkout:
+        # Digital River answers the same for a checkout that never existed and one already turned into an order.
+        raise model.not_found(f"Checkout '{checkout_id}' not found.", "checkoutId")
+    if checkout_id in ledger.declines:
+        code = ledger.declines[checkout_id]
+        raise model.conflict(code, f"The payment for checkout '{checkout_id}' was declined ({code}).")
+    if checkout["payment"]["session"]["state"] != "requires_confirmation":
+        raise model.bad_request("order_submit_failed", None,
+                                "The payment session is not ready (state: "
+                                f"{checkout['payment']['session']['state']}); attach a source first.")
+    kind, value = model.scripted_outcome(checkout, state.config.amount_rules)
+    if kind == "decline":
+        ledger.declines[checkout_id] = value
+        raise model.conflict(value, f"The payment for checkout '{checkout_id}' was declined ({value}).")
+    if kind == "submit_failed":
+        raise model.bad_request("order_submit_failed", None, "Order submission failed (scripted by the source).")
+    order = model.build_order(checkout, value)
+    ledger.add_order(order)
+    rate = state.config.drop_after_order_rate
+    if rate and (not state.config.fault_endpoints or "POST /orders" in state.config.fault_endpoints) \
+            and state.rng.random() < rate:
+        ledger.dropped_orders.append(order["id"])
+        raise _Drop
+    return 201, order
+
+
+_LIST_PARAMS = frozenset({"ids", "checkoutId", "upstreamIds", "state", "customerId", "subscriptionId", "limit",
+                          "startingAfter", "endingBefore"})
+
+
+async def list_orders(request: web.Request, state: SandboxState) -> Answer:
+    query = request.query
+    for name in query:
+        if name not in _LIST_PARAMS:
+            raise model.bad_request("invalid_parameter", name, f"'{name}' is not a valid parameter.")
+    limit_text = query.get("limit", "10")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+        raise model.bad_request("invalid_parameter", "limit", "'limit' must be a whole number from 1 to 100.")
+    limit = int(limit_text)
+    ledger = state.ledger
+
+    def values(name: str) -> list[str]:
+        # Both `ids=a,b` and `ids=a&ids=b` are accepted.
+        return [v for raw in query.getall(name, ()) for v in raw.split(",") if v]
+
+    candidates: list[str] | None = None
+    if "ids" in query:
+        candidates = [i for i in values("ids") if i in ledger.orders]
+    if "checkoutId" in query:
+        found = ledger.orders_by_checkout.get(query["checkoutId"], [])
+        candidates = found if candidates is None else [i for i in candidates if i in found]
+    if "upstreamIds" in query:
+        found = [i for u in values("upstreamIds") for i in ledger.orders_by_upstream.get(u, [])]
+        candidates = found if candidates is None else [i for i in candidates if i in found]
+    orders = [ledger.orders[i] for i in (candidates if candidates is not None else ledger.orders)]
+    for name, key in (("state", "state"), ("customerId", "customerId")):
+        if name in query:
+            orders = [o for o in orders if o.get(key) == query[name]]
+    if "subscriptionId" in query:
+        wanted = query["subscriptionId"]
+        orders = [o for o in orders if any((i.get("subscriptionInfo") or {}).get("subscriptionId") == wanted
+                                           for i in o["items"])]
+    orders = sorted(orders, key=lambda o: o["createdTime"], reverse=True)  # newest first, as Digital River lists
+    if "startingAfter" in query:
+        ids = [o["id"] for o in orders]
+        start = ids.index(query["startingAfter"]) + 1 if query["startingAfter"] in ids else len(ids)
+        orders = orders[start:]
+    elif "endingBefore" in query:
+        ids = [o["id"] for o in orders]
+        end = ids.index(query["endingBefore"]) if query["endingBefore"] in ids else 0
+        orders = orders[max(0, end - limit):end]
+    return 200, {"hasMore": len(orders) > limit, "data": orders[:limit]}
+
+
+async def get_order(request: web.Request, state: SandboxState) -> Answer:
+    order = state.ledger.orders.get(request.match_info["id"])
+    if order is None:
+        raise model.not_found(f"Order '{request.match_info['id']}' not found.", "id")
+    return 200, order
+
+
+async def create_fulfillment(request: web.Request, state: SandboxState) -> Answer:
+    fulfillment = model.apply_fulfillment(await _body(request), state.ledger)
+    state.ledger.add_fulfillment(fulfillment)
+    return 201, fulfillment
+
+
+_KNOWN_PATHS = ("/checkouts", "/orders", "/fulfillments")
+
+
+async def fallback(request: web.Request) -> web.StreamResponse:
+    """404 (or 405 for a known resource) in Digital River's envelope, recorded like any request."""
+    state = request.app[STATE]
+    path = request.path
+    if any(path == p or path.startswith(p + "/") for p in _KNOWN_PATHS):
+        exc = ApiError(405, "method_not_allowed", "method_not_allowed",
+                       f"{request.method} is not allowed on {path}.")
+    else:
+        exc = model.not_found(f"No such resource: {path}.")
+    state.ledger.record_request(request.method, path, exc.status)
+    return _json(exc.body(), exc.status)
+
+
+# -- control endpoints (no auth, not recorded) ----------------------------------------------------------------
+
+
+async def get_config(request: web.Request) -> web.StreamResponse:
+    return _json(request.app[STATE].config.as_json(), 200)
+
+
+async def post_config(request: web.Request) -> web.StreamResponse:
+    try:
+        changes = json.loads(await request.read() or b"{}")
+        if not isinstance(changes, dict):
+            raise ConfigError("the body must be a JSON object of setting: value")
+        config = request.app[STATE].reconfigure(changes)
+    except (ValueError, ConfigError) as exc:
+        return _json({"error": str(exc)}, 400)
+    return _json(config.as_json(), 200)
+
+
+async def get_ledger(request: web.Request) -> web.StreamResponse:
+    include = request.query.get("requests", "1") not in ("0", "false", "no")
+    return _json(request.app[STATE].ledger.snapshot(include_requests=include), 200)
+
+
+async def post_reset(request: web.Request) -> web.StreamResponse:
+    request.app[STATE].reset()
+    return _json({"reset": True}, 200)
+
+
+async def post_order_state(request: web.Request) -> web.StreamResponse:
+    """Move an order to another state (e.g. pending_payment → accepted, or cancelled), as Digital River's
+    asynchronous payment and fraud checks would."""
+    order = request.app[STATE].ledger.orders.get(request.match_info["id"])
+    if order is None:
+        return _json({"error": "no such order"}, 404)
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError:
+        body = None
+    state = body.get("state") if isinstance(body, dict) else None
+    if not isinstance(state, str) or not state:
+        return _json({"error": 'expected {"state": "<order state>"}'}, 400)
+    model.set_order_state(order, state)
+    return _json(order, 200)
+
+
+def make_app(config: SandboxConfig | None = None) -> web.Application:
+    """The sandbox as an aiohttp application (state in `app[STATE]`)."""
+    app = web.Application()
+    app[STATE] = SandboxState(config or SandboxConfig())
+    r = app.router
+    r.add_post("/checkouts", api("POST /checkouts", create_checkout))
+    r.add_get("/checkouts/{id}", api("GET /checkouts/{id}", get_checkout), allow_head=False)
+    r.add_post("/orders", api("POST /orders", create_order))
+    r.add_get("/orders", api("GET /orders", list_orders), allow_head=False)
+    r.add_get("/orders/{id}", api("GET /orders/{id}", get_order), allow_head=False)
+    r.add_post("/fulfillments", api("POST /fulfillments", create_fulfillment))
+    r.add_get("/_sandbox/config", get_config, allow_head=False)
+    r.add_post("/_sandbox/config", post_config)
+    r.add_get("/_sandbox/ledger", get_ledger, allow_head=False)
+    r.add_post("/_sandbox/reset", post_reset)
+    r.add_post("/_sandbox/orders/{id}/state", post_order_state)
+    r.add_route("*", "/{tail:.*}", fallback)
+    return app
+
+
+class Sandbox:
+    """Runs the sandbox on `host:port` (port 0: an ephemeral one) inside the current event loop."""
+
+    def __init__(self, config: SandboxConfig | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.app = make_app(config)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def state(self) -> SandboxState:
+        return self.app[STATE]
+
+    @property
+    def config(self) -> SandboxConfig:
+        """The live configuration (read-only view; change it with `configure`)."""
+        return self.state.config
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.state.ledger
+
+    @property
+    def url(self) -> str:
+        """Base URL to give the client (DR_API_URL)."""
+        if self._runner is None:
+            raise RuntimeError("the sandbox is not started")
+        return f"http://{self.host}:{self.port}"
+
+    def configure(self, **changes: Any) -> SandboxConfig:
+        """Change settings live, as `POST /_sandbox/config` does."""
+        return self.state.reconfigure(changes)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    async def start(self) -> Sandbox:
+        # handler_cancellation: a client that gave up (timeout) cancels the hanging handler instead of
+        # leaving it to hold shutdown; access_log off: it would cost more than the sandbox's own work.
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port, backlog=4096, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if self.port == 0:
+            self.port = runner.addresses[0][1]
+        return self
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Sandbox:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def serve(host: str, port: int, config: SandboxConfig | None = None, *,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until cancelled or until `stop` is set."""
+    async with Sandbox(config, host=host, port=port) as sandbox:
+        accepts = "the configured key" if sandbox.config.api_key else f"any {sandbox.config.key_prefix}… key"
+        structlog.get_logger("sandbox").info("sandbox_listening", url=sandbox.url, accepts=accepts)
+        await (stop or asyncio.Event()).wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m sandbox [flags]`: serve until SIGINT/SIGTERM. Exit 2 on a bad flag value."""
+    try:
+        host, port, config = config_from_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"sandbox: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(host, port, config, stop=stop)
+
+    asyncio.run(run())
+    return 0
