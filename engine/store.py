@@ -1,6 +1,6 @@
 """The PostgreSQL store: one asyncpg pool, the named queries, migrations, and the claim primitive.
 
-Every statement lives in `engine/queries.sql` under a name; code runs them with `store.fetch("name", …)` and
+Every statement lives in `engine/sql/*.sql` (one file per area) under a name; code runs them with `store.fetch("name", …)` and
 friends. Claiming is the same for every job (`Leases`):
 
 - `claim(query, limit, *args)` runs a named claim statement, which selects due rows `FOR UPDATE SKIP LOCKED`,
@@ -30,15 +30,21 @@ from engine.logs import get_logger
 
 log = get_logger(component="store")
 
-QUERIES_PATH = Path(__file__).with_name("queries.sql")
+SQL_DIR = Path(__file__).with_name("sql")
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
-# Tables whose rows are claimed with a lease; the only values `{table}` in queries.sql can take.
+# Tables whose rows are claimed with a lease; the only values `{table}` in the SQL files can take.
 LEASED_TABLES = frozenset({"subscription_process_data", "fulfillments", "line_item_fulfillments"})
 
 
-def load_queries(path: Path = QUERIES_PATH) -> dict[str, str]:
-    """Parse `-- name: x` blocks into {name: sql}; comment lines inside a block are dropped."""
+def load_queries(paths: list[Path] | None = None) -> dict[str, str]:
+    """Parse the `-- name: x` blocks of every SQL file into {name: sql}; comment lines are dropped."""
     queries: dict[str, str] = {}
+    for path in paths if paths is not None else sorted(SQL_DIR.glob("*.sql")):
+        _load_file(path, queries)
+    return queries
+
+
+def _load_file(path: Path, queries: dict[str, str]) -> None:
     name: str | None = None
     lines: list[str] = []
     for line in path.read_text().splitlines():
@@ -48,12 +54,11 @@ def load_queries(path: Path = QUERIES_PATH) -> dict[str, str]:
                 queries[name] = "\n".join(lines).strip().rstrip(";")
             name, lines = match.group(1), []
             if name in queries:
-                raise ValueError(f"query {name!r} is defined twice in {path}")
+                raise ValueError(f"query {name!r} is defined twice (again in {path.name})")
         elif name and not line.lstrip().startswith("--"):
             lines.append(line)
     if name:
         queries[name] = "\n".join(lines).strip().rstrip(";")
-    return queries
 
 
 QUERIES = load_queries()

@@ -36,7 +36,7 @@ def test_queries_file_rejects_duplicate_names(tmp_path) -> None:  # type: ignore
     path = tmp_path / "q.sql"
     path.write_text("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;\n")
     with pytest.raises(ValueError, match="defined twice"):
-        load_queries(path)
+        load_queries([path])
 
 
 def test_table_placeholder_only_takes_leased_tables() -> None:

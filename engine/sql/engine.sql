@@ -1,0 +1,112 @@
+-- The engine's own statements: migrations, leases, job runs, nodes, the application log, status.
+-- Loaded once by engine/store.py with every other file of engine/sql/; each statement sits under `-- name:`
+-- with a one-line purpose. Parameters are $n only. `{table}` appears only in the lease statements and is
+-- filled from the fixed list of leased tables in store.py, never from input.
+
+-- name: migrate_lock
+-- Serialise concurrent `migrate` runs (several engines starting at once) for this transaction.
+SELECT pg_advisory_xact_lock(7261001);
+
+-- name: extend_leases
+-- Heartbeat: push out the lease of rows this node still works on; returns the ids it still holds.
+UPDATE {table}
+   SET locked_until = now() + make_interval(secs => $3)
+ WHERE id = ANY($2::bigint[]) AND locked_by = $1
+RETURNING id;
+
+-- name: release_leases
+-- Give rows back unfinished (shutdown, or a record this node will not process now).
+UPDATE {table}
+   SET locked_by = NULL, locked_until = NULL
+ WHERE id = ANY($2::bigint[]) AND locked_by = $1;
+
+-- name: expired_lease_count
+-- Rows claimed by someone whose lease ran out (its process died or stalled): claimable again.
+SELECT count(*) FROM {table} WHERE locked_by IS NOT NULL AND locked_until < now();
+
+-- name: insert_job_run
+-- Take one tick of a job: exactly one process gets the row for (job, fire_time); the others get nothing.
+INSERT INTO job_runs (job, fire_time, trigger, node)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (job, fire_time) DO NOTHING
+RETURNING id;
+
+-- name: finish_job_run
+-- Record how a run ended.
+UPDATE job_runs
+   SET finished_at = now(), status = $2, claimed = $3, succeeded = $4, failed = $5, error = $6
+ WHERE id = $1;
+
+-- name: last_scheduled_fire_time
+-- The latest scheduled tick of a job that any process took: the scheduler's starting point after downtime.
+SELECT max(fire_time) FROM job_runs WHERE job = $1 AND trigger = 'schedule';
+
+-- name: node_heartbeat
+-- Announce this process (or refresh its heartbeat) in engine_nodes.
+INSERT INTO engine_nodes (name, started_at, heartbeat_at, pid, host, version)
+VALUES ($1, now(), now(), $2, $3, $4)
+ON CONFLICT (name) DO UPDATE
+   SET heartbeat_at = now(), stopped_at = NULL, pid = EXCLUDED.pid, host = EXCLUDED.host,
+       version = EXCLUDED.version,
+       started_at = CASE WHEN engine_nodes.stopped_at IS NOT NULL OR engine_nodes.pid IS DISTINCT FROM EXCLUDED.pid
+                         THEN now() ELSE engine_nodes.started_at END;
+
+-- name: node_stopped
+-- Mark this process as stopped after a clean shutdown.
+UPDATE engine_nodes SET stopped_at = now() WHERE name = $1;
+
+-- name: live_node_count
+-- Processes whose heartbeat is younger than $1 seconds: the rate budget is split among them.
+SELECT count(*) FROM engine_nodes WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1);
+
+-- name: fail_runs_of_lost_nodes
+-- Runs left `running` by a process that stopped heartbeating (killed) or by this node's previous life.
+UPDATE job_runs r
+   SET status = 'failed', finished_at = now(), error = 'the engine process running it stopped (' || r.node || ')'
+  FROM engine_nodes n
+ WHERE r.status = 'running' AND r.node = n.name
+   AND (n.stopped_at IS NOT NULL OR n.heartbeat_at < now() - make_interval(secs => $1)
+        OR (n.name = $2 AND r.started_at < $3))
+RETURNING r.id, r.job, r.node;
+
+-- name: insert_application_logs
+-- The log writer's batch insert into application_logs.
+INSERT INTO application_logs (logging_level, module_name, message, exception_type, exception_message,
+                              stack_trace, record_id, response_status_code, request, response, node)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                     $8::int[], $9::jsonb[], $10::jsonb[], $11::text[]);
+
+-- name: delete_old_application_logs
+-- log-cleanup: one small batch of rows older than the cutoff; short transactions, no long locks.
+DELETE FROM application_logs
+ WHERE id IN (SELECT id FROM application_logs WHERE created_at < $1 ORDER BY created_at, id LIMIT $2
+              FOR UPDATE SKIP LOCKED);
+
+-- name: count_old_application_logs
+-- log-cleanup: rows older than the cutoff (what a run has to do).
+SELECT count(*) FROM application_logs WHERE created_at < $1;
+
+-- name: status_last_runs
+-- status: the latest run of each job.
+SELECT DISTINCT ON (job) job, fire_time, trigger, node, started_at, finished_at, status, claimed, succeeded, failed,
+       error
+  FROM job_runs ORDER BY job, started_at DESC, id DESC;
+
+-- name: status_nodes
+-- status: engine processes seen in the last day, newest first; `live` when heartbeating within $1 seconds.
+SELECT name, started_at, heartbeat_at, stopped_at, pid, host, version,
+       (stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)) AS live
+  FROM engine_nodes WHERE heartbeat_at > now() - interval '1 day' ORDER BY heartbeat_at DESC;
+
+-- name: status_counts
+-- status: records by status, for every table a job works on.
+SELECT 'subscriptions' AS kind, status, count(*) FROM subscriptions GROUP BY status
+UNION ALL
+SELECT 'subscription_process_data', subscription_job_run_status, count(*) FROM subscription_process_data GROUP BY 2
+UNION ALL
+SELECT 'fulfillments', efn_status, count(*) FROM fulfillments GROUP BY 2
+UNION ALL
+SELECT 'line_item_fulfillments', efn_status, count(*) FROM line_item_fulfillments GROUP BY 2
+UNION ALL
+SELECT 'application_logs', logging_level, count(*) FROM application_logs GROUP BY 2
+ORDER BY 1, 2;
