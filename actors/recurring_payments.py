@@ -205,6 +205,7 @@ class RecurringPayments(Job):
                     # The next installment of a subscription in flight becomes claimable when it finishes.
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                failpoint("after_claim")
                 taken += len(rows)
                 run.claimed += len(rows)
                 for rec in await self.store.fetch("payment_record_details", [r["id"] for r in rows]):
