@@ -7,6 +7,7 @@ started or written. Then sets up logging and hands over to the engine.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ async def _main(command: Command, settings: Settings) -> int:
             data = await status.collect(settings, store, set(JOB_CLASSES))
             print(status.render_json(data) if command.json else status.render_text(data))
             return 0
+    if command.name == "demo":
+        from sandbox.demo import demo
+
+        return await demo(command.options, build_jobs)
     if command.name == "run" and command.job not in JOB_CLASSES:
         print(f"run.py: job {command.job} is not built in this version yet", file=sys.stderr)
         return 2
@@ -88,19 +93,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"run.py: {exc}", file=sys.stderr)
         return 2
-    if command.name in ("demo", "sandbox"):
-        print(f"run.py: {command.name} is not built yet: it comes with the Digital River sandbox and the "
-              "installment pipeline", file=sys.stderr)
-        return 2
     try:
-        settings = load(command=command.name)
+        # demo and sandbox bring their own database and Digital River: read the rest as `migrate` does.
+        settings = load(command="migrate" if command.name in ("demo", "sandbox") else command.name)
     except SettingsError as exc:
         print(f"run.py: {exc}", file=sys.stderr)
         return 2
 
     from engine.logs import configure
 
-    configure(settings.log_level, settings.log_format, settings.app_log_level, settings.secrets)
+    # The demo shows progress and a summary; its engine logs only warnings unless LOG_LEVEL asks for more.
+    log_level = "warning" if command.name == "demo" and not os.environ.get("LOG_LEVEL") else settings.log_level
+    configure(log_level, settings.log_format, settings.app_log_level, settings.secrets)
+    if command.name == "sandbox":
+        from sandbox.server import main as sandbox_main
+
+        return sandbox_main(command.options)
+    if command.name == "demo":
+        from sandbox.demo import DemoUsageError, parse_options
+
+        try:
+            parse_options(command.options)
+        except DemoUsageError as exc:
+            print(f"run.py: {exc}", file=sys.stderr)
+            return 2
     try:
         return asyncio.run(_main(command, settings))
     except KeyboardInterrupt:

@@ -69,11 +69,11 @@ OUTCOME_LEVEL = {
 
 
 class BadData(ValueError):
-    """The record cannot be sent to Digital River; the message names the field."""
+    """The record cannot be sent to Digital River; `field` (also its error code) names what is wrong."""
 
-    def __init__(self, message: str, code: str = "invalid_data") -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.code = code
+        self.field = message.split(" ", 1)[0].rstrip(":")
 
 
 @dataclass
@@ -259,7 +259,7 @@ class RecurringPayments(Job):
                 validate(rec)
                 body = checkout_body(rec)
             except BadData as exc:
-                return await self._failed(rec, exc.code, str(exc), hard=True)
+                return await self._failed(rec, f"invalid:{exc.field}", str(exc), hard=True)
             limit = self._decline_limit(rec)
             if limit is not None:
                 until, why = limit
@@ -354,7 +354,7 @@ class RecurringPayments(Job):
         failpoint("after_order_saved")
         return Outcome("installment_adopted" if adopted else "installment_charged", {
             "dr_order_id": order.id, "order_id": order_id, "order_state": order.state,
-            "amount": str(order.total_amount), "tax": str(order.total_tax), "currency": order.currency})
+            "amount": f"{order.total_amount:.2f}", "tax": f"{order.total_tax:.2f}", "currency": order.currency})
 
     async def _failed(self, rec: asyncpg.Record, code: str, message: str, *, hard: bool, decline: bool = False,
                       error: DigitalRiverError | None = None) -> Outcome:

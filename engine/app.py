@@ -97,8 +97,9 @@ class Engine:
         log.info("engine_stopped", clean=supervisor.failed is None, reason=supervisor.failed)
         return 0 if supervisor.failed is None else 1
 
-    async def _with_actors(self, work: Callable[[], Any]) -> int:
-        """Run the actors (no scheduler) while `work` drives jobs; stop them after."""
+    async def drive(self, work: Callable[[], Any]) -> int:
+        """Run the actors (no scheduler) while `work` drives the jobs; stop them after. `work`'s result, or 1 if
+        an actor gave up."""
         supervisor = self._supervisor(with_scheduler=False)
         self.services.autonomous = False
         self.stop.clear()
@@ -125,7 +126,7 @@ class Engine:
         async def work() -> int:
             run = await self._run(self.jobs[name], "manual")
             return 0 if run is not None and run.status == "succeeded" else 1
-        return await self._with_actors(work)
+        return await self.drive(work)
 
     async def drain(self, pause_seconds: float = 1.0) -> int:
         """Run the jobs again and again until nothing is due anywhere."""
@@ -151,7 +152,7 @@ class Engine:
                     except TimeoutError:
                         pass
             return 1 if crashed else 0
-        return await self._with_actors(work)
+        return await self.drive(work)
 
     async def _run(self, job: Job, trigger: str) -> Run | None:
         # Fire time is now; on the rare clash with another process's run of the same microsecond, try again.

@@ -107,6 +107,11 @@ __all__ = [
     "TokenBucket",
     "TransientError",
     "decline_is_soft",
+    "parse_checkout",
+    "parse_fulfillment",
+    "parse_order",
+    "parse_order_list",
+    "parse_retry_after",
 ]
 
 T = TypeVar("T")

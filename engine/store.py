@@ -1,7 +1,7 @@
 """The PostgreSQL store: one asyncpg pool, the named queries, migrations, and the claim primitive.
 
-Every statement lives in `engine/sql/*.sql` (one file per area) under a name; code runs them with `store.fetch("name", …)` and
-friends. Claiming is the same for every job (`Leases`):
+Every statement lives in `engine/sql/*.sql` (one file per area) under a name; code runs them with
+`store.fetch("name", …)` and friends. Claiming is the same for every job (`Leases`):
 
 - `claim(query, limit, *args)` runs a named claim statement, which selects due rows `FOR UPDATE SKIP LOCKED`,
   stamps `locked_by`/`locked_until` and returns them. It runs on its own (autocommit), so the claim is

@@ -1,0 +1,243 @@
+"""`python run.py demo`: a newcomer's first run, with nothing to set up.
+
+Starts the embedded PostgreSQL (a `drjobs_demo` database beside the engine's own, emptied first) and the local
+Digital River sandbox in this process, seeds a realistic book (accounts in several time zones, products,
+acquisition orders, subscriptions across frequencies, some due, some behind, a few with bad data or declining
+cards), runs every job to completion with progress (bars on a terminal, log lines on a pipe), writes the
+fulfillment requests an ERP would write for the new orders and runs the fulfillment jobs, then prints a summary.
+
+Options: `--subscriptions N` (default 2000), `--latency-ms MS` (sandbox latency, default 0), `--keep` (leave the
+demo database in place afterwards; by default it is dropped at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+import asyncpg
+
+from engine.app import Engine, JobFactory
+from engine.database import open_database
+from engine.jobs import Job
+from engine.logs import get_logger
+from engine.settings import JOBS, Settings, load
+from engine.store import Store, sql
+from sandbox.config import SandboxConfig
+from sandbox.server import Sandbox
+
+log = get_logger(component="demo")
+DEMO_DATABASE = "drjobs_demo"
+DEMO_KEY = "sk_test_demo_local_sandbox"
+USAGE = "usage: python run.py demo [--subscriptions N] [--latency-ms MS] [--keep]"
+
+
+class DemoUsageError(ValueError):
+    pass
+
+
+@dataclass
+class DemoOptions:
+    subscriptions: int = 2000
+    latency_ms: float = 0.0
+    keep: bool = False
+
+
+def parse_options(argv: Sequence[str]) -> DemoOptions:
+    """The demo's flags; DemoUsageError names the bad one."""
+    options = DemoOptions()
+    args = list(argv)
+    while args:
+        flag = args.pop(0)
+        if flag == "--keep":
+            options.keep = True
+        elif flag in ("--subscriptions", "--latency-ms"):
+            if not args:
+                raise DemoUsageError(f"{flag} needs a value; {USAGE}")
+            value = args.pop(0)
+            try:
+                if flag == "--subscriptions":
+                    options.subscriptions = int(value)
+                    if not 1 <= options.subscriptions <= 200_000:
+                        raise ValueError
+                else:
+                    options.latency_ms = float(value)
+                    if not 0 <= options.latency_ms <= 10_000:
+                        raise ValueError
+            except ValueError:
+                allowed = "1 to 200000" if flag == "--subscriptions" else "0 to 10000"
+                raise DemoUsageError(f"{flag} {value!r}: expected a number from {allowed}") from None
+        else:
+            raise DemoUsageError(f"unknown option {flag!r}; {USAGE}")
+    return options
+
+
+def demo_settings(sandbox_url: str, env: dict[str, str] | None = None) -> Settings:
+    """The operator's settings, with the store, Digital River and the rate budget pointed at the demo's own."""
+    base = dict(os.environ if env is None else env)
+    for name in ("DATABASE_URL", "DR_API_KEY", "DR_API_URL", "DR_MAX_REQUESTS_PER_SECOND", "DR_API_VERSION"):
+        base.pop(name, None)
+    base.update({"DR_API_KEY": DEMO_KEY, "DR_API_URL": sandbox_url, "DR_MAX_REQUESTS_PER_SECOND": "2000"})
+    return load(base, command="drain")
+
+
+class Progress:
+    """Per-job progress: redrawn bars on a terminal, a log line every few seconds on a pipe."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.rows: dict[str, tuple[int, int]] = {}
+        self._last_line = 0.0
+        self._drawn = 0
+
+    def update(self, job: str, done: int, total: int) -> None:
+        self.rows[job] = (done, total)
+        if self.tty:
+            self._draw()
+        elif time.monotonic() - self._last_line > 2 or done >= total:
+            self._last_line = time.monotonic()
+            self.out.write(f"  {job:<26} {done}/{total}\n")
+            self.out.flush()
+
+    def _draw(self) -> None:
+        if self._drawn:
+            self.out.write(f"\x1b[{self._drawn}F")
+        for job, (done, total) in self.rows.items():
+            share = done / total if total else 1.0
+            bar = "█" * int(share * 30) + "·" * (30 - int(share * 30))
+            self.out.write(f"\x1b[2K  {job:<26} {bar} {done:>6}/{total:<6}\n")
+        self._drawn = len(self.rows)
+        self.out.flush()
+
+
+async def _drop_database(admin_dsn: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _fresh_database(admin_dsn: str) -> None:
+    """An empty demo database (a kept one from an earlier `--keep` run is replaced)."""
+    await _drop_database(admin_dsn)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{DEMO_DATABASE}"')
+    finally:
+        await conn.close()
+
+
+async def seed(store: Store, subscriptions: int) -> None:
+    """The demo's book of accounts, payments, acquisition orders and subscriptions."""
+    async with store.pool.acquire() as conn, conn.transaction():
+        await conn.execute(sql("demo_products"))
+        for name in ("demo_accounts", "demo_stored_payments", "demo_acquisition_orders", "demo_acquisition_items",
+                     "demo_subscriptions"):
+            await conn.execute(sql(name), subscriptions)
+
+
+async def run_to_completion(job: Job, progress: Progress) -> None:
+    """Run `job` until nothing is due for it (records waiting for a later attempt are not due)."""
+    total = await job.due_count()
+    while True:
+        due = await job.due_count()
+        if not due or job.stop_requested:
+            break
+        progress.update(job.job_name, max(0, total - due), total)
+        run = await job.run_now("drain")
+        if run is None or run.claimed == 0:
+            break
+        if run.status != "succeeded":
+            raise RuntimeError(f"{job.job_name} run failed: {run.error}")
+    progress.update(job.job_name, total, total)
+
+
+async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.stdout,
+               clock: Callable[[], float] = time.monotonic) -> int:
+    """The whole demo; 0 when every job ran to completion."""
+    options = parse_options(argv)
+    started = clock()
+    async with Sandbox(SandboxConfig(latency_ms=options.latency_ms, seed=1)) as sandbox:
+        settings = demo_settings(sandbox.url)
+        database = await open_database(None, settings.data_dir)
+        try:
+            admin = database.server.get_uri("postgres")
+            await _fresh_database(admin)
+            store = await Store.connect(database.server.get_uri(DEMO_DATABASE), settings.node_name,
+                                        max_size=settings.database_pool_size)
+            try:
+                await store.migrate()
+                out.write(f"drjobs demo: {options.subscriptions} subscriptions, Digital River sandbox at "
+                          f"{sandbox.url}, latency {options.latency_ms:g} ms\n")
+                await seed(store, options.subscriptions)
+                engine = Engine(settings, store, build_jobs)
+                progress = Progress(out)
+                timings: dict[str, float] = {}
+
+                async def work() -> int:
+                    for name in JOBS:
+                        job = engine.jobs.get(name)
+                        if job is None:
+                            continue
+                        if name == "order-fulfillment":
+                            await store.execute("demo_fulfillment_requests")
+                            await store.execute("demo_line_fulfillment_requests")
+                        t0 = clock()
+                        await run_to_completion(job, progress)
+                        timings[name] = clock() - t0
+                    return 0
+
+                code = await engine.drive(work)
+                summary = await summarize(store, sandbox, timings, clock() - started)
+                out.write("\n" + summary + "\n")
+            finally:
+                await store.close()
+            if not options.keep:
+                await _drop_database(admin)
+            else:
+                out.write(f"demo data kept in database {DEMO_DATABASE} of the embedded server under "
+                          f"{settings.data_dir}/pg\n")
+        finally:
+            await database.close()
+    return code
+
+
+async def summarize(store: Store, sandbox: Sandbox, timings: dict[str, float], elapsed: float) -> str:
+    """The summary table: installments made, charged, declined, failed and why, fulfillments, rates."""
+    lines = ["SUMMARY", ""]
+    by_status = {r["status"]: r for r in await store.fetch("demo_summary_records")}
+    made = sum(r["records"] for r in by_status.values())
+    charged = by_status.get("Successful")
+    waiting = by_status.get("Open")
+    failed = by_status.get("Failed")
+    lines.append(f"  installments made            {made}")
+    lines.append(f"  charged                      {charged['records'] if charged else 0}"
+                 f"   (USD {charged['amount'] if charged else 0} with tax)")
+    lines.append(f"  declined, retry in a day     {waiting['retried'] if waiting else 0}")
+    lines.append(f"  waiting for a later attempt  {(waiting['records'] - waiting['retried']) if waiting else 0}")
+    lines.append(f"  failed                       {failed['records'] if failed else 0}")
+    failures = await store.fetch("demo_summary_failures")
+    if failures:
+        lines += ["", "  WHY RECORDS FAILED OR WAIT"]
+        for row in failures:
+            example = (row["example"] or "")[:80]
+            lines.append(f"  {row['records']:>6}  {row['status']:<7} {row['code']:<36} {example}")
+    fulfillments = await store.fetch("demo_summary_fulfillments")
+    if fulfillments:
+        lines += ["", "  FULFILLMENTS"]
+        for row in fulfillments:
+            lines.append(f"  {row['kind']:<22} {row['status']:<10} {row['count']}")
+    requests = sandbox.ledger.count_requests()
+    busy = sum(timings.values()) or 1e-9
+    lines += ["", f"  Digital River requests       {requests} ({requests / busy:.0f}/s while jobs ran)"]
+    for job, seconds in timings.items():
+        lines.append(f"  {job:<28} {seconds:.1f} s")
+    lines.append(f"  elapsed                      {elapsed:.1f} s")
+    return "\n".join(lines)
+
