@@ -14,6 +14,12 @@ BEGIN
 END
 $$;
 
+-- Which versions of this file (sha256) were applied: `migrate` skips a version already here.
+CREATE TABLE IF NOT EXISTS schema_versions (
+    version     text PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE IF NOT EXISTS accounts (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at      timestamptz NOT NULL DEFAULT now(),

@@ -19,6 +19,7 @@ further parameters after those.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -113,13 +114,25 @@ class Store:
     async def execute(self, name: str, *args: Any, table: str | None = None) -> str:
         return await self.pool.execute(sql(name, table), *args)  # type: ignore[no-any-return]
 
-    async def migrate(self) -> None:
-        """Apply schema.sql; safe to run again and concurrently from several processes."""
+    async def migrate(self) -> bool:
+        """Apply schema.sql unless this exact version is applied already; True if it was applied now.
+
+        Safe to run again and concurrently from several processes: an advisory lock serialises migrations,
+        and a schema already recorded in `schema_versions` is not applied again, so engines starting beside
+        running ones take no table locks (re-creating triggers under load would deadlock with them).
+        """
         schema = SCHEMA_PATH.read_text()
+        digest = hashlib.sha256(schema.encode()).hexdigest()
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(sql("migrate_lock"))
+            if (await conn.fetchval(sql("schema_versions_exists"))
+                    and await conn.fetchval(sql("schema_version_applied"), digest)):
+                return False
             await conn.execute("SET LOCAL client_min_messages = warning")
             await conn.execute(schema)
+            await conn.execute(sql("record_schema_version"), digest)
+        log.info("schema_applied", version=digest[:12])
+        return True
 
 
 class LeaseLost(Exception):

@@ -7,6 +7,18 @@
 -- Serialise concurrent `migrate` runs (several engines starting at once) for this transaction.
 SELECT pg_advisory_xact_lock(7261001);
 
+-- name: schema_versions_exists
+-- Whether any migration ever ran here (the table that records them exists).
+SELECT to_regclass('schema_versions') IS NOT NULL;
+
+-- name: schema_version_applied
+-- Whether schema.sql with this sha256 was applied already.
+SELECT EXISTS (SELECT 1 FROM schema_versions WHERE version = $1);
+
+-- name: record_schema_version
+-- Remember that schema.sql with this sha256 is applied.
+INSERT INTO schema_versions (version) VALUES ($1) ON CONFLICT (version) DO NOTHING;
+
 -- name: extend_leases
 -- Heartbeat: push out the lease of rows this node still works on; returns the ids it still holds.
 UPDATE {table}

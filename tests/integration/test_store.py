@@ -24,6 +24,20 @@ async def test_migrate_runs_again_and_concurrently(store: Store) -> None:
             "application_logs", "job_runs", "engine_nodes"} <= tables
 
 
+async def test_migrate_skips_an_applied_schema_without_waiting_on_busy_tables(store: Store) -> None:
+    sub = await subscription(store)
+    async with store.pool.acquire() as conn, conn.transaction():
+        # A running engine's open write holds a lock that re-creating triggers would queue behind.
+        await conn.execute("UPDATE subscriptions SET quantity = 2 WHERE id = $1", sub)
+        assert await asyncio.wait_for(store.migrate(), 5) is False
+
+
+async def test_migrate_applies_a_changed_schema_once(store: Store) -> None:
+    await store.pool.execute("DELETE FROM schema_versions")
+    assert await store.migrate() is True
+    assert await store.migrate() is False
+
+
 async def test_every_named_query_is_valid_sql(store: Store) -> None:
     async with store.pool.acquire() as conn:
         for name in QUERIES:

@@ -1,0 +1,203 @@
+"""Benchmark: N due subscriptions through subscription-installments and recurring-payments.
+
+The sandbox runs in its own process (`run.py sandbox`) and the engine in another (`run.py drain`), so the
+engine's CPU and memory are measured alone (`wait4` rusage of the engine process). Each scenario gets a fresh
+database, seeded with N subscriptions due today.
+
+    .venv/bin/python bench/pipeline.py                       # the three scenarios of issue 4, N=10000
+    .venv/bin/python bench/pipeline.py --n 2000 --scenario 0ms
+    BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/pipeline.py
+
+Without BENCH_DATABASE_URL the embedded PostgreSQL under .data/bench is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.database import open_database  # noqa: E402
+from engine.store import Store  # noqa: E402
+
+SEED = """
+WITH acc AS (
+    INSERT INTO accounts (name, dr_customer_id, email, bill_to)
+    SELECT 'Bench ' || i, 'cus_bench_' || i, 'b' || i || '@bench.example',
+           '{"address": {"country": "US", "postalCode": "55401"}, "name": "Bench"}'::jsonb
+      FROM generate_series(1, $1) i
+    RETURNING id
+), prod AS (
+    INSERT INTO products (sku, name, dr_sku_id) VALUES ('BENCH-1', 'Bench plan', 'sku_bench') RETURNING id
+), pay AS (
+    INSERT INTO stored_payments (account_id, dr_source_id) SELECT id, 'src_bench_' || id FROM acc RETURNING id, account_id
+), ord AS (
+    INSERT INTO orders (account_id, dr_order_id, currency, ship_to)
+    SELECT id, 'ord_bench_' || id, 'USD', '{"address": {"country": "US"}}'::jsonb FROM acc RETURNING id, account_id
+)
+INSERT INTO subscriptions (account_id, product_id, stored_payment_id, parent_order_id, quantity, unit_price,
+                           currency, installment_frequency, installment_anchor_date, installment_next_run_date,
+                           installment_count_remaining, dr_billing_agreement_id)
+SELECT ord.account_id, prod.id, pay.id, ord.id, 1, 19.00, 'USD', 'Monthly', current_date - 1, current_date - 1,
+       12, 'ba_bench_' || ord.account_id
+  FROM ord JOIN pay ON pay.account_id = ord.account_id CROSS JOIN prod
+"""
+
+SCENARIOS = {
+    "0ms": {"latency_ms": 0, "rate": None, "concurrency": 64},
+    "200ms": {"latency_ms": 200, "rate": None, "concurrency": 256},
+    "250rps-300ms": {"latency_ms": 300, "rate": 250, "concurrency": 128},
+}
+
+
+@dataclass
+class Result:
+    scenario: str
+    n: int
+    seconds: float
+    payments_seconds: float
+    installments: int
+    charged: int
+    requests: int
+    throttled: int
+    cpu_seconds: float
+    peak_rss_mb: float
+
+    def line(self) -> str:
+        return (f"| {self.scenario} | {self.n} | {self.seconds:.1f} | {self.charged / self.seconds:.0f} | "
+                f"{self.requests / self.payments_seconds:.0f} | {self.throttled} | "
+                f"{self.cpu_seconds / self.charged * 1000:.2f} | {self.peak_rss_mb:.0f} |")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+async def fresh_database(server_dsn: str, name: str, n: int) -> str:
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = with_database(server_dsn, name)
+    store = await Store.connect(dsn, "bench", min_size=1, max_size=2)
+    try:
+        await store.migrate()
+        await store.pool.execute(SEED, n)
+    finally:
+        await store.close()
+    return dsn
+
+
+def run_engine(args: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Run `run.py ARGS`; (wall seconds, CPU seconds, peak RSS MB, stderr)."""
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], env=env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"engine {args} exited {proc.returncode}: {err[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, err
+
+
+async def scenario(name: str, n: int, server_dsn: str) -> Result:
+    spec = SCENARIOS[name]
+    dsn = await fresh_database(server_dsn, "drjobs_bench", n)
+    port = free_port()
+    sandbox_args = [sys.executable, str(ROOT / "run.py"), "sandbox", "--port", str(port),
+                    "--latency-ms", str(spec["latency_ms"]), "--no-amount-rules"]
+    if spec["rate"]:
+        sandbox_args += ["--rate-limit", str(spec["rate"])]
+    sandbox = subprocess.Popen(sandbox_args, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "LOG_LEVEL": "warning"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/_sandbox/config", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DR_", "DATABASE_URL"))}
+    env.update({
+        "DATABASE_URL": dsn, "DR_API_URL": url, "DR_API_KEY": "sk_test_bench",
+        "DR_MAX_REQUESTS_PER_SECOND": str(spec["rate"] or 100_000),
+        "RECURRING_PAYMENTS_CONCURRENCY": str(spec["concurrency"]), "LOG_LEVEL": "warning",
+        "CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT": str(n), "RECURRING_PAYMENT_PROCESS_QUERY_LIMIT": str(n),
+        "RECURRING_PAYMENT_BATCH_SIZE": "100", "CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE": "500",
+    })
+    try:
+        inst_wall, inst_cpu, inst_rss, _ = run_engine(["run", "subscription-installments"], env)
+        pay_wall, pay_cpu, pay_rss, _ = run_engine(["run", "recurring-payments"], env)
+        ledger = json.loads(urllib.request.urlopen(url + "/_sandbox/ledger", timeout=30).read())
+        throttled = sum(1 for r in ledger.get("requests", []) if r["status"] == 429)
+    finally:
+        sandbox.terminate()
+        sandbox.wait()
+    conn = await asyncpg.connect(dsn)
+    try:
+        installments = await conn.fetchval("SELECT count(*) FROM subscription_process_data")
+        charged = await conn.fetchval(
+            "SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Successful'")
+    finally:
+        await conn.close()
+    requests = ledger["counts"]["requests"]
+    if throttled == 0 and "requests" not in ledger:
+        throttled = -1  # unknown: the ledger did not list requests
+    return Result(name, n, inst_wall + pay_wall, pay_wall, installments, charged, requests, throttled,
+                  inst_cpu + pay_cpu, max(inst_rss, pay_rss))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
+    args = parser.parse_args()
+    server_dsn = os.environ.get("BENCH_DATABASE_URL")
+    database = None
+    if not server_dsn:
+        database = await open_database(None, str(ROOT / ".data" / "bench"))
+        server_dsn = database.server.get_uri("postgres")
+    try:
+        print("| scenario | subscriptions | seconds | installments/s | DR requests/s | 429s | CPU s per 1,000 | "
+              "peak RSS MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name in args.scenario or list(SCENARIOS):
+            result = await scenario(name, args.n, server_dsn)
+            print(result.line(), flush=True)
+            print(f"  installments job {result.seconds - result.payments_seconds:.1f} s, payments job "
+                  f"{result.payments_seconds:.1f} s, {result.installments} records", flush=True)
+            if result.charged != args.n:
+                print(f"  note: {result.charged} of {args.n} charged", flush=True)
+    finally:
+        if database is not None:
+            await database.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

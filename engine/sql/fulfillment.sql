@@ -1,0 +1,192 @@
+-- order-fulfillment and line-item-fulfillment: claiming cancelled orders and due lines, writing each outcome.
+-- Loaded once by engine/store.py with every other file of engine/sql/; each statement sits under `-- name:`
+-- with a one-line purpose. Parameters are $n only. `{table}` appears only in the lease statements and is
+-- filled from the fixed list of leased tables in store.py, never from input.
+--
+-- The lease on a `fulfillments` row is the lock on its Digital River order: order-fulfillment takes it to cancel
+-- the order, line-item-fulfillment takes it (as well as the leases of the lines) to send the order's lines. So
+-- one order never has two POST /fulfillments in flight, whichever job and process sends them. An order's state
+-- is the fulfillments row's `dr_order_state`, or the orders row's when the fulfillments row has none; likewise
+-- its Digital River id.
+
+-- name: claim_cancelled_orders
+-- order-fulfillment: lease due Open/Pending records of cancelled Digital River orders, oldest due first.
+WITH due AS (
+    SELECT f.id
+      FROM fulfillments f
+      JOIN orders o ON o.id = f.order_id
+     WHERE f.efn_status IN ('Open', 'Pending')
+       AND f.next_attempt_at <= now()
+       AND coalesce(f.dr_order_state, o.dr_order_state) = 'cancelled'
+       AND (f.locked_until IS NULL OR f.locked_until < now())
+     ORDER BY f.next_attempt_at, f.id
+     LIMIT $2
+       FOR UPDATE OF f SKIP LOCKED
+)
+UPDATE fulfillments t
+   SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
+  FROM due
+ WHERE t.id = due.id
+RETURNING t.id;
+
+-- name: count_due_cancelled_orders
+-- order-fulfillment: cancelled-order records due now (leased or not), for drain.
+SELECT count(*)
+  FROM fulfillments f
+  JOIN orders o ON o.id = f.order_id
+ WHERE f.efn_status IN ('Open', 'Pending') AND f.next_attempt_at <= now()
+   AND coalesce(f.dr_order_state, o.dr_order_state) = 'cancelled';
+
+-- name: cancel_order_details
+-- order-fulfillment: the claimed records $1 with their Digital River order id.
+SELECT f.id, f.order_id, f.retry_count, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id
+  FROM fulfillments f
+  JOIN orders o ON o.id = f.order_id
+ WHERE f.id = ANY($1::bigint[]);
+
+-- name: cancel_order_items
+-- order-fulfillment: every item of the orders of records $1, its quantity, and how much of it the order's
+-- Completed lines already fulfilled or cancelled. The item's Digital River id falls back to one a line carries.
+SELECT f.id AS fulfillment_id, oi.id AS order_item_id, oi.quantity,
+       coalesce(nullif(oi.dr_order_item_id, ''), line_id.dr_order_item_id) AS dr_item_id,
+       coalesce(done.quantity, 0)::int AS done_quantity
+  FROM fulfillments f
+  JOIN order_items oi ON oi.order_id = f.order_id
+  LEFT JOIN LATERAL (
+        SELECT sum(l.fulfill_quantity + l.cancel_quantity) AS quantity
+          FROM line_item_fulfillments l
+         WHERE l.fulfillment_id = f.id AND l.efn_status = 'Completed'
+           AND (l.order_item_id = oi.id OR (l.order_item_id IS NULL AND l.dr_order_item_id = oi.dr_order_item_id))
+  ) done ON true
+  LEFT JOIN LATERAL (
+        SELECT l.dr_order_item_id
+          FROM line_item_fulfillments l
+         WHERE l.order_item_id = oi.id AND nullif(l.dr_order_item_id, '') IS NOT NULL
+         LIMIT 1
+  ) line_id ON true
+ WHERE f.id = ANY($1::bigint[])
+ ORDER BY f.id, oi.id;
+
+-- name: finish_fulfillment
+-- order-fulfillment: a record's outcome, lease cleared. Returns nothing when this node no longer holds the lease.
+-- $1 record, $2 node, $3 status, $4 added to retry_count, $5 message, $6 ful_ id (NULL keeps it),
+-- $7 next attempt (NULL keeps it)
+UPDATE fulfillments
+   SET efn_status = $3, retry_count = retry_count + $4, message = $5,
+       dr_fulfillment_id = coalesce($6, dr_fulfillment_id), next_attempt_at = coalesce($7, next_attempt_at),
+       locked_by = NULL, locked_until = NULL
+ WHERE id = $1 AND locked_by = $2 AND efn_status IN ('Open', 'Pending')
+RETURNING id;
+
+-- name: orders_awaiting_acceptance
+-- line-item-fulfillment: up to $1 orders with due lines whose state is pending_payment, in_review or unknown,
+-- least recently touched first: their state is asked of Digital River once per run.
+SELECT f.id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id,
+       coalesce(f.dr_order_state, o.dr_order_state) AS dr_order_state
+  FROM fulfillments f
+  JOIN orders o ON o.id = f.order_id
+ WHERE NOT f.ofi_received
+   AND coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NOT NULL
+   AND (coalesce(f.dr_order_state, o.dr_order_state) IS NULL
+        OR coalesce(f.dr_order_state, o.dr_order_state) IN ('pending_payment', 'in_review'))
+   AND EXISTS (SELECT 1 FROM line_item_fulfillments l
+                WHERE l.fulfillment_id = f.id AND l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now())
+ ORDER BY f.updated_at, f.id
+ LIMIT $1;
+
+-- name: save_order_state
+-- line-item-fulfillment: the order state Digital River just answered.
+UPDATE fulfillments SET dr_order_state = $2 WHERE id = $1;
+
+-- name: claim_line_item_orders
+-- line-item-fulfillment: lease up to $2 orders that have due, unleased lines and that Digital River accepted
+-- (or that have no Digital River id, so their lines can be failed), oldest due line first. The order's lease
+-- is re-checked on the locked row, so two claimers never both get one order.
+WITH due AS (
+    SELECT l.fulfillment_id, min(l.next_attempt_at) AS first_due
+      FROM line_item_fulfillments l
+     WHERE l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
+       AND (l.locked_until IS NULL OR l.locked_until < now())
+     GROUP BY l.fulfillment_id
+), picked AS (
+    SELECT f.id
+      FROM due
+      JOIN fulfillments f ON f.id = due.fulfillment_id
+      JOIN orders o ON o.id = f.order_id
+     WHERE (f.locked_until IS NULL OR f.locked_until < now())
+       AND (coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
+            OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
+            OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL)
+     ORDER BY due.first_due, f.id
+     LIMIT $2
+       FOR UPDATE OF f SKIP LOCKED
+)
+UPDATE fulfillments t
+   SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
+  FROM picked
+ WHERE t.id = picked.id
+RETURNING t.id;
+
+-- name: claim_order_lines
+-- line-item-fulfillment: lease up to $2 due lines of the orders $4 this node has just leased, whole orders first.
+WITH due AS (
+    SELECT l.id
+      FROM line_item_fulfillments l
+     WHERE l.fulfillment_id = ANY($4::bigint[])
+       AND l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
+       AND (l.locked_until IS NULL OR l.locked_until < now())
+     ORDER BY array_position($4::bigint[], l.fulfillment_id), l.id
+     LIMIT $2
+       FOR UPDATE OF l SKIP LOCKED
+)
+UPDATE line_item_fulfillments t
+   SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
+  FROM due
+ WHERE t.id = due.id
+RETURNING t.id, t.fulfillment_id;
+
+-- name: count_due_line_items
+-- line-item-fulfillment: lines due now (leased or not) whose order can be sent or failed, for drain. Lines of
+-- orders Digital River has not accepted yet are waiting, not due.
+SELECT count(*)
+  FROM line_item_fulfillments l
+  JOIN fulfillments f ON f.id = l.fulfillment_id
+  JOIN orders o ON o.id = f.order_id
+ WHERE l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
+   AND (coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
+        OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
+        OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL);
+
+-- name: line_item_details
+-- line-item-fulfillment: everything the claimed lines $1 need: their order item (quantity, Digital River id,
+-- which order it belongs to) and their order's Digital River id.
+SELECT l.id, l.fulfillment_id, l.order_item_id, l.fulfill_quantity, l.cancel_quantity, l.retry_count,
+       l.tracking_company, l.tracking_number, l.tracking_url,
+       coalesce(nullif(l.dr_order_item_id, ''), nullif(oi.dr_order_item_id, '')) AS dr_item_id,
+       oi.id AS item_found, oi.order_id AS item_order_id, oi.quantity AS item_quantity,
+       f.order_id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id
+  FROM line_item_fulfillments l
+  JOIN fulfillments f ON f.id = l.fulfillment_id
+  JOIN orders o ON o.id = f.order_id
+  LEFT JOIN order_items oi ON oi.id = l.order_item_id
+ WHERE l.id = ANY($1::bigint[])
+ ORDER BY l.fulfillment_id, l.id;
+
+-- name: finish_line_items
+-- line-item-fulfillment: the outcome of each line of one order and the order's lease, cleared in one statement.
+-- Lines this node no longer holds are left alone and not returned. $1 node, $2 fulfillments id, then per line:
+-- $3 id, $4 status, $5 added to retry_count, $6 message, $7 ful_ id (NULL keeps it), $8 next attempt (NULL keeps it)
+WITH done AS (
+    UPDATE line_item_fulfillments l
+       SET efn_status = u.status, retry_count = l.retry_count + u.retry_add, message = u.message,
+           dr_fulfillment_id = coalesce(u.dr_fulfillment_id, l.dr_fulfillment_id),
+           next_attempt_at = coalesce(u.next_attempt_at, l.next_attempt_at), locked_by = NULL, locked_until = NULL
+      FROM unnest($3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[], $8::timestamptz[])
+           AS u(id, status, retry_add, message, dr_fulfillment_id, next_attempt_at)
+     WHERE l.id = u.id AND l.locked_by = $1 AND l.efn_status IN ('Open', 'Pending')
+    RETURNING l.id
+), released AS (
+    UPDATE fulfillments SET locked_by = NULL, locked_until = NULL WHERE id = $2 AND locked_by = $1
+    RETURNING id
+)
+SELECT id FROM done;
