@@ -92,6 +92,23 @@ class BadSubscription(ValueError):
     """A subscription the job cannot schedule; the message names the field."""
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What one subscription gets in this batch: its due installments and its next run date."""
+
+    subscription_id: int
+    installments: list[Installment]
+    next_run_date: date | None
+
+
+def plan_installments(sub: asyncpg.Record, now: datetime) -> Plan:
+    """The due installments of a claimed subscription; BadSubscription names what keeps it from being planned."""
+    today = local_today(sub["time_zone"], now)
+    made, next_run = due_installments(sub, today)
+    remaining = sub["installment_count_remaining"] - len(made)
+    return Plan(sub["id"], made, next_run if remaining else None)
+
+
 def local_today(time_zone: str | None, now: datetime) -> date:
     try:
         return now.astimezone(ZoneInfo(time_zone or "UTC")).date()
@@ -131,47 +148,64 @@ class SubscriptionInstallments(Job):
     async def _batch(self, run: Run, size: int, zones: list[str]) -> tuple[int, int]:
         """Claim up to `size` due subscriptions and make their installments in one transaction."""
         now = datetime.now(UTC)
-        made = 0
         async with self.store.pool.acquire() as conn, conn.transaction():
             subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones)
+            run.claimed += len(subs)
+            plans: list[Plan] = []
             for sub in subs:
-                run.claimed += 1
                 try:
-                    async with conn.transaction():
-                        made += await self._make_installments(conn, sub, now)
-                    run.succeeded += 1
+                    plans.append(plan_installments(sub, now))
                 except BadSubscription as exc:
-                    run.failed += 1
-                    await conn.execute(sql("suspend_subscription"), sub["id"], str(exc))
-                    log.error("subscription_suspended", subscription_id=sub["id"], reason=str(exc))
-                except asyncpg.UniqueViolationError:
-                    # A record for this installment number exists already (written outside the engine):
-                    # the counts disagree with the records, which an operator has to settle.
-                    run.failed += 1
-                    reason = (f"subscription_process_data already has installment {sub['installment_count'] + 1}; "
-                              "subscriptions.installment_count is behind its records")
-                    await conn.execute(sql("suspend_subscription"), sub["id"], reason)
-                    log.error("subscription_suspended", subscription_id=sub["id"], reason=reason)
-                except asyncpg.PostgresError as exc:
-                    run.failed += 1
-                    log.error("subscription_installment_failed", subscription_id=sub["id"],
-                              error=f"{type(exc).__name__}: {exc}")
-                    await conn.execute(sql("note_subscription_error"), sub["id"], f"{type(exc).__name__}: {exc}")
+                    await self._suspend(conn, run, sub["id"], str(exc))
+            try:
+                async with conn.transaction():
+                    made = await self._write(conn, plans)
+                run.succeeded += len(plans)
+            except asyncpg.PostgresError as exc:
+                # One subscription's rows broke the batch statement: write them one by one to find it.
+                log.warning("installment_batch_retried_one_by_one", error=f"{type(exc).__name__}: {exc}")
+                made = await self._write_one_by_one(conn, run, plans)
+        if made:
+            log.info("installments_created", count=made, subscriptions=len(plans))
         return made, len(subs)
 
-    async def _make_installments(self, conn: asyncpg.Connection, sub: asyncpg.Record, now: datetime) -> int:
-        today = local_today(sub["time_zone"], now)
-        if sub["installment_interval"] is None or sub["installment_interval"] < 1:
-            raise BadSubscription("subscriptions.installment_interval must be at least 1")
-        made, next_run = due_installments(sub, today)
-        for installment in made:
-            record_id = await conn.fetchval(sql("insert_installment"), sub["id"], installment.number,
-                                            installment.run_date)
-            log.info("installment_created", subscription_id=sub["id"], record_id=record_id,
-                     installment_number=installment.number, run_date=installment.run_date.isoformat())
-        remaining = sub["installment_count_remaining"] - len(made)
-        await conn.execute(sql("advance_subscription"), sub["id"], len(made), next_run if remaining else None)
-        return len(made)
+    async def _write(self, conn: asyncpg.Connection, plans: list[Plan]) -> int:
+        """The carts, cart items and records of every planned installment, and the subscriptions advanced."""
+        installments = [(p.subscription_id, i) for p in plans for i in p.installments]
+        if installments:
+            rows = await conn.fetch(sql("insert_installments"), [s for s, _ in installments],
+                                    [i.number for _, i in installments], [i.run_date for _, i in installments])
+            for row in rows:
+                log.debug("installment_created", subscription_id=row["subscription_id"], record_id=row["id"],
+                          installment_number=row["installment_number"])
+        await conn.execute(sql("advance_subscriptions"), [p.subscription_id for p in plans],
+                           [len(p.installments) for p in plans], [p.next_run_date for p in plans])
+        return len(installments)
+
+    async def _write_one_by_one(self, conn: asyncpg.Connection, run: Run, plans: list[Plan]) -> int:
+        made = 0
+        for plan in plans:
+            try:
+                async with conn.transaction():
+                    made += await self._write(conn, [plan])
+                run.succeeded += 1
+            except asyncpg.UniqueViolationError:
+                # A record for this installment number exists already (written outside the engine): the counts
+                # disagree with the records, which an operator has to settle.
+                await self._suspend(conn, run, plan.subscription_id,
+                                    f"subscription_process_data already has installment {plan.installments[0].number}; "
+                                    "subscriptions.installment_count is behind its records")
+            except asyncpg.PostgresError as exc:
+                run.failed += 1
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("subscription_installment_failed", subscription_id=plan.subscription_id, error=error)
+                await conn.execute(sql("note_subscription_error"), plan.subscription_id, error)
+        return made
+
+    async def _suspend(self, conn: asyncpg.Connection, run: Run, subscription_id: int, reason: str) -> None:
+        run.failed += 1
+        await conn.execute(sql("suspend_subscription"), subscription_id, reason)
+        log.error("subscription_suspended", subscription_id=subscription_id, reason=reason)
 
     def _wake_payments(self) -> None:
         if not self.services.autonomous:

@@ -158,7 +158,9 @@ async def scenario(name: str, n: int, server_dsn: str) -> Result:
         throttled = sum(1 for r in ledger.get("requests", []) if r["status"] == 429)
     finally:
         sandbox.terminate()
-        sandbox.wait()
+        _, _, sandbox_usage = os.wait4(sandbox.pid, 0)
+        sandbox.returncode = 0
+    print(f"  sandbox CPU {sandbox_usage.ru_utime + sandbox_usage.ru_stime:.1f} s", flush=True)
     conn = await asyncpg.connect(dsn)
     try:
         installments = await conn.fetchval("SELECT count(*) FROM subscription_process_data")

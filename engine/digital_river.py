@@ -82,6 +82,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from engine import __version__
 from engine.logs import AppLogSink, redact, redact_text, register_secrets
 
 if TYPE_CHECKING:
@@ -216,6 +217,8 @@ class DigitalRiverError(Exception):
 
 class DeclinedError(DigitalRiverError):
     """409 on POST /orders: no order, the checkout is burned. `.soft` says whether a later retry is allowed."""
+
+    kind = ErrorKind.SOFT_DECLINE  # per instance: HARD_DECLINE for the hard codes
 
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
@@ -628,7 +631,7 @@ class DigitalRiverClient:
         max_requests_per_second: float = 20.0,
         connection_limit: int = 100,
         app_log: AppLogSink | None = None,
-        app_version: str = "0.1.0",
+        app_version: str = __version__,
         max_retries: int = 3,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,

@@ -16,7 +16,7 @@ class RequestEntry(NamedTuple):
     at: float  # Unix time
     method: str
     path: str
-    status: int  # 0 when the connection was dropped without an answer
+    status: int  # 0: no answer was sent (dropped on purpose, or the client gave up first)
 
 
 @dataclass(slots=True)

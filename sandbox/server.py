@@ -144,6 +144,10 @@ def api(endpoint: str, handler: Handler) -> Callable[[web.Request], Awaitable[we
             response = _json(ApiError(429, "too_many_requests", "too_many_requests",
                                             "Too many requests; retry later.").body(), 429,
                              {"Retry-After": exc.retry_after})
+        except asyncio.CancelledError:
+            # The client went away (gave up on a timeout): no answer was sent.
+            state.ledger.record_request(request.method, request.path, 0)
+            raise
         except _Drop:
             state.ledger.record_request(request.method, request.path, 0)
             if request.transport is not None:

@@ -33,37 +33,47 @@ SELECT count(*)
    AND s.installment_next_run_date <= (now() AT TIME ZONE
            CASE WHEN a.time_zone = ANY($1::text[]) THEN a.time_zone ELSE 'UTC' END)::date;
 
--- name: insert_installment
--- subscription-installments: one installment's cart, cart item and Open process-data record, in one statement.
-WITH s AS (
-    SELECT s.*, coalesce(s.dr_billing_agreement_id, oi.dr_billing_agreement_id) AS billing_agreement_id
-      FROM subscriptions s
+-- name: insert_installments
+-- subscription-installments: for each ($1 subscription, $2 installment number, $3 run date) one Open-DR cart, its
+-- cart item (price, quantity and billing agreement from the subscription) and an Open process-data record, in one
+-- statement. Cart and item ids are drawn first so the three inserts can refer to each other.
+WITH input AS MATERIALIZED (
+    SELECT u.subscription_id, u.installment_number, u.run_date,
+           nextval(pg_get_serial_sequence('carts', 'id')) AS cart_id,
+           nextval(pg_get_serial_sequence('cart_items', 'id')) AS cart_item_id
+      FROM unnest($1::bigint[], $2::int[], $3::date[]) AS u(subscription_id, installment_number, run_date)
+), s AS (
+    SELECT i.*, s.account_id, s.currency, s.product_id, s.quantity, s.unit_price, s.parent_order_id,
+           s.stored_payment_id, coalesce(s.dr_billing_agreement_id, oi.dr_billing_agreement_id) AS billing_agreement
+      FROM input i
+      JOIN subscriptions s ON s.id = i.subscription_id
       LEFT JOIN order_items oi ON oi.id = s.parent_order_item_id
-     WHERE s.id = $1
 ), cart AS (
-    INSERT INTO carts (account_id, subscription_id, status, currency)
-    SELECT account_id, id, 'Open-DR', currency FROM s
-    RETURNING id
+    INSERT INTO carts (id, account_id, subscription_id, status, currency) OVERRIDING SYSTEM VALUE
+    SELECT cart_id, account_id, subscription_id, 'Open-DR', currency FROM s
 ), item AS (
-    INSERT INTO cart_items (cart_id, product_id, quantity, unit_price, dr_billing_agreement_id)
-    SELECT cart.id, s.product_id, s.quantity, s.unit_price, s.billing_agreement_id FROM s, cart
-    RETURNING id, cart_id
+    INSERT INTO cart_items (id, cart_id, product_id, quantity, unit_price, dr_billing_agreement_id)
+    OVERRIDING SYSTEM VALUE
+    SELECT cart_item_id, cart_id, product_id, quantity, unit_price, billing_agreement FROM s
 )
 INSERT INTO subscription_process_data (subscription_id, installment_number, cart_id, cart_item_id, parent_order_id,
                                        stored_payment_id, product_id, account_id, installment_run_date)
-SELECT s.id, $2, item.cart_id, item.id, s.parent_order_id, s.stored_payment_id, s.product_id, s.account_id, $3
-  FROM s, item
-RETURNING id;
+SELECT subscription_id, installment_number, cart_id, cart_item_id, parent_order_id, stored_payment_id, product_id,
+       account_id, run_date
+  FROM s
+RETURNING id, subscription_id, installment_number;
 
--- name: advance_subscription
--- subscription-installments: count $2 installments made and move to the next run date ($3, NULL when none remain).
-UPDATE subscriptions
-   SET installment_count = installment_count + $2,
-       installment_count_remaining = installment_count_remaining - $2,
-       installment_next_run_date = coalesce($3, installment_next_run_date),
-       status = CASE WHEN installment_count_remaining - $2 = 0 THEN 'Completed' ELSE status END,
+-- name: advance_subscriptions
+-- subscription-installments: for each ($1 subscription, $2 installments made, $3 next run date or NULL when none
+-- remain) count the installments and move the date; Completed when none remain.
+UPDATE subscriptions s
+   SET installment_count = s.installment_count + u.made,
+       installment_count_remaining = s.installment_count_remaining - u.made,
+       installment_next_run_date = coalesce(u.next_run, s.installment_next_run_date),
+       status = CASE WHEN s.installment_count_remaining - u.made = 0 THEN 'Completed' ELSE s.status END,
        last_error_message = NULL
- WHERE id = $1;
+  FROM unnest($1::bigint[], $2::int[], $3::date[]) AS u(id, made, next_run)
+ WHERE s.id = u.id;
 
 -- name: suspend_subscription
 -- subscription-installments: a subscription the job cannot schedule (its message names the field).

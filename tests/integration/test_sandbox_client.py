@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -311,6 +312,11 @@ async def test_timeouts_become_transient_timeout_errors(sandbox: Sandbox) -> Non
         with pytest.raises(TransientError) as caught:
             await c.get_order("1")
     assert (caught.value.code, caught.value.attempts) == ("timeout", 2)
+    for _ in range(100):  # the server notices the closed connections a moment later
+        if sandbox.ledger.count_requests("GET", "/orders/1", status=0) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sandbox.ledger.count_requests("GET", "/orders/1", status=0) == 2
 
 
 async def test_throttled_requests_answer_429_with_retry_after(sandbox: Sandbox) -> None:
