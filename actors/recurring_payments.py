@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,6 +31,7 @@ from typing import Any
 
 import asyncpg
 
+from engine.batch import BatchWriter
 from engine.digital_river import (
     AuthError,
     BadRequestError,
@@ -41,7 +43,7 @@ from engine.digital_river import (
     TransientError,
 )
 from engine.failpoints import failpoint
-from engine.jobs import Job, Run
+from engine.jobs import Job, Run, Services
 from engine.logs import get_logger
 from engine.money import is_currency
 from engine.store import LeaseLost, Leases
@@ -52,6 +54,7 @@ DECLINE_PAUSE = timedelta(hours=24)
 DECLINE_WINDOW = timedelta(days=30)
 DECLINES_PER_WINDOW = 4
 OUTAGE_BACKOFF_MAX = timedelta(hours=1)
+CENT = Decimal("0.01")
 
 # One structured line per record outcome; the level for each is chosen here and nowhere else.
 OUTCOME_LEVEL = {
@@ -163,17 +166,40 @@ def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
     return body
 
 
-def order_items(order: Order, unit_price: Decimal) -> str:
-    return json.dumps([{
-        "dr_item_id": item.id, "quantity": item.quantity,
-        "unit_price": str(unit_price if item.quantity == 0 else (item.amount / item.quantity).quantize(
-            Decimal("0.01"))),
-        "tax_amount": str(item.tax_amount), "state": item.state, "billing_agreement_id": item.billing_agreement_id,
-    } for item in order.items])
+def charged_row(rec: asyncpg.Record, order: Order) -> dict[str, Any]:
+    """One element of `finish_charged`'s input: the order Digital River made for this record."""
+    unit_price = rec["unit_price"] or Decimal(0)
+    return {
+        "record_id": rec["id"], "dr_order_id": order.id, "dr_checkout_id": order.checkout_id or rec["dr_checkout_id"],
+        "state": order.state, "currency": order.currency.upper(), "subtotal": str(order.subtotal),
+        "total_tax": str(order.total_tax), "total_amount": str(order.total_amount),
+        "items": [{
+            "dr_item_id": item.id, "quantity": item.quantity,
+            "unit_price": str(unit_price if item.quantity == 0 else (item.amount / item.quantity).quantize(CENT)),
+            "tax_amount": str(item.tax_amount), "state": item.state,
+            "billing_agreement_id": item.billing_agreement_id,
+        } for item in order.items],
+    }
 
 
 class RecurringPayments(Job):
     job_name = "recurring-payments"
+
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        # Records in flight share their writes: one statement commits many checkouts, one many charges.
+        self.checkouts: BatchWriter[tuple[int, str], bool] = BatchWriter(self._save_checkouts, name="checkouts")
+        self.charges: BatchWriter[dict[str, Any], int | None] = BatchWriter(self._finish_charges, name="charges")
+
+    async def _save_checkouts(self, items: Sequence[tuple[int, str]]) -> list[bool]:
+        kept = {r["id"] for r in await self.store.fetch(
+            "save_checkouts", self.store.node, [record for record, _ in items], [checkout for _, checkout in items])}
+        return [record in kept for record, _ in items]
+
+    async def _finish_charges(self, items: Sequence[dict[str, Any]]) -> list[int | None]:
+        rows = await self.store.fetch("finish_charged", self.store.node, json.dumps(list(items)))
+        order_ids = {r["id"]: r["order_id"] for r in rows}
+        return [order_ids.get(item["record_id"]) for item in items]
 
     @property
     def dr(self) -> DigitalRiverClient:
@@ -277,7 +303,7 @@ class RecurringPayments(Job):
                         f"checkout {checkout.id} payment session is {checkout.payment_session_state}, "
                         "not requires_confirmation", hard=True)
                 failpoint("after_checkout_created")
-                if not await self.store.fetchval("save_checkout", rec["id"], self.store.node, checkout.id):
+                if not await self.checkouts.submit((rec["id"], checkout.id)):
                     raise LeaseLost(f"record {rec['id']} lease lost before its order was submitted")
                 checkout_id = checkout.id
                 failpoint("after_checkout_saved")
@@ -347,10 +373,7 @@ class RecurringPayments(Job):
         return until, f"subscription {rec['subscription_id']} {why}; next attempt at {until.isoformat()}"
 
     async def _charged(self, rec: asyncpg.Record, order: Order, *, adopted: bool) -> Outcome:
-        order_id = await self.store.fetchval(
-            "finish_charged", rec["id"], self.store.node, order.id, order.checkout_id or rec["dr_checkout_id"],
-            order.state, order.currency.upper(), order.subtotal, order.total_tax, order.total_amount,
-            order_items(order, rec["unit_price"] or Decimal(0)))
+        order_id = await self.charges.submit(charged_row(rec, order))
         failpoint("after_order_saved")
         return Outcome("installment_adopted" if adopted else "installment_charged", {
             "dr_order_id": order.id, "order_id": order_id, "order_state": order.state,

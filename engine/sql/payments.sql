@@ -67,69 +67,83 @@ SELECT p.id, p.subscription_id, p.installment_number, p.installment_run_date, p.
   ) d ON true
  WHERE p.id = ANY($1::bigint[]);
 
--- name: save_checkout
--- recurring-payments: commit the checkout id on the record (and its cart) BEFORE the order is submitted.
--- Counts 0 when this node no longer holds the lease: then no order may be submitted.
-WITH rec AS (
-    UPDATE subscription_process_data
-       SET dr_checkout_id = $3, last_attempt_at = now()
-     WHERE id = $1 AND locked_by = $2 AND dr_order_id IS NULL
-    RETURNING id, cart_id
+-- name: save_checkouts
+-- recurring-payments: commit each checkout id ($3) on its record ($2) and cart BEFORE the order is submitted.
+-- Returns the records this node ($1) still holds: for any other, no order may be submitted.
+WITH input AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[]) AS u(record_id, checkout_id)
+), rec AS (
+    UPDATE subscription_process_data p
+       SET dr_checkout_id = input.checkout_id, last_attempt_at = now()
+      FROM input
+     WHERE p.id = input.record_id AND p.locked_by = $1 AND p.dr_order_id IS NULL
+    RETURNING p.id, p.cart_id, p.dr_checkout_id
 ), cart AS (
-    UPDATE carts c SET dr_checkout_id = $3 FROM rec WHERE c.id = rec.cart_id RETURNING c.id
+    UPDATE carts c SET dr_checkout_id = rec.dr_checkout_id FROM rec WHERE c.id = rec.cart_id RETURNING c.id
 )
-SELECT count(*) FROM rec;
+SELECT id FROM rec;
 
 -- name: finish_charged
--- recurring-payments: in one transaction, the installment's order and items, the cart closed, the attempt, and
--- the record Successful and processed. Idempotent: a record already processed changes nothing (no row back).
--- $1 record, $2 node, $3 dr order id, $4 dr checkout id, $5 order state, $6 currency, $7 subtotal,
--- $8 total tax, $9 total amount, $10 items as jsonb [{dr_item_id, quantity, unit_price, tax_amount, state,
--- billing_agreement_id}]
-WITH rec AS (
+-- recurring-payments: for each charged record in $2 (jsonb [{record_id, dr_order_id, dr_checkout_id, state,
+-- currency, subtotal, total_tax, total_amount, items: [{dr_item_id, quantity, unit_price, tax_amount, state,
+-- billing_agreement_id}]}]), in one transaction: the installment's order and items, the cart closed, the
+-- attempt, and the record Successful and processed. Idempotent: a record already processed changes nothing and
+-- is not returned. $1 is this node, for the attempt row.
+WITH input AS (
+    SELECT *
+      FROM jsonb_to_recordset($2::jsonb) AS u(record_id bigint, dr_order_id text, dr_checkout_id text, state text,
+                                              currency text, subtotal numeric, total_tax numeric,
+                                              total_amount numeric, items jsonb)
+), rec AS (
     SELECT p.id, p.subscription_id, p.cart_id, p.product_id, coalesce(p.account_id, s.account_id) AS account_id,
-           coalesce(p.parent_order_id, s.parent_order_id) AS parent_order_id
-      FROM subscription_process_data p
+           coalesce(p.parent_order_id, s.parent_order_id) AS parent_order_id, input.*
+      FROM input
+      JOIN subscription_process_data p ON p.id = input.record_id
       JOIN subscriptions s ON s.id = p.subscription_id
-     WHERE p.id = $1 AND NOT p.is_recurring_payment_processed
+     WHERE NOT p.is_recurring_payment_processed
        FOR UPDATE OF p
 ), ord AS (
     INSERT INTO orders (account_id, parent_order_id, dr_order_id, dr_checkout_id, dr_order_state, dr_order_source,
                         currency, subtotal, total_tax, total_amount, ship_to, bill_to)
-    SELECT rec.account_id, rec.parent_order_id, $3, $4, $5, 'Subscription—Installment', $6, $7, $8, $9,
-           po.ship_to, po.bill_to
+    SELECT rec.account_id, rec.parent_order_id, rec.dr_order_id, rec.dr_checkout_id, rec.state,
+           'Subscription—Installment', rec.currency, rec.subtotal, rec.total_tax, rec.total_amount, po.ship_to,
+           po.bill_to
       FROM rec LEFT JOIN orders po ON po.id = rec.parent_order_id
     ON CONFLICT (dr_order_id) DO UPDATE SET dr_order_state = EXCLUDED.dr_order_state
-    RETURNING id
+    RETURNING id, dr_order_id
 ), items AS (
     INSERT INTO order_items (order_id, product_id, quantity, unit_price, tax_amount, dr_order_item_id,
                              dr_order_item_state, dr_billing_agreement_id)
     SELECT ord.id, rec.product_id, i.quantity, i.unit_price, i.tax_amount, i.dr_item_id, i.state,
            i.billing_agreement_id
-      FROM ord, rec,
-           jsonb_to_recordset($10::jsonb) AS i(dr_item_id text, quantity int, unit_price numeric,
-                                               tax_amount numeric, state text, billing_agreement_id text)
+      FROM rec
+      JOIN ord ON ord.dr_order_id = rec.dr_order_id
+     CROSS JOIN LATERAL jsonb_to_recordset(rec.items) AS i(dr_item_id text, quantity int, unit_price numeric,
+                                                         tax_amount numeric, state text, billing_agreement_id text)
     ON CONFLICT (dr_order_item_id) DO NOTHING
     RETURNING id
 ), cart AS (
     UPDATE carts c
-       SET status = 'Closed', dr_order_id = $3, dr_checkout_id = coalesce($4, c.dr_checkout_id),
-           dr_payment_state = 'Successful', dr_payment_failure_reason = NULL
+       SET status = 'Closed', dr_order_id = rec.dr_order_id, dr_checkout_id = coalesce(rec.dr_checkout_id,
+           c.dr_checkout_id), dr_payment_state = 'Successful', dr_payment_failure_reason = NULL
       FROM rec WHERE c.id = rec.cart_id
     RETURNING c.id
 ), attempt AS (
     INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, dr_checkout_id, dr_order_id, amount,
                                   currency, node)
-    SELECT rec.id, rec.subscription_id, 'charged', $4, $3, $9, $6, $2 FROM rec
+    SELECT rec.id, rec.subscription_id, 'charged', rec.dr_checkout_id, rec.dr_order_id, rec.total_amount,
+           rec.currency, $1
+      FROM rec
     RETURNING id
 )
 UPDATE subscription_process_data p
-   SET subscription_job_run_status = 'Successful', is_recurring_payment_processed = true, dr_order_id = $3,
-       dr_checkout_id = coalesce($4, p.dr_checkout_id), order_id = (SELECT id FROM ord), last_error_code = NULL,
-       last_error_message = NULL, outage_count = 0, locked_by = NULL, locked_until = NULL
-  FROM rec
+   SET subscription_job_run_status = 'Successful', is_recurring_payment_processed = true,
+       dr_order_id = rec.dr_order_id, dr_checkout_id = coalesce(rec.dr_checkout_id, p.dr_checkout_id),
+       order_id = ord.id, last_error_code = NULL, last_error_message = NULL, outage_count = 0, locked_by = NULL,
+       locked_until = NULL
+  FROM rec JOIN ord ON ord.dr_order_id = rec.dr_order_id
  WHERE p.id = rec.id
-RETURNING p.order_id;
+RETURNING p.id, p.order_id;
 
 -- name: finish_failed_attempt
 -- recurring-payments: a counted attempt without an order (decline, bad data): count it, set the status and next
