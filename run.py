@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from engine.settings import JOBS, Settings, SettingsError, load
 
-USAGE = "usage: python run.py [serve | migrate | run JOB | drain | status [--json] | demo | sandbox [--port N]]"
-COMMANDS = ("serve", "migrate", "run", "drain", "status", "demo", "sandbox")
+USAGE = ("usage: python run.py [serve | migrate | run JOB | drain | status [--json] | pause JOB | resume JOB | "
+         "retry KIND ID | demo | sandbox [--port N]]")
+COMMANDS = ("serve", "migrate", "run", "drain", "status", "pause", "resume", "retry", "demo", "sandbox")
 
 
 class UsageError(Exception):
@@ -27,6 +28,8 @@ class Command:
     name: str
     job: str | None = None
     json: bool = False
+    kind: str | None = None
+    record_id: int | None = None
     options: list[str] = field(default_factory=list)
 
 
@@ -40,12 +43,22 @@ def parse(argv: Sequence[str]) -> Command:
         raise UsageError(USAGE)
     if name not in COMMANDS:
         raise UsageError(f"unknown command {name!r}; expected one of: {', '.join(COMMANDS)}")
-    if name == "run":
+    if name in ("run", "pause", "resume"):
         if len(rest) != 1:
-            raise UsageError(f"run takes exactly one JOB, one of: {', '.join(JOBS)}")
+            raise UsageError(f"{name} takes exactly one JOB, one of: {', '.join(JOBS)}")
         if rest[0] not in JOBS:
             raise UsageError(f"unknown job {rest[0]!r}; expected one of: {', '.join(JOBS)}")
         return Command(name, job=rest[0])
+    if name == "retry":
+        from engine.controls import RETRY_KINDS
+
+        if len(rest) != 2:
+            raise UsageError(f"retry takes KIND and ID: KIND one of {', '.join(RETRY_KINDS)}, ID a record id")
+        if rest[0] not in RETRY_KINDS:
+            raise UsageError(f"unknown record kind {rest[0]!r}; expected one of: {', '.join(RETRY_KINDS)}")
+        if not rest[1].isdigit() or not 0 < int(rest[1]) < 2**63:
+            raise UsageError(f"record id {rest[1]!r} is not a positive whole number")
+        return Command(name, kind=rest[0], record_id=int(rest[1]))
     if name == "status":
         if rest not in ([], ["--json"]):
             raise UsageError(f"status takes only --json, not {' '.join(rest)!r}")
@@ -65,6 +78,18 @@ async def _main(command: Command, settings: Settings) -> int:
     if command.name == "migrate":
         async with opened_store(settings) as store:
             return 0
+    if command.name in ("pause", "resume", "retry"):
+        from engine import controls
+
+        async with opened_store(settings) as store:
+            if command.name == "retry":
+                assert command.kind is not None and command.record_id is not None
+                outcome = await controls.retry(store, command.kind, command.record_id)
+            else:
+                assert command.job is not None
+                outcome = await controls.set_paused(store, command.job, command.name == "pause")
+            print(outcome.message, file=sys.stdout if outcome.ok else sys.stderr)
+            return 0 if outcome.ok else 1
     if command.name == "status":
         async with opened_store(settings) as store:
             data = await status.collect(settings, store, set(JOB_CLASSES))

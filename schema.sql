@@ -289,6 +289,17 @@ CREATE TABLE IF NOT EXISTS job_runs (
 );
 CREATE INDEX IF NOT EXISTS job_runs_running ON job_runs (node) WHERE status = 'running';
 
+-- Operator controls: a paused job claims nothing on any engine process until resumed.
+CREATE TABLE IF NOT EXISTS job_controls (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    job         text NOT NULL UNIQUE CHECK (job IN ('subscription-installments', 'recurring-payments',
+                                                    'order-fulfillment', 'line-item-fulfillment', 'log-cleanup')),
+    paused      boolean NOT NULL DEFAULT false,
+    changed_by  text
+);
+
 CREATE TABLE IF NOT EXISTS engine_nodes (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at      timestamptz NOT NULL DEFAULT now(),
@@ -309,7 +320,8 @@ DECLARE
 BEGIN
     FOREACH t IN ARRAY ARRAY['accounts', 'products', 'stored_payments', 'orders', 'order_items', 'subscriptions',
                              'carts', 'cart_items', 'subscription_process_data', 'payment_attempts', 'fulfillments',
-                             'line_item_fulfillments', 'application_logs', 'job_runs', 'engine_nodes']
+                             'line_item_fulfillments', 'application_logs', 'job_runs', 'job_controls',
+                             'engine_nodes']
     LOOP
         EXECUTE format('CREATE OR REPLACE TRIGGER %I BEFORE UPDATE ON %I '
                        'FOR EACH ROW EXECUTE FUNCTION drjobs_touch_updated_at()', t || '_touch', t);

@@ -23,7 +23,7 @@ class LogCleanup(Job):
 
     async def run_once(self, run: Run) -> None:
         cutoff = self.cutoff()
-        while not self.stop_requested:
+        while await self.may_claim():
             status = await self.store.execute("delete_old_application_logs", cutoff, self.batch_size)
             deleted = int(status.split()[-1])
             run.claimed += deleted

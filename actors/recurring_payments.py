@@ -219,7 +219,7 @@ class RecurringPayments(Job):
         self.key_refused = False
         taken = 0
         try:
-            while taken < limit and not self.stop_requested and not self.key_refused:
+            while taken < limit and not self.key_refused and await self.may_claim():
                 free = self.concurrency - len(in_flight)
                 if free <= 0:
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)

@@ -124,7 +124,7 @@ class SubscriptionInstallments(Job):
         batch = self.settings.cc_subscription_processor_batch_size
         zones = await self.known_time_zones()
         taken = 0
-        while taken < limit and not self.stop_requested:
+        while taken < limit and await self.may_claim():
             size = min(batch, limit - taken)
             made, seen = await self._batch(run, size, zones)
             taken += seen

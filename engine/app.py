@@ -124,6 +124,9 @@ class Engine:
     async def run_job(self, name: str) -> int:
         """One run of `name` now: 0 if it finished (even with failed records), 1 if it crashed."""
         async def work() -> int:
+            if await self.jobs[name].is_paused():
+                log.error("job_is_paused", job=name, detail="resume it with `python run.py resume JOB` first")
+                return 1
             run = await self._run(self.jobs[name], "manual")
             return 0 if run is not None and run.status == "succeeded" else 1
         return await self.drive(work)
@@ -133,7 +136,9 @@ class Engine:
         async def work() -> int:
             crashed = False
             while not self.stop.is_set():
-                due = {name: await job.due_count() for name, job in self.jobs.items()}
+                # A paused job's records are not due for drain: nobody may claim them until it is resumed.
+                due = {name: 0 if await job.is_paused() else await job.due_count()
+                       for name, job in self.jobs.items()}
                 if not any(due.values()):
                     log.info("drain_finished")
                     return 1 if crashed else 0
@@ -155,9 +160,10 @@ class Engine:
         return await self.drive(work)
 
     async def _run(self, job: Job, trigger: str) -> Run | None:
-        # Fire time is now; on the rare clash with another process's run of the same microsecond, try again.
+        # Fire time is now; on the rare clash with another process's run of the same microsecond, try again
+        # (a None also means the job was paused meanwhile: then stop trying).
         for _ in range(3):
             run = await job.run_now(trigger)
-            if run is not None:
+            if run is not None or job.paused:
                 return run
         return None

@@ -25,6 +25,8 @@ from engine.settings import Settings
 from engine.store import Store
 
 log = get_logger(component="jobs")
+# How long a job trusts its last look at job_controls before asking again (pause takes effect within this).
+PAUSE_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -80,11 +82,34 @@ class Job(Actor[RunRequest]):
         self.store = services.store
         self.concurrency = services.settings.jobs[self.job_name].concurrency
         self.running: Run | None = None
+        self._paused = False
+        self._pause_checked = -PAUSE_CHECK_SECONDS
 
     @property
     def stop_requested(self) -> bool:
         """True once the engine is shutting down: stop claiming, finish what is in flight."""
         return self.stopping.is_set() or self.services.stopping.is_set()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the job was paused when last checked."""
+        return self._paused
+
+    async def is_paused(self) -> bool:
+        """Whether an operator paused this job (`python run.py pause JOB`)."""
+        self._paused = bool(await self.store.fetchval("job_paused", self.job_name))
+        self._pause_checked = time.monotonic()
+        return self._paused
+
+    async def may_claim(self) -> bool:
+        """Checked before every claim: False once the engine is stopping or the job was paused."""
+        if self.stop_requested:
+            return False
+        if time.monotonic() - self._pause_checked >= PAUSE_CHECK_SECONDS:
+            await self.is_paused()
+        if self._paused:
+            log.info("job_paused_stops_claiming", job=self.job_name)
+        return not self._paused
 
     async def run_once(self, run: Run) -> None:
         """Claim and process this job's due records, counting them on `run`."""
@@ -95,6 +120,12 @@ class Job(Actor[RunRequest]):
         raise NotImplementedError
 
     async def handle(self, message: RunRequest) -> None:
+        if await self.is_paused():
+            log.info("job_paused_run_skipped", job=self.job_name, fire_time=message.fire_time.isoformat(),
+                     trigger=message.trigger)
+            if message.done and not message.done.done():
+                message.done.set_result(None)
+            return
         run_id = await self.store.fetchval(
             "insert_job_run", self.job_name, message.fire_time, message.trigger, self.store.node)
         if run_id is None:

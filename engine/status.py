@@ -19,6 +19,7 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
     """Everything `status` shows, as plain data (the `--json` output)."""
     now = now or datetime.now(UTC)
     last_runs = {r["job"]: r for r in await store.fetch("status_last_runs")}
+    paused = {r["job"]: r for r in await store.fetch("paused_jobs")}
     jobs = []
     for name in JOBS:
         schedule = settings.jobs[name].schedule
@@ -26,6 +27,9 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
         jobs.append({
             "job": name,
             "built": name in built,
+            "paused": name in paused,
+            "paused_by": paused[name]["changed_by"] if name in paused else None,
+            "paused_at": _iso(paused[name]["updated_at"]) if name in paused else None,
             "schedule": schedule.text,
             "schedule_description": schedule.describe(),
             "next_fire_time": _iso(schedule.next_after(now)),
@@ -70,9 +74,11 @@ def render_text(data: dict[str, Any]) -> str:
                          f"claimed={last['claimed']} ok={last['succeeded']} failed={last['failed']}")
             if last["duration_seconds"] is not None:
                 last_text += f" {last['duration_seconds']}s"
-        name = job["job"] + ("" if job["built"] else " (not built)")
+        name = job["job"] + ("" if job["built"] else " (not built)") + (" (PAUSED)" if job["paused"] else "")
         lines.append(f"  {name:<38} {job['schedule']:<16} {(job['next_fire_time'] or 'never')[:25]:<26} {last_text}")
         lines.append(f"  {'':<38} {job['schedule_description']}")
+        if job["paused"]:
+            lines.append(f"  {'':<38} paused by {job['paused_by']} at {job['paused_at'][:19]}")
     lines += ["", "RECORDS"]
     if not data["records"]:
         lines.append("  none")
