@@ -132,9 +132,11 @@ HARD_DECLINE_CODES = frozenset({
 })
 
 DEFAULT_RETRY_AFTER_429 = 1.0
-# The bucket may run ahead by this much of a second's budget, so a burst of callers is not serialised to the
-# microsecond while any one second still stays close to the budget.
-BURST_SECONDS = 0.1
+# Requests are spaced evenly with no burst, at a little under the budget: Digital River counts requests per
+# second as they arrive, and sends that leave on time can still arrive bunched when the event loop is busy. At a
+# 250/s budget this sends at most 245/s (measured: no 429s against a strict fixed-window limiter).
+BURST_SECONDS = 0.0
+RATE_HEADROOM = 0.98
 
 
 def decline_is_soft(code: str | None) -> bool:
@@ -653,7 +655,7 @@ class DigitalRiverClient:
         self.backoff_max = backoff_max
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self.bucket = TokenBucket(max_requests_per_second, clock=clock, sleep=sleep)
+        self.bucket = TokenBucket(max_requests_per_second * RATE_HEADROOM, clock=clock, sleep=sleep)
         self.stats = ClientStats()
         self._headers = {
             "Authorization": f"Bearer {api_key}",
@@ -715,7 +717,7 @@ class DigitalRiverClient:
 
     def set_share(self, live_nodes: int) -> None:
         """Use 1/`live_nodes` of the cluster's DR_MAX_REQUESTS_PER_SECOND (called from the node heartbeat)."""
-        self.bucket.set_rate(self.max_requests_per_second / max(1, live_nodes))
+        self.bucket.set_rate(self.max_requests_per_second * RATE_HEADROOM / max(1, live_nodes))
 
     # -- typed calls ------------------------------------------------------------------------------------------
 

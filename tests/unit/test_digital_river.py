@@ -21,6 +21,7 @@ from aioresponses import CallbackResult, aioresponses
 from yarl import URL
 
 from engine.digital_river import (
+    RATE_HEADROOM,
     AuthError,
     BadRequestError,
     ConflictError,
@@ -602,7 +603,7 @@ async def test_token_bucket_spaces_requests_at_the_rate(sink: AppLogSink, mock: 
                                   max_requests_per_second=10.0) as c:
         tasks = [asyncio.create_task(c.get_order("1")) for _ in range(5)]
         await clock.run(*tasks)
-    assert sent_at == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert sent_at == pytest.approx([i / (10.0 * RATE_HEADROOM) for i in range(5)])
 
 
 async def test_set_share_divides_the_cluster_budget_among_live_nodes(sink: AppLogSink, mock: DRMock) -> None:
@@ -613,12 +614,12 @@ async def test_set_share_divides_the_cluster_budget_among_live_nodes(sink: AppLo
     async with DigitalRiverClient(BASE, KEY, clock=clock.clock, sleep=clock.sleep, app_log=sink,
                                   max_requests_per_second=20.0) as c:
         c.set_share(4)
-        assert c.bucket.rate == 5.0
+        assert c.bucket.rate == pytest.approx(5.0 * RATE_HEADROOM)
         tasks = [asyncio.create_task(c.get_order("1")) for _ in range(3)]
         await clock.run(*tasks)
         c.set_share(0)  # no live node row yet: the whole budget
-        assert c.bucket.rate == 20.0
-    assert sent_at == pytest.approx([0.0, 0.2, 0.4])
+        assert c.bucket.rate == pytest.approx(20.0 * RATE_HEADROOM)
+    assert sent_at == pytest.approx([i / (5.0 * RATE_HEADROOM) for i in range(3)])
 
 
 async def test_bucket_voids_a_reserved_slot_when_a_pause_starts_during_the_wait() -> None:
@@ -635,16 +636,28 @@ async def test_bucket_voids_a_reserved_slot_when_a_pause_starts_during_the_wait(
     assert waiter.result() == pytest.approx(5.0)
 
 
-async def test_bucket_allows_a_small_burst_then_holds_the_rate() -> None:
+async def test_bucket_sends_evenly_without_a_burst() -> None:
     clock = ManualTime()
-    bucket = TokenBucket(100.0, clock=clock.clock, sleep=clock.sleep)  # burst of 0.1 s = 10 tokens
-    immediate = [await bucket.acquire() for _ in range(10)]
-    assert immediate == [0.0] * 10
+    bucket = TokenBucket(100.0, clock=clock.clock, sleep=clock.sleep)
+    assert await bucket.acquire() == 0.0
     late = asyncio.create_task(bucket.acquire())
     await clock.settle()
     assert not late.done()
     await clock.advance_to(0.01)
     assert late.done()
+
+
+async def test_no_one_second_window_exceeds_the_budget(sink: AppLogSink, mock: DRMock) -> None:
+    clock = ManualTime()
+    sent_at: list[float] = []
+    mock.get(f"{ORDERS}/1", callback=lambda url, **kw: sent_at.append(clock.now) or reply(200, order_json("1")),
+             repeat=True)
+    async with DigitalRiverClient(BASE, KEY, clock=clock.clock, sleep=clock.sleep, app_log=sink,
+                                  max_requests_per_second=250.0) as c:
+        tasks = [asyncio.create_task(c.get_order("1")) for _ in range(600)]
+        await clock.run(*tasks)
+    busiest = max(sum(1 for t in sent_at if start <= t < start + 1.0) for start in sent_at)
+    assert 240 <= busiest <= 250
 
 
 # -- logs and secrets -------------------------------------------------------------------------------------------
@@ -722,7 +735,8 @@ def test_from_settings_sizes_connections_to_the_jobs_concurrency() -> None:
             jobs={f"job{i}": SimpleNamespace(concurrency=c) for i, c in enumerate(concurrency)})
 
     big = DigitalRiverClient.from_settings(settings(32, 8, 8, 8, 8))
-    assert (big.connection_limit, big.timeout_seconds, big.bucket.rate) == (64, 12.0, 200.0)
+    assert (big.connection_limit, big.timeout_seconds) == (64, 12.0)
+    assert big.bucket.rate == pytest.approx(200.0 * RATE_HEADROOM)
     assert DigitalRiverClient.from_settings(settings(1, 1)).connection_limit == 16
 
 
