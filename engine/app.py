@@ -59,7 +59,7 @@ class Engine:
         self.jobs = build_jobs(self.services)
         self.services.jobs = self.jobs
         on_live_nodes = getattr(dr, "set_share", None)
-        self.node = NodeHeartbeat(store, __version__, on_live_nodes)
+        self.node = NodeHeartbeat(store, __version__, on_live_nodes, lost_after=settings.node_lost_seconds)
         self.log_writer = LogWriter(store, self.app_log)
 
     def _supervisor(self, with_scheduler: bool) -> Supervisor:

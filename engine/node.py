@@ -1,8 +1,9 @@
 """This process in `engine_nodes`: heartbeats, the live-node count, and runs left behind by dead processes.
 
-Every `HEARTBEAT_SECONDS` the node refreshes its row. A node is live while its heartbeat is younger than
-`LOST_AFTER_SECONDS`; the Digital River rate budget is split among live nodes (`on_live_nodes`). Runs left
-`running` by a node that stopped heartbeating (it was killed) are marked `failed`, so `status` tells the truth.
+Every `HEARTBEAT_SECONDS` (at most a third of NODE_LOST_SECONDS) the node refreshes its row. A node is live
+while its heartbeat is younger than NODE_LOST_SECONDS (default 30); the Digital River rate budget is split
+among live nodes (`on_live_nodes`). Runs left `running` by a node that stopped heartbeating (it was killed)
+are marked `failed`, so `status` tells the truth.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ class NodeHeartbeat(Actor[None]):
     """Keeps this process's `engine_nodes` row fresh."""
 
     def __init__(self, store: Store, version: str, on_live_nodes: Callable[[int], None] | None = None,
-                 interval: float = HEARTBEAT_SECONDS, lost_after: float = LOST_AFTER_SECONDS) -> None:
+                 lost_after: float = LOST_AFTER_SECONDS) -> None:
         super().__init__("node")
         self.store = store
         self.version = version
         self.on_live_nodes = on_live_nodes
-        self.interval = interval
+        self.interval = min(HEARTBEAT_SECONDS, lost_after / 3)
         self.lost_after = lost_after
         self.started_at = datetime.now(UTC)
         self.live_nodes = 1

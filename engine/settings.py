@@ -100,6 +100,7 @@ class Settings:
     node_name: str
     database_pool_size: int
     data_dir: str
+    node_lost_seconds: float
 
     @property
     def is_test_key(self) -> bool:
@@ -248,4 +249,5 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         node_name=node_name,
         database_pool_size=reader.integer("DATABASE_POOL_SIZE", 10, 2, 200),
         data_dir=reader.raw("DATA_DIR") or ".data",
+        node_lost_seconds=reader.number("NODE_LOST_SECONDS", 30.0, 3.0, 3600.0),
     )

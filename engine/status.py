@@ -6,7 +6,6 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from engine.node import LOST_AFTER_SECONDS
 from engine.settings import JOBS, Settings
 from engine.store import Store
 
@@ -56,7 +55,7 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
         "name": r["name"], "live": r["live"], "started_at": _iso(r["started_at"]),
         "heartbeat_at": _iso(r["heartbeat_at"]), "stopped_at": _iso(r["stopped_at"]), "pid": r["pid"],
         "host": r["host"], "version": r["version"],
-    } for r in await store.fetch("status_nodes", LOST_AFTER_SECONDS)]
+    } for r in await store.fetch("status_nodes", settings.node_lost_seconds)]
     return {"now": _iso(now), "jobs": jobs, "records": counts, "nodes": nodes}
 
 

@@ -125,11 +125,13 @@ def api(endpoint: str, handler: Handler) -> Callable[[web.Request], Awaitable[we
         config = state.config
         response: web.Response
         try:
+            # Requests are counted against the rate limit as they arrive, as Digital River counts them; the
+            # latency comes after (a refused request is answered after it too).
+            wait = state.refused_for(asyncio.get_running_loop().time())
             if config.latency_ms or config.latency_max_ms:
                 low = config.latency_ms
                 high = config.latency_max_ms if config.latency_max_ms is not None else low
                 await asyncio.sleep((low if high == low else state.rng.uniform(low, high)) / 1000)
-            wait = state.refused_for(asyncio.get_running_loop().time())
             if wait is not None:
                 raise _TooMany(state.retry_after_header(wait))
             if not _authorized(request, config):
