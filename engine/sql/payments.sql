@@ -28,9 +28,15 @@ UPDATE subscription_process_data t
 RETURNING t.*;
 
 -- name: count_due_payment_records
--- recurring-payments: records due now (leased or not), for drain.
-SELECT count(*) FROM subscription_process_data
- WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed AND next_attempt_at <= now();
+-- recurring-payments: records due now (leased or not), for drain: the same rule as the claim, so a record
+-- waiting behind an earlier installment of its subscription is not due.
+SELECT count(*) FROM subscription_process_data p
+ WHERE p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed
+   AND p.next_attempt_at <= now()
+   AND NOT EXISTS (SELECT 1 FROM subscription_process_data e
+                    WHERE e.subscription_id = p.subscription_id
+                      AND e.subscription_job_run_status = 'Open'
+                      AND e.installment_number < p.installment_number);
 
 -- name: payment_record_details
 -- recurring-payments: everything one charge needs for the claimed records $1, with the subscription's recent

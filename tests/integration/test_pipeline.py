@@ -369,3 +369,13 @@ async def test_query_limit_bounds_one_run(store: Store, sandbox: Sandbox) -> Non
         assert len(await records(store)) == 3
         await engine.run_job("recurring-payments")
     assert len([r for r in await records(store) if r["subscription_job_run_status"] == "Successful"]) == 2
+
+
+async def test_drain_ends_while_later_installments_wait_behind_a_declined_one(store: Store,
+                                                                            sandbox: Sandbox) -> None:
+    sub = await due_subscription(store, months_behind=2, source="src_soft_decline_insufficient_funds")
+    assert await drain(store, sandbox) == 0  # returns: nothing is due until the declined one's day has passed
+    first, *later = await records(store, sub)
+    assert first["subscription_job_run_status"] == "Open" and first["subscription_retry_count"] == 1
+    assert [r["subscription_retry_count"] for r in later] == [0, 0]
+    assert sandbox.ledger.count_requests("POST", "/orders") == 1
