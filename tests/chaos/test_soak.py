@@ -1,0 +1,192 @@
+"""Chaos soak: two engine processes drain a backlog while Digital River misbehaves and a driver keeps killing them.
+
+The sandbox answers 5% of requests with 500s, lets 2% time out, throttles 2% with 429s and drops the connection
+after creating 1% of orders. Every few seconds a random engine process is SIGKILLed and started again. Then the
+faults stop, the time-based backoffs are fast-forwarded (records waiting out an outage are made due now: the
+rules only say when to try again, not that the test must wait an hour), the engines finish and stop, and:
+
+- every installment has exactly one Digital River order, or is Failed / waiting a day for a reason the table of
+  billing-rules.md allows (declines, bad data);
+- every fulfillment line was reported at most once and ends Completed or Failed;
+- no record is left claimed; runs of killed processes are marked failed, and no tick ran twice.
+
+DRJOBS_SOAK_SECONDS sets the chaos phase (default 40; longer soaks by hand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pytest
+
+from engine.store import Store
+from sandbox.config import SandboxConfig
+from sandbox.server import Sandbox
+from tests.support import EngineProcess, engine_env, run_command
+
+SOAK_SECONDS = float(os.environ.get("DRJOBS_SOAK_SECONDS", "40"))
+SUBSCRIPTIONS = 600
+# Outcomes the rules allow for an installment without an order (last_error_code values).
+DECLINE_CODES = {"insufficient_funds", "fraud", "decline_limit"}
+OUTAGE_CODES = ("dr_unavailable", "outcome_unknown", "checkout_consumed", "order_not_found")
+# Open records the rules make wait a day: a declined one, and the later installments of its subscription
+# (installments of one subscription go one after another).
+WAITING_FOR_A_DAY = """
+    SELECT array_agg(p.id) AS waiting_ids
+      FROM subscription_process_data p
+     WHERE p.subscription_job_run_status = 'Open'
+       AND EXISTS (SELECT 1 FROM subscription_process_data d
+                    WHERE d.subscription_id = p.subscription_id AND d.subscription_job_run_status = 'Open'
+                      AND d.installment_number <= p.installment_number AND d.last_error_code = ANY($1::text[]))
+"""
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    async with Sandbox(SandboxConfig(seed=2026)) as sb:
+        yield sb
+
+
+async def seed(store: Store) -> None:
+    async with store.pool.acquire() as conn, conn.transaction():
+        from engine.store import sql
+        await conn.execute(sql("demo_products"))
+        for name in ("demo_accounts", "demo_stored_payments", "demo_acquisition_orders", "demo_acquisition_items",
+                     "demo_subscriptions"):
+            await conn.execute(sql(name), SUBSCRIPTIONS)
+
+
+async def erp(store: Store, stop: asyncio.Event) -> None:
+    """An outside system writing fulfillment requests for the installment orders as they appear."""
+    while not stop.is_set():
+        await store.execute("demo_fulfillment_requests")
+        await store.execute("demo_line_fulfillment_requests")
+        try:
+            await asyncio.wait_for(stop.wait(), 2)
+        except TimeoutError:
+            pass
+
+
+async def fast_forward(store: Store) -> None:
+    await store.pool.execute(
+        "UPDATE subscription_process_data SET next_attempt_at = now() "
+        "WHERE subscription_job_run_status = 'Open' AND last_error_code = ANY($1::text[])", list(OUTAGE_CODES))
+    await store.pool.execute("UPDATE fulfillments SET next_attempt_at = now() WHERE efn_status IN ('Open', 'Pending')")
+    await store.pool.execute(
+        "UPDATE line_item_fulfillments SET next_attempt_at = now() WHERE efn_status IN ('Open', 'Pending')")
+
+
+async def settled(store: Store) -> bool:
+    """Nothing left to do but what the rules say must wait (a declined card's day)."""
+    return not await store.pool.fetchval(
+        "SELECT (SELECT count(*) FROM subscription_process_data p WHERE subscription_job_run_status = 'Open' "
+        "        AND p.id <> ALL(SELECT unnest(waiting_ids) FROM (" + WAITING_FOR_A_DAY + ") w))"
+        " + (SELECT count(*) FROM subscriptions s JOIN accounts a ON a.id = s.account_id WHERE s.status = 'Active' "
+        "        AND s.installment_count_remaining > 0 AND s.installment_next_run_date < current_date)"
+        " + (SELECT count(*) FROM fulfillments WHERE efn_status IN ('Open', 'Pending') "
+        "        AND dr_order_state = 'cancelled')"
+        " + (SELECT count(*) FROM line_item_fulfillments WHERE efn_status IN ('Open', 'Pending'))",
+        list(DECLINE_CODES))
+
+
+@pytest.mark.timeout(600)
+async def test_two_engines_under_faults_and_kills_charge_everyone_once(database_url: str, store: Store,
+                                                                      sandbox: Sandbox) -> None:
+    await seed(store)
+    env = engine_env(
+        database_url, DR_API_URL=sandbox.url, DR_TIMEOUT_SECONDS="1", DR_MAX_REQUESTS_PER_SECOND="2000",
+        LEASE_SECONDS="5", SHUTDOWN_GRACE_SECONDS="5", LOG_LEVEL="warning", NODE_LOST_SECONDS="4",
+        SUBSCRIPTION_INSTALLMENTS_SCHEDULE="every 1s", RECURRING_PAYMENTS_SCHEDULE="every 1s",
+        ORDER_FULFILLMENT_SCHEDULE="every 1s", LINE_ITEM_FULFILLMENT_SCHEDULE="every 1s",
+        CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE="50", RECURRING_PAYMENT_BATCH_SIZE="20")
+    sandbox.configure(error_rate=0.05, timeout_rate=0.02, timeout_seconds=1.5, throttle_rate=0.02,
+                      retry_after_seconds=0.2, drop_after_order_rate=0.01)
+    rng = random.Random(7)
+    engines = [await EngineProcess(["serve"], env).start() for _ in range(2)]
+    stop_erp = asyncio.Event()
+    erp_task = asyncio.create_task(erp(store, stop_erp), name="erp")
+    kills = 0
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SOAK_SECONDS
+        while loop.time() < deadline:
+            await asyncio.sleep(rng.uniform(2, 5))
+            victim = rng.randrange(len(engines))
+            engines[victim].kill()
+            await engines[victim].wait()
+            kills += 1
+            engines[victim] = await EngineProcess(["serve"], env).start()
+
+        sandbox.configure(error_rate=0.0, timeout_rate=0.0, throttle_rate=0.0, drop_after_order_rate=0.0)
+        for _ in range(60):
+            await fast_forward(store)
+            await asyncio.sleep(2)
+            if await settled(store):
+                break
+        stop_erp.set()
+        await erp_task
+    finally:
+        stop_erp.set()
+        for engine in engines:
+            if engine.proc and engine.proc.returncode is None:
+                engine.signal(signal.SIGTERM)
+        codes = [await engine.wait() for engine in engines]
+    assert codes == [0, 0], [e.stderr[-2000:] for e in engines]
+    assert kills >= 5
+    assert await settled(store), "work was left undone after the faults stopped"
+
+    ledger = sandbox.ledger
+    assert ledger.count_requests(status=500) > 0 and ledger.count_requests(status=429) > 0
+    assert ledger.dropped_orders, "no unknown outcome was exercised"
+
+    # Every installment: exactly one order, or a reason the rules allow.
+    records = await store.pool.fetch("SELECT * FROM subscription_process_data")
+    waiting = set(await store.pool.fetchval(WAITING_FOR_A_DAY, list(DECLINE_CODES)) or [])
+    assert len(records) > SUBSCRIPTIONS
+    assert ledger.duplicate_upstream_ids() == {}
+    for rec in records:
+        orders = ledger.orders_for_upstream(rec["upstream_id"])
+        if rec["subscription_job_run_status"] == "Successful":
+            assert [o["id"] for o in orders] == [rec["dr_order_id"]]
+        else:
+            assert orders == [], f"record {rec['id']} has an order but is {rec['subscription_job_run_status']}"
+            allowed = (rec["id"] in waiting or rec["last_error_code"] in DECLINE_CODES
+                       or (rec["last_error_code"] or "").startswith("invalid:"))
+            assert allowed, f"record {rec['id']}: {rec['subscription_job_run_status']} {rec['last_error_code']}"
+    assert len(ledger.orders) == sum(r["subscription_job_run_status"] == "Successful" for r in records)
+
+    # Every fulfillment line reported at most once, and finished.
+    lines = await store.pool.fetch("SELECT * FROM line_item_fulfillments")
+    assert lines and all(line["efn_status"] in ("Completed", "Failed") for line in lines)
+    captured: Counter[str] = Counter()
+    for fulfillment in ledger.fulfillments.values():
+        for item in fulfillment["items"]:
+            if item.get("quantity"):
+                captured[item["itemId"]] += 1
+    assert max(captured.values()) == 1
+    assert {line["dr_order_item_id"] for line in lines if line["efn_status"] == "Completed"} <= set(captured)
+
+    # Nothing left claimed; no tick ran twice; the runs killed processes left behind were marked failed by a
+    # live one (a last drain, started after the dead nodes' heartbeats aged past NODE_LOST_SECONDS, reaps any
+    # left from the final kills).
+    for table in ("subscription_process_data", "fulfillments", "line_item_fulfillments"):
+        assert await store.pool.fetchval(f"SELECT count(*) FROM {table} WHERE locked_by IS NOT NULL") == 0
+    assert await store.pool.fetchval(
+        "SELECT count(*) FROM (SELECT job, fire_time FROM job_runs GROUP BY 1, 2 HAVING count(*) > 1) d") == 0
+    await asyncio.sleep(4)
+    code, _, err = await run_command(["drain"], env)
+    assert code == 0, err
+    assert await store.pool.fetchval("SELECT count(*) FROM job_runs WHERE status = 'running'") == 0
+    abandoned = await store.pool.fetchval("SELECT count(*) FROM job_runs WHERE error LIKE 'the engine process%'")
+    assert abandoned > 0
+    statuses = Counter(r["subscription_job_run_status"] for r in records)
+    print(f"\nsoak: {SOAK_SECONDS:.0f}s, {kills} kills, {len(records)} installments {dict(statuses)}, "
+          f"{len(ledger.orders)} orders, {len(lines)} fulfillment lines, {ledger.count_requests()} requests: "
+          f"{ledger.count_requests(status=500)} 500s, {ledger.count_requests(status=429)} 429s, "
+          f"{ledger.count_requests(status=0)} unanswered, {len(ledger.dropped_orders)} dropped after the order, "
+          f"{abandoned} runs abandoned by killed processes, duplicates: {len(ledger.duplicate_upstream_ids())}")
