@@ -212,7 +212,7 @@ class RecurringPayments(Job):
     async def run_once(self, run: Run) -> None:
         limit = self.settings.recurring_payment_process_query_limit
         batch = self.settings.recurring_payment_batch_size
-        leases = Leases(self.store, "subscription_process_data", self.settings.lease_seconds)
+        leases = self.leases("subscription_process_data")
         beat_stop = asyncio.Event()
         beat = asyncio.create_task(leases.heartbeat(beat_stop), name="recurring-payments:lease-heartbeat")
         in_flight: set[asyncio.Task[None]] = set()
@@ -272,6 +272,7 @@ class RecurringPayments(Job):
             run.succeeded += 1
         elif outcome.event in ("installment_failed", "installment_declined", "installment_crashed"):
             run.failed += 1
+        self.record_outcome(outcome.event)
         getattr(log, OUTCOME_LEVEL[outcome.event])(
             outcome.event, duration_ms=round((time.monotonic() - started) * 1000), **fields, **outcome.fields)
 

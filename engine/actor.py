@@ -119,6 +119,8 @@ class Supervisor:
         self.stop = stop or asyncio.Event()
         self.failed: str | None = None
         self.restarts: dict[str, list[float]] = {a.name: [] for a in actors}
+        # Which actors are running right now (False while one waits out its restart backoff): for /readyz.
+        self.running: dict[str, bool] = {a.name: False for a in actors}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
@@ -132,11 +134,15 @@ class Supervisor:
     async def _keep_running(self, actor: Actor[Any]) -> None:
         while not self.stop.is_set():
             try:
+                self.running[actor.name] = True
                 await actor.run()
+                self.running[actor.name] = False
                 return  # stopped on purpose
             except asyncio.CancelledError:
+                self.running[actor.name] = False
                 raise
             except Exception as exc:
+                self.running[actor.name] = False
                 now = self.clock()
                 history = [t for t in self.restarts[actor.name] if now - t < self.window_seconds]
                 history.append(now)

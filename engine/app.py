@@ -16,9 +16,11 @@ from engine import __version__
 from engine.actor import Actor, Supervisor
 from engine.database import open_database
 from engine.digital_river import DigitalRiverClient
+from engine.http import Health, HttpServer
 from engine.jobs import Job, Run, Services
 from engine.log_writer import LogWriter
 from engine.logs import AppLogSink, get_logger, install_app_log
+from engine.metrics import Metrics
 from engine.node import NodeHeartbeat
 from engine.scheduler import Scheduler
 from engine.settings import JOBS, Settings
@@ -53,21 +55,31 @@ class Engine:
         self.stop = asyncio.Event()
         self.app_log = AppLogSink(settings.app_log_level, settings.node_name)
         install_app_log(self.app_log)
+        self.metrics = Metrics(node_lost_seconds=settings.node_lost_seconds)
         dr = DigitalRiverClient.from_settings(settings, self.app_log) if settings.dr_api_key else None
+        if dr is not None:
+            dr.metrics = self.metrics
         self.dr = dr
-        self.services = Services(settings, store, self.app_log, self.stop, dr=dr)
+        self.services = Services(settings, store, self.app_log, self.stop, dr=dr, metrics=self.metrics)
         self.jobs = build_jobs(self.services)
         self.services.jobs = self.jobs
         on_live_nodes = getattr(dr, "set_share", None)
         self.node = NodeHeartbeat(store, __version__, on_live_nodes, lost_after=settings.node_lost_seconds)
         self.log_writer = LogWriter(store, self.app_log)
+        self.supervisor: Supervisor | None = None
+        self.metrics.set_in_flight_source(lambda: {name: job.in_flight() for name, job in self.jobs.items()})
+        self.metrics.set_queue_depth_source(
+            lambda: {a.name: a.inbox.qsize() for a in (self.supervisor.actors if self.supervisor else [])})
+        self.health = Health(store, lambda: dict(self.supervisor.running) if self.supervisor else {},
+                             lambda: dr is None or not dr.key_refused)
 
     def _supervisor(self, with_scheduler: bool) -> Supervisor:
         actors: list[Actor[Any]] = [self.node, self.log_writer, *self.jobs.values()]
         if with_scheduler:
             schedules = {name: job.schedule for name, job in self.settings.jobs.items()}
             actors.append(Scheduler(self.jobs, schedules, self.store))
-        return Supervisor(actors, stop=self.stop)
+        self.supervisor = Supervisor(actors, stop=self.stop)
+        return self.supervisor
 
     def _on_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -88,12 +100,25 @@ class Engine:
                 log.warning("job_not_built", job=name, detail="this engine version does not implement it yet")
         supervisor = self._supervisor(with_scheduler=True)
         self.services.autonomous = True
+        # In engine_nodes before anything else, so even a process stopped at once was seen.
+        await self.node.beat()
         self._on_signals()
-        log.info("engine_started", node=self.store.node, version=__version__,
-                 jobs=sorted(self.jobs), pid_node=self.settings.node_name)
-        async with self._dr_open():
-            await supervisor.run()
-            await supervisor.shutdown(self.settings.shutdown_grace_seconds)
+        log.info("engine_started", node=self.store.node, version=__version__, jobs=sorted(self.jobs))
+        http = HttpServer(self.settings.http_host, self.settings.http_port, self.metrics, self.health)
+        try:
+            await http.start()
+        except OSError as exc:
+            log.error("http_port_unavailable", host=self.settings.http_host, port=self.settings.http_port,
+                      error=str(exc), detail="set HTTP_HOST/HTTP_PORT to a free address (HTTP_PORT=0 picks one)")
+            return 1
+        log.info("http_listening", host=self.settings.http_host, port=http.port,
+                 paths=["/healthz", "/readyz", "/metrics"])
+        try:
+            async with self._dr_open():
+                await supervisor.run()
+                await supervisor.shutdown(self.settings.shutdown_grace_seconds)
+        finally:
+            await http.stop()
         log.info("engine_stopped", clean=supervisor.failed is None, reason=supervisor.failed)
         return 0 if supervisor.failed is None else 1
 
@@ -103,6 +128,7 @@ class Engine:
         supervisor = self._supervisor(with_scheduler=False)
         self.services.autonomous = False
         self.stop.clear()
+        await self.node.beat()
         self._on_signals()
         async with self._dr_open():
             supervising = asyncio.create_task(supervisor.run(), name="supervisor")

@@ -68,6 +68,7 @@ import enum
 import json
 import math
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -132,6 +133,19 @@ HARD_DECLINE_CODES = frozenset({
 })
 
 DEFAULT_RETRY_AFTER_429 = 1.0
+# What an answer may carry and still be kept. Digital River's words go into error messages, codes and log rows:
+# they are kept on one line and cut to these lengths. Ids and states longer than MAX_ID_CHARS are not ids (and
+# would not fit a btree index); amounts must fit numeric(18,2) and quantities an integer column.
+MAX_MESSAGE_CHARS = 500
+MAX_LABEL_CHARS = 100
+MAX_STR_CHARS = 1000
+MAX_ID_CHARS = 255
+MAX_AMOUNT = Decimal("1e15")  # numeric(18,2) holds 16 digits before the point; rounding must not reach them
+MAX_QUANTITY = 2**31 - 1
+# An error body larger than this (or nested deeper, or holding what PostgreSQL's jsonb refuses: \u0000 and
+# surrogate escapes) is kept for the application log as a text excerpt rather than as the parsed body.
+MAX_LOGGED_BODY_BYTES = 16_384
+MAX_LOGGED_DEPTH = 32
 # Requests are spaced evenly with no burst, at a little under the budget: Digital River counts requests per
 # second as they arrive, and sends that leave on time can still arrive bunched when the event loop is busy. At a
 # 250/s budget this sends at most 245/s (measured: no 429s against a strict fixed-window limiter).
@@ -184,12 +198,13 @@ class DigitalRiverError(Exception):
         path: str | None = None,
         response: Any = None,
     ) -> None:
-        self.message = redact_text(message)
+        # Every text here may come from Digital River (or a proxy in front of it): one line, cut, no secrets.
+        self.message = _one_line(message, MAX_MESSAGE_CHARS) or "no message"
         super().__init__(self.message)
         self.status = status
-        self.type = error_type
-        self.code = code
-        self.parameter = parameter
+        self.type = _label(error_type)
+        self.code = _label(code)
+        self.parameter = _label(parameter)
         self.method = method
         self.path = path
         # The parsed error body (or a short text excerpt), for the application log.
@@ -211,10 +226,24 @@ class DigitalRiverError(Exception):
         text = f"{text}: {self.message}" if text else self.message
         if self.attempts > 1:
             text += f" (after {self.attempts} attempts)"
-        return redact_text(text)
+        return _one_line(text, MAX_STR_CHARS)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
+
+
+def _one_line(text: str, limit: int) -> str:
+    """`text` redacted, on one printable line, at most `limit` characters."""
+    text = redact_text(text)[: limit * 4]
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else " " for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _label(value: str | None) -> str | None:
+    """A code, type or parameter name as kept on an error: short, one line, None when empty."""
+    return (_one_line(value, MAX_LABEL_CHARS) or None) if value else None
 
 
 class DeclinedError(DigitalRiverError):
@@ -346,6 +375,21 @@ def _missing(name: str, what: str = "lacks required field") -> MalformedResponse
                                   code="missing_field", parameter=name)
 
 
+def _invalid(name: str, why: str) -> MalformedResponseError:
+    return MalformedResponseError(f"response field {name!r} {why}", error_type="malformed_response",
+                                  code="invalid_field", parameter=name)
+
+
+def _id_text(value: Any) -> str | None:
+    """An id, state or code as text: a non-empty string of printable characters (or a whole number), not too
+    long to store and index. None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):  # an id sent as a number is still an id
+        value = str(value)
+    if isinstance(value, str) and value and len(value) <= MAX_ID_CHARS and value.isprintable():
+        return value
+    return None
+
+
 def _obj(value: Any, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _missing(name, "has no object at")
@@ -354,18 +398,25 @@ def _obj(value: Any, name: str) -> dict[str, Any]:
 
 def _req_str(obj: Mapping[str, Any], key: str, name: str) -> str:
     value = obj.get(key)
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):  # an id sent as a number is still an id
-        return str(value)
-    raise _missing(name)
+    text = _id_text(value)
+    if text is not None:
+        return text
+    if value is None or value == "":
+        raise _missing(name)
+    raise _invalid(name, f"is not an id of at most {MAX_ID_CHARS} printable characters")
 
 
 def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    return value if isinstance(value, str) else str(value)
+    """An optional id or state of an answer; a value that cannot be one (an object, a control character, a
+    megabyte of text) counts as absent rather than making the whole answer malformed."""
+    return _id_text(obj.get(key))
+
+
+def _req_currency(obj: Mapping[str, Any], key: str, name: str) -> str:
+    value = _req_str(obj, key, name)
+    if len(value) != 3 or not value.isascii() or not value.isalpha():
+        raise _invalid(name, "is not a three-letter currency code")
+    return value
 
 
 def _to_decimal(value: Any) -> Decimal | None:
@@ -374,16 +425,24 @@ def _to_decimal(value: Any) -> Decimal | None:
     if isinstance(value, (int, float, str)):
         try:
             result = Decimal(str(value))  # str() of a float is its shortest repr: 10.99, not 10.9900000001
-        except InvalidOperation:
+        except (InvalidOperation, ValueError):
             return None
-        return result if result.is_finite() else None
+        if not result.is_finite() or abs(result) >= MAX_AMOUNT:
+            return None
+        exponent = result.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -6:  # 1E-999999 is a number PostgreSQL will not read
+            result = result.quantize(Decimal("1e-6"))
+        return result
     return None
 
 
 def _req_money(obj: Mapping[str, Any], key: str, name: str) -> Decimal:
-    value = _to_decimal(obj.get(key))
+    raw = obj.get(key)
+    value = _to_decimal(raw)
     if value is None:
-        raise _missing(name)
+        if raw is None:
+            raise _missing(name)
+        raise _invalid(name, f"is not an amount below {MAX_AMOUNT:,.0f}")
     return value
 
 
@@ -391,24 +450,28 @@ def _opt_money(obj: Mapping[str, Any], key: str) -> Decimal | None:
     return _to_decimal(obj.get(key))
 
 
-def _req_int(obj: Mapping[str, Any], key: str, name: str) -> int:
-    value = obj.get(key)
+def _to_quantity(value: Any) -> int | None:
     if isinstance(value, bool):
-        raise _missing(name)
-    if isinstance(value, int):
-        return value
+        return None
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise _missing(name)
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_QUANTITY:
+        return value
+    return None
+
+
+def _req_int(obj: Mapping[str, Any], key: str, name: str) -> int:
+    raw = obj.get(key)
+    value = _to_quantity(raw)
+    if value is None:
+        if raw is None:
+            raise _missing(name)
+        raise _invalid(name, f"is not a whole number from 0 to {MAX_QUANTITY}")
+    return value
 
 
 def _opt_int(obj: Mapping[str, Any], key: str) -> int:
-    value = obj.get(key)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return 0
+    return _to_quantity(obj.get(key)) or 0
 
 
 def _tax_amount(item: Mapping[str, Any], name: str) -> Decimal:
@@ -448,7 +511,7 @@ def parse_checkout(body: Any) -> Checkout:
     session = payment.get("session") if isinstance(payment, dict) else None
     return Checkout(
         id=_req_str(body, "id", "id"),
-        currency=_req_str(body, "currency", "currency"),
+        currency=_req_currency(body, "currency", "currency"),
         subtotal=_req_money(body, "subtotal", "subtotal"),
         total_tax=_req_money(body, "totalTax", "totalTax"),
         total_amount=_req_money(body, "totalAmount", "totalAmount"),
@@ -482,7 +545,7 @@ def parse_order(body: Any, where: str = "") -> Order:
         checkout_id=_opt_str(body, "checkoutId"),
         upstream_id=_opt_str(body, "upstreamId"),
         customer_id=_opt_str(body, "customerId"),
-        currency=_req_str(body, "currency", f"{where}currency"),
+        currency=_req_currency(body, "currency", f"{where}currency"),
         subtotal=_req_money(body, "subtotal", f"{where}subtotal"),
         total_tax=_req_money(body, "totalTax", f"{where}totalTax"),
         total_amount=_req_money(body, "totalAmount", f"{where}totalAmount"),
@@ -600,24 +663,26 @@ class ClientStats:
 # The client
 
 
+# HTTP's delta-seconds (digits), plus a fraction, which the sandbox sends for fast tests. "-1", "1e3", "inf",
+# "nan" and "1_000" are garbage, not numbers.
+_DELTA_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+
+
 def parse_retry_after(value: str | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
     """Seconds to wait from a `Retry-After` header (delta seconds or an HTTP date); None when absent or garbage."""
     if not value:
         return None
     value = value.strip()
-    try:
+    if _DELTA_SECONDS.fullmatch(value):
         seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
+        return seconds if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         return max(0.0, (when - now()).total_seconds())
-    if not math.isfinite(seconds) or seconds < 0:
+    except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: year 99999999999
         return None
-    return seconds
 
 
 class DigitalRiverClient:
@@ -667,6 +732,10 @@ class DigitalRiverClient:
             self._headers["digitalriver-version"] = api_version
         self._urls: dict[str, URL] = {}
         self._session: aiohttp.ClientSession | None = None
+        # The engine's Metrics (engine.metrics), when it has one: every answer's endpoint, status and latency.
+        self.metrics: Any = None
+        # Whether the last answer was a 401/403: /readyz reports it; any 2xx clears it (a rotated key recovers).
+        self.key_refused = False
         self._log: Any = None
 
     @classmethod
@@ -786,12 +855,12 @@ class DigitalRiverClient:
         while True:
             attempt += 1
             try:
-                status, answer = await self._attempt(method, path, endpoint, data, params,
-                                                     create_order=not retry)
+                status, answer, raw = await self._attempt(method, path, endpoint, data, params,
+                                                          create_order=not retry)
                 try:
                     return parse(answer)
                 except MalformedResponseError as exc:
-                    exc.status, exc.response = status, answer
+                    exc.status, exc.response = status, _loggable(answer, raw)
                     raise
             except DigitalRiverError as exc:
                 exc.method, exc.attempts = method, attempt
@@ -816,14 +885,16 @@ class DigitalRiverClient:
         return self._rng.uniform(0.0, ceiling)
 
     async def _attempt(self, method: str, path: str, endpoint: str, data: bytes | None,
-                       params: dict[str, str] | None, *, create_order: bool) -> tuple[int, Any]:
-        """One request: its status and decoded JSON body, or the classified error."""
+                       params: dict[str, str] | None, *, create_order: bool) -> tuple[int, Any, bytes]:
+        """One request: its status, decoded JSON body and raw body, or the classified error."""
         session = self._session
         if session is None:
             raise RuntimeError("DigitalRiverClient is not started: use `async with client:` or `await start()`")
         waited = await self.bucket.acquire()
         if waited:
             self.stats.rate_limit_wait_seconds += waited
+            if self.metrics is not None:
+                self.metrics.rate_limit_wait(waited)
         headers = self._headers.copy()
         headers["upstream-id"] = str(uuid.uuid4())
         started = time.perf_counter()
@@ -836,25 +907,32 @@ class DigitalRiverClient:
                 content_type = response.content_type
         except TimeoutError:
             self.stats.requests[(endpoint, "timeout")] += 1
+            if self.metrics is not None:
+                self.metrics.dr_request(endpoint, None, time.perf_counter() - started)
             self._log.debug("dr_request", method=method, path=path, status=None, error="timeout",
                             ms=_ms(started))
             raise TransientError(f"no answer within {self.timeout_seconds:g} s", code="timeout",
                                  path=path) from None
         except aiohttp.ClientError as exc:
             self.stats.requests[(endpoint, "connection_error")] += 1
+            if self.metrics is not None:
+                self.metrics.dr_request(endpoint, None, time.perf_counter() - started)
             self._log.debug("dr_request", method=method, path=path, status=None, error="connection_error",
                             ms=_ms(started))
             # `from None`: some aiohttp errors carry the request's headers, Authorization included.
             raise TransientError(f"connection failed: {type(exc).__name__}: {exc}", code="connection_error",
                                  path=path) from None
         self.stats.requests[(endpoint, str(status))] += 1
+        if self.metrics is not None:
+            self.metrics.dr_request(endpoint, status, time.perf_counter() - started)
         self._log.debug("dr_request", method=method, path=path, status=status, ms=_ms(started))
         if 200 <= status < 300:
+            self.key_refused = False
             if not raw:
                 raise MalformedResponseError(f"HTTP {status} with an empty body", status=status, path=path,
                                              error_type="malformed_response", code="empty_body")
             try:
-                return status, json.loads(raw)
+                return status, _decode(raw), raw
             except ValueError:
                 raise MalformedResponseError(_non_json(status, content_type, raw), status=status, path=path,
                                              error_type="malformed_response", code="not_json",
@@ -867,16 +945,17 @@ class DigitalRiverClient:
         error_type = code = parameter = None
         response: Any
         try:
-            response = json.loads(raw) if raw else None
+            response = _decode(raw) if raw else None
         except ValueError:
             response = None
         if isinstance(response, dict):
-            error_type = _opt_str(response, "type")
+            error_type = _text(response, "type")
             errors = response.get("errors")
             first = errors[0] if isinstance(errors, list) and errors and isinstance(errors[0], dict) else {}
-            code = _opt_str(first, "code")
-            parameter = _opt_str(first, "parameter")
-            message = _opt_str(first, "message") or _opt_str(response, "message") or f"HTTP {status}"
+            code = _text(first, "code")
+            parameter = _text(first, "parameter")
+            message = _text(first, "message") or _text(response, "message") or f"HTTP {status}"
+            response = _loggable(response, raw)
         elif raw and response is None:
             message = _non_json(status, content_type, raw)
             response = _excerpt(raw)
@@ -888,11 +967,16 @@ class DigitalRiverClient:
             retry_after = parse_retry_after(retry_after_header)
             pause = DEFAULT_RETRY_AFTER_429 if retry_after is None else retry_after
             self.stats.rate_limited += 1
-            self.bucket.pause(pause)
+            if self.metrics is not None:
+                self.metrics.rate_limited()
+            # Every caller waits out the pause, so it is bounded: a Retry-After of a year (or of 1e300) must not
+            # freeze the process. Past backoff_max the records' own backoff takes over.
+            self.bucket.pause(min(pause, self.backoff_max))
             return TransientError(message, retry_after=pause, **kwargs)
         if status == 408 or status >= 500:
             return TransientError(message, retry_after=parse_retry_after(retry_after_header), **kwargs)
         if status in (401, 403):
+            self.key_refused = True
             return AuthError(message, **kwargs)
         if status == 404:
             return NotFoundError(message, **kwargs)
@@ -935,5 +1019,61 @@ def _non_json(status: int, content_type: str, raw: bytes) -> str:
     return f"HTTP {status} with a non-JSON body ({content_type or 'no content type'}, {len(raw)} bytes)"
 
 
-def _excerpt(raw: bytes, limit: int = 2000) -> str:
-    return redact_text(raw[:limit].decode("utf-8", "replace"))
+def _decode(raw: bytes) -> Any:
+    """JSON from a body; ValueError for anything that is not (nesting too deep for the parser included)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _text(obj: Mapping[str, Any], key: str) -> str | None:
+    """A field of an error body as text (DigitalRiverError makes it one short line); None unless a scalar."""
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    return str(value)
+
+
+# What PostgreSQL's jsonb refuses: NUL and lone surrogates in strings, and their escapes in a JSON text (pairs
+# of surrogate escapes are replaced too, which costs an excerpt an emoji at worst).
+_UNSTORABLE_CHARS = re.compile("[\x00\ud800-\udfff]")
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(0000|[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _loggable(value: Any, raw: bytes) -> Any:
+    """A body as the application log keeps it: the parsed value when it is small, shallow and storable, else a
+    text excerpt of the raw body."""
+    if len(raw) <= MAX_LOGGED_BODY_BYTES and _storable(value):
+        return value
+    return _excerpt(raw)
+
+
+def _storable(value: Any) -> bool:
+    """Whether `value` nests no deeper than MAX_LOGGED_DEPTH (redaction and jsonb both walk it recursively) and
+    holds nothing PostgreSQL's jsonb refuses."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE_CHARS.search(item):
+                return False
+        elif isinstance(item, float):
+            if not math.isfinite(item):  # NaN and Infinity: Python reads them, JSON (and jsonb) has no such thing
+                return False
+        elif depth >= MAX_LOGGED_DEPTH:
+            if isinstance(item, (dict, list)):
+                return False
+        elif isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _excerpt(raw: bytes, limit: int = 2000) -> dict[str, Any]:
+    """The start of a body that is not kept whole, as `{"excerpt": text, "bytes": size}`: an object rather than
+    the bare text, so nothing downstream takes a prefix of a JSON text for JSON and parses it."""
+    text = raw[:limit].decode("utf-8", "replace").replace("\x00", " ")
+    return {"excerpt": redact_text(_UNSTORABLE_ESCAPE.sub(r"\\ufffd", text)), "bytes": len(raw)}

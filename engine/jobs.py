@@ -21,8 +21,9 @@ import structlog
 
 from engine.actor import Actor
 from engine.logs import AppLogSink, get_logger, redact_text
+from engine.metrics import Metrics
 from engine.settings import Settings
-from engine.store import Store
+from engine.store import Leases, Store
 
 log = get_logger(component="jobs")
 # How long a job trusts its last look at job_controls before asking again (pause takes effect within this).
@@ -63,6 +64,7 @@ class Services:
     app_log: AppLogSink
     stopping: asyncio.Event
     dr: Any = None  # engine.digital_river.DigitalRiverClient once a job needs it
+    metrics: Metrics = field(default_factory=Metrics)
     jobs: dict[str, Job] = field(default_factory=dict)
     # True under `serve`: jobs may start each other's runs. `run JOB` and `drain` drive every run themselves.
     autonomous: bool = False
@@ -84,6 +86,7 @@ class Job(Actor[RunRequest]):
         self.running: Run | None = None
         self._paused = False
         self._pause_checked = -PAUSE_CHECK_SECONDS
+        self._leases: list[Leases] = []
 
     @property
     def stop_requested(self) -> bool:
@@ -135,6 +138,7 @@ class Job(Actor[RunRequest]):
             return
         run = Run(run_id, self.job_name, message.fire_time, message.trigger)
         self.running = run
+        self._leases = []
         structlog.contextvars.bind_contextvars(job=self.job_name, run_id=run_id)
         log.info("job_run_started", fire_time=message.fire_time.isoformat(), trigger=message.trigger)
         try:
@@ -154,9 +158,25 @@ class Job(Actor[RunRequest]):
         if message.done and not message.done.done():
             message.done.set_result(run)
 
+    def leases(self, table: str) -> Leases:
+        """A claim primitive for `table`, reporting lost leases to the metrics, counted in `in_flight`."""
+        leases = Leases(self.store, table, self.settings.lease_seconds, on_lost=self.services.metrics.lease_lost)
+        self._leases.append(leases)
+        return leases
+
+    def in_flight(self) -> int:
+        """Records of this job in flight on this process now (for /metrics)."""
+        return sum(len(lease.in_flight) for lease in self._leases)
+
+    def record_outcome(self, outcome: str) -> None:
+        """Count one record's outcome (the event name of its one log line) for /metrics."""
+        self.services.metrics.record_outcome(self.job_name, outcome)
+
     async def _finish(self, run: Run) -> None:
         await self.store.execute("finish_job_run", run.id, run.status, run.claimed, run.succeeded, run.failed,
                                  run.error)
+        self.services.metrics.run_finished(run.job, run.status, run.claimed, run.succeeded, run.failed,
+                                           time.monotonic() - run.started)
         log.info("job_run_finished", status=run.status, claimed=run.claimed, succeeded=run.succeeded,
                  failed=run.failed, duration_ms=round((time.monotonic() - run.started) * 1000), error=run.error)
 

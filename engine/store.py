@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +142,14 @@ class LeaseLost(Exception):
 class Leases:
     """Claims rows of one leased table for this node and keeps their leases alive while in flight."""
 
-    def __init__(self, store: Store, table: str, lease_seconds: int) -> None:
+    def __init__(self, store: Store, table: str, lease_seconds: int,
+                 on_lost: Callable[[str, int], None] | None = None) -> None:
         if table not in LEASED_TABLES:
             raise ValueError(f"{table!r} is not a leased table")
         self.store = store
         self.table = table
         self.lease_seconds = lease_seconds
+        self.on_lost = on_lost
         self.in_flight: set[int] = set()
         self.lost: set[int] = set()
 
@@ -183,6 +185,8 @@ class Leases:
         if lost:
             self.lost.update(lost)
             log.warning("lease_lost", table=self.table, ids=sorted(lost)[:20], count=len(lost))
+            if self.on_lost is not None:
+                self.on_lost(self.table, len(lost))
 
     def check(self, row_id: int) -> None:
         """Raise LeaseLost if this node's lease on the row was found gone (checked before a final write)."""

@@ -27,6 +27,8 @@ def engine_env(database_url: str | None, **overrides: str) -> dict[str, str]:
         "DR_API_URL": "http://127.0.0.1:9",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "info",
+        # Several engines run at once in tests: each takes a free port for /healthz, /readyz, /metrics.
+        "HTTP_PORT": "0",
         "PYTHONUNBUFFERED": "1",
     })
     for job in JOBS:

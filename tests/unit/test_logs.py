@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -13,10 +14,12 @@ SECRET = "sk_test_SuperSecret123456"
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> None:
+def _reset() -> Iterator[None]:
     yield
     install_app_log(None)
     structlog.contextvars.clear_contextvars()
+    # configure() bound pytest's captured stdout, which closes after the test.
+    structlog.reset_defaults()
 
 
 def lines(capsys: pytest.CaptureFixture[str]) -> list[dict]:  # type: ignore[type-arg]
