@@ -19,6 +19,7 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
     now = now or datetime.now(UTC)
     last_runs = {r["job"]: r for r in await store.fetch("status_last_runs")}
     paused = {r["job"]: r for r in await store.fetch("paused_jobs")}
+    oldest_due = {r["job"]: r["age"] for r in await store.fetch("metrics_oldest_due")}
     jobs = []
     for name in JOBS:
         schedule = settings.jobs[name].schedule
@@ -33,6 +34,7 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
             "schedule_description": schedule.describe(),
             "next_fire_time": _iso(schedule.next_after(now)),
             "concurrency": settings.jobs[name].concurrency,
+            "oldest_due_seconds": None if oldest_due.get(name) is None else round(oldest_due[name], 1),
             "last_run": None if last is None else {
                 "fire_time": _iso(last["fire_time"]),
                 "trigger": last["trigger"],
@@ -75,7 +77,9 @@ def render_text(data: dict[str, Any]) -> str:
                 last_text += f" {last['duration_seconds']}s"
         name = job["job"] + ("" if job["built"] else " (not built)") + (" (PAUSED)" if job["paused"] else "")
         lines.append(f"  {name:<38} {job['schedule']:<16} {(job['next_fire_time'] or 'never')[:25]:<26} {last_text}")
-        lines.append(f"  {'':<38} {job['schedule_description']}")
+        due = job["oldest_due_seconds"]
+        lines.append(f"  {'':<38} {job['schedule_description']}; "
+                     + ("nothing due" if due is None else f"oldest due record waiting {_age(due)}"))
         if job["paused"]:
             lines.append(f"  {'':<38} paused by {job['paused_by']} at {job['paused_at'][:19]}")
     lines += ["", "RECORDS"]
@@ -90,6 +94,16 @@ def render_text(data: dict[str, Any]) -> str:
         state = "live" if node["live"] else ("stopped" if node["stopped_at"] else "lost")
         lines.append(f"  {node['name']:<30} {state:<8} heartbeat {node['heartbeat_at'][:19]}  pid {node['pid']}")
     return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
 
 
 def render_json(data: dict[str, Any]) -> str:

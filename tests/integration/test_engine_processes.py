@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import json
 import signal
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -120,3 +120,23 @@ async def test_serve_on_the_embedded_default_logs_next_fire_times_and_stops_on_c
         engine.signal(signal.SIGINT)
         assert await engine.wait() == 0, engine.stderr
     assert (tmp_path / "data" / "pg").is_dir()
+
+
+async def test_status_shows_records_by_status_oldest_due_age_and_live_nodes(database_url: str, store: Store) -> None:
+    from tests.integration.factories import process_records, subscription
+
+    sub = await subscription(store)
+    await process_records(store, sub, 2, next_attempt_at=datetime.now(UTC) - timedelta(minutes=10))
+    await store.pool.execute("UPDATE subscription_process_data SET subscription_job_run_status = 'Failed' "
+                             "WHERE installment_number = 2")
+    await store.pool.execute("INSERT INTO engine_nodes (name, heartbeat_at) VALUES ('alive-node', now()), "
+                             "('dead-node', now() - interval '1 hour')")
+    code, out, err = await run_command(["status", "--json"], engine_env(database_url))
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["records"]["subscription_process_data"] == {"Failed": 1, "Open": 1}
+    payments = next(j for j in data["jobs"] if j["job"] == "recurring-payments")
+    assert 590 < payments["oldest_due_seconds"] < 900
+    assert {n["name"]: n["live"] for n in data["nodes"]} == {"alive-node": True, "dead-node": False}
+    code, text, _ = await run_command(["status"], engine_env(database_url))
+    assert "oldest due record waiting 10m" in text and "alive-node" in text
