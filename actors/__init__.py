@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from actors.line_item_fulfillment import LineItemFulfillment
 from actors.log_cleanup import LogCleanup
+from actors.order_fulfillment import OrderFulfillment
 from actors.recurring_payments import RecurringPayments
 from actors.subscription_installments import SubscriptionInstallments
 from engine.jobs import Job, Services
@@ -11,6 +13,8 @@ from engine.jobs import Job, Services
 JOB_CLASSES: dict[str, type[Job]] = {
     SubscriptionInstallments.job_name: SubscriptionInstallments,
     RecurringPayments.job_name: RecurringPayments,
+    OrderFulfillment.job_name: OrderFulfillment,
+    LineItemFulfillment.job_name: LineItemFulfillment,
     LogCleanup.job_name: LogCleanup,
 }
 

@@ -402,7 +402,7 @@ class RecurringPayments(Job):
             request={"checkoutId": rec["dr_checkout_id"], "upstreamId": rec["upstream_id"]},
             response=error.response if error else None)
         return Outcome("installment_declined" if decline and status == "Open" else "installment_failed", {
-            "status": status, "code": code, "reason": message, "retry_count": attempts})
+            "status": status, "code": code, "reason": message, "retry_count": attempts, "app_logged": True})
 
     async def _postpone(self, rec: asyncpg.Record, event: str, code: str, message: str, *, outage: bool = False,
                         until: datetime | None = None) -> Outcome:
@@ -416,7 +416,8 @@ class RecurringPayments(Job):
             raise LeaseLost(f"record {rec['id']} lease lost before it was postponed")
         if outage:
             self.services.app_log.write("WARN", self.job_name, f"{event}: {message}", record_id=rec["id"])
-        return Outcome(event, {"code": code, "reason": message, "next_attempt_at": until.isoformat()})
+        return Outcome(event, {"code": code, "reason": message, "next_attempt_at": until.isoformat(),
+                               "app_logged": outage})
 
 
 def _dr_message(exc: DigitalRiverError) -> str:

@@ -100,9 +100,9 @@ class Engine:
                 log.warning("job_not_built", job=name, detail="this engine version does not implement it yet")
         supervisor = self._supervisor(with_scheduler=True)
         self.services.autonomous = True
+        self._on_signals()
         # In engine_nodes before anything else, so even a process stopped at once was seen.
         await self.node.beat()
-        self._on_signals()
         log.info("engine_started", node=self.store.node, version=__version__, jobs=sorted(self.jobs))
         http = HttpServer(self.settings.http_host, self.settings.http_port, self.metrics, self.health)
         try:
@@ -128,8 +128,8 @@ class Engine:
         supervisor = self._supervisor(with_scheduler=False)
         self.services.autonomous = False
         self.stop.clear()
-        await self.node.beat()
         self._on_signals()
+        await self.node.beat()
         async with self._dr_open():
             supervising = asyncio.create_task(supervisor.run(), name="supervisor")
             try:

@@ -3,7 +3,8 @@
 - `configure()` sets structlog up once per process: JSON lines on stdout (or the console renderer), ISO UTC
   timestamps, ids bound with `bind_contextvars` (actor, job, run, record), and `redact` applied to every event
   so no call site can leak a secret.
-- Events at or above `APP_LOG_LEVEL` are also handed to the `AppLogSink`, a bounded in-memory buffer that the
+- Events at or above `APP_LOG_LEVEL` (except those logged with `app_logged=True`, whose caller wrote its own
+  row with the request and response) are also handed to the `AppLogSink`, a bounded in-memory buffer that the
   log-writer actor flushes into `application_logs` in batches. Handing over never blocks: when the buffer is
   full the row is dropped and counted (`dropped`), and the writer reports the count.
 """
@@ -159,6 +160,9 @@ def _redact_event(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Muta
 
 
 def _forward_to_app_log(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # `app_logged=True`: the caller wrote its own, richer application_logs row (request and response) already.
+    if event_dict.pop("app_logged", False):
+        return event_dict
     sink = _sink
     if sink is None:
         return event_dict

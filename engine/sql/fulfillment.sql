@@ -80,17 +80,18 @@ RETURNING id;
 
 -- name: orders_awaiting_acceptance
 -- line-item-fulfillment: up to $1 orders with due lines whose state is pending_payment, in_review or unknown,
--- least recently touched first: their state is asked of Digital River once per run.
+-- least recently touched first: their state is asked of Digital River once per run. Found from the due lines,
+-- so the cost follows the backlog, not the history of orders.
 SELECT f.id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id,
        coalesce(f.dr_order_state, o.dr_order_state) AS dr_order_state
   FROM fulfillments f
   JOIN orders o ON o.id = f.order_id
- WHERE NOT f.ofi_received
+ WHERE f.id IN (SELECT l.fulfillment_id FROM line_item_fulfillments l
+                 WHERE l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now())
+   AND NOT f.ofi_received
    AND coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NOT NULL
    AND (coalesce(f.dr_order_state, o.dr_order_state) IS NULL
         OR coalesce(f.dr_order_state, o.dr_order_state) IN ('pending_payment', 'in_review'))
-   AND EXISTS (SELECT 1 FROM line_item_fulfillments l
-                WHERE l.fulfillment_id = f.id AND l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now())
  ORDER BY f.updated_at, f.id
  LIMIT $1;
 
@@ -100,31 +101,46 @@ UPDATE fulfillments SET dr_order_state = $2 WHERE id = $1;
 
 -- name: claim_line_item_orders
 -- line-item-fulfillment: lease up to $2 orders that have due, unleased lines and that Digital River accepted
--- (or that have no Digital River id, so their lines can be failed), oldest due line first. The order's lease
--- is re-checked on the locked row, so two claimers never both get one order.
-WITH due AS (
-    SELECT l.fulfillment_id, min(l.next_attempt_at) AS first_due
+-- (or that have no Digital River id, so their lines can be failed), oldest due line first, as long as their due
+-- lines fit in the run's remaining budget of $4 lines; when $5, the first order is taken even if it alone has
+-- more (the only order a run splits). Candidates come from walking the due-lines index (the order check is a
+-- subquery so the planner keeps that walk and stops early): the cost follows what is claimed, not the backlog.
+-- The order's lease is re-checked on each locked row, so two claimers never both get one order.
+WITH candidates AS (
+    SELECT l.fulfillment_id, l.next_attempt_at
       FROM line_item_fulfillments l
      WHERE l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
        AND (l.locked_until IS NULL OR l.locked_until < now())
-     GROUP BY l.fulfillment_id
+       AND (SELECT (f.locked_until IS NULL OR f.locked_until < now())
+                   AND (coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
+                        OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
+                        OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL)
+              FROM fulfillments f JOIN orders o ON o.id = f.order_id
+             WHERE f.id = l.fulfillment_id)
+     ORDER BY l.next_attempt_at, l.id
+     LIMIT $2 * 16
 ), picked AS (
-    SELECT f.id
-      FROM due
-      JOIN fulfillments f ON f.id = due.fulfillment_id
-      JOIN orders o ON o.id = f.order_id
-     WHERE (f.locked_until IS NULL OR f.locked_until < now())
-       AND (coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
-            OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
-            OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL)
-     ORDER BY due.first_due, f.id
+    SELECT f.id, c.first_due
+      FROM (SELECT fulfillment_id, min(next_attempt_at) AS first_due FROM candidates GROUP BY fulfillment_id) c
+      JOIN fulfillments f ON f.id = c.fulfillment_id
+     WHERE f.locked_until IS NULL OR f.locked_until < now()
+     ORDER BY c.first_due, f.id
      LIMIT $2
        FOR UPDATE OF f SKIP LOCKED
+), fitting AS (
+    SELECT p.id, sum(n.lines) OVER w AS running, row_number() OVER w AS position
+      FROM picked p
+     CROSS JOIN LATERAL (SELECT count(*) AS lines
+                           FROM line_item_fulfillments l
+                          WHERE l.fulfillment_id = p.id AND l.efn_status IN ('Open', 'Pending')
+                            AND l.next_attempt_at <= now()
+                            AND (l.locked_until IS NULL OR l.locked_until < now())) n
+    WINDOW w AS (ORDER BY p.first_due, p.id)
 )
 UPDATE fulfillments t
    SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
-  FROM picked
- WHERE t.id = picked.id
+  FROM fitting
+ WHERE t.id = fitting.id AND (fitting.running <= $4 OR (fitting.position = 1 AND $5::boolean))
 RETURNING t.id;
 
 -- name: claim_order_lines

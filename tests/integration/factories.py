@@ -84,3 +84,29 @@ async def _insert(conn: object, table: str, values: dict[str, object]) -> int:
     params = ", ".join(f"${i}" for i in range(1, len(values) + 1))
     return int(await conn.fetchval(  # type: ignore[attr-defined]
         f"INSERT INTO {table} ({names}) VALUES ({params}) RETURNING id", *values.values()))
+
+
+async def fulfillment_order(store: Store, *, dr_order_id: str | None, items: list[dict[str, object]],
+                            lines: list[dict[str, object]] | None = None, order_state: str | None = None,
+                            **fulfillment: object) -> tuple[int, list[int], int, list[int]]:
+    """An order with its items, its `fulfillments` row and line-item fulfillments, as an ERP would write them.
+
+    `items` are order_items columns (`quantity`, `dr_order_item_id`, …); each of `lines` is line_item_fulfillments
+    columns plus `item`, the index in `items` of its order item (absent or None: no order item). `fulfillment`
+    overrides the fulfillments row's columns (by default `dr_order_id` as the order's and `dr_order_state`
+    'accepted'). Returns the ids written: (order, [order items], fulfillment, [lines]).
+    """
+    async with store.pool.acquire() as conn:
+        order = await _insert(conn, "orders", {"dr_order_id": dr_order_id, "dr_order_state": order_state,
+                                               "currency": "USD"})
+        item_ids = [await _insert(conn, "order_items", {"order_id": order, "unit_price": 10} | item) for item in items]
+        ful = await _insert(conn, "fulfillments", {"order_id": order, "dr_order_id": dr_order_id,
+                                                   "dr_order_state": "accepted"} | fulfillment)
+        line_ids = []
+        for line in lines or []:
+            values = {k: v for k, v in line.items() if k != "item"}
+            index = line.get("item")
+            if isinstance(index, int):
+                values["order_item_id"] = item_ids[index]
+            line_ids.append(await _insert(conn, "line_item_fulfillments", {"fulfillment_id": ful} | values))
+    return order, item_ids, ful, line_ids

@@ -1,0 +1,318 @@
+"""Digital River line-item fulfillment: report fulfilled and cancelled lines, one POST /fulfillments per order.
+
+Each run first asks Digital River (`GET /orders/{id}`, once per order per run) for the state of orders whose
+due lines wait on acceptance (`pending_payment`, `in_review`, or no state known) and stores the answer on
+`fulfillments.dr_order_state`; their lines keep waiting, and no attempt is counted.
+
+It then takes `line_item_fulfillments` in `Open` or `Pending` whose `next_attempt_at` has come and whose order
+Digital River accepted (`dr_order_state = 'accepted'`, or `ofi_received`): at most FULFILLMENT_QUERY_LIMIT lines
+per run and LINE_ITEM_FULFILLMENT_CONCURRENCY orders in flight. Whole orders are claimed: the order's
+`fulfillments` row is leased first (the lock order-fulfillment takes too), then its due lines, and an order
+whose lines do not fit in what is left of the run's limit waits for the next run (only an order with more due
+lines than the whole limit is split, over several runs). All the lines of an order go in one
+`POST /fulfillments` (`quantity` = fulfill_quantity, `cancelQuantity` = cancel_quantity, `itemId` = the line's
+Digital River item id, else its order item's); lines with different tracking details go in one request per
+tracking, one after the other. Success: each line `Completed` with the `ful_…` id.
+
+Lines that cannot be sent (quantities that are negative, both zero or more than the order item's quantity; no
+Digital River item id; an order item of another order; an order without a Digital River id) are `Failed` with a
+message naming the field, and the order's other lines still go. Every other outcome is as in
+`order_fulfillment` (`send_fulfillment`): already done → `Completed`, 409 `quantity_too_large` / 400 →
+`Failed`, transient → `Pending` with backoff until FULFILLMENT_RETRY_LIMIT, 401/403 → the run stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from actors.order_fulfillment import Sent, dr_message, retry_delay, send_fulfillment
+from engine.digital_river import AuthError, DigitalRiverClient, DigitalRiverError
+from engine.jobs import Job, Run
+from engine.logs import get_logger
+from engine.store import Leases
+
+log = get_logger(component="line_item_fulfillment")
+
+# One structured line per record outcome (and per order state asked of Digital River); the level for each is
+# chosen here and nowhere else.
+OUTCOME_LEVEL = {
+    "line_item_sent": "info",
+    "line_item_already_done": "info",
+    "line_item_failed": "error",
+    "line_item_retrying": "warning",
+    "line_item_key_refused": "error",
+    "line_item_lease_lost": "warning",
+    "line_item_crashed": "error",
+    "order_state_refreshed": "info",
+    "order_state_refresh_failed": "warning",
+}
+SUCCEEDED = frozenset({"line_item_sent", "line_item_already_done"})
+FAILED = frozenset({"line_item_failed", "line_item_retrying", "line_item_crashed"})
+TRACKING = (("tracking_company", "trackingCompany"), ("tracking_number", "trackingNumber"),
+            ("tracking_url", "trackingUrl"))
+
+
+@dataclass
+class Verdict:
+    """How one line ends: what is written for it, what goes to application_logs, and its log line."""
+
+    event: str
+    status: str = ""
+    retry_add: int = 0
+    message: str | None = None
+    fulfillment_id: str | None = None
+    next_attempt_at: datetime | None = None
+    app_level: str | None = None  # ERROR or WARN: a failure for application_logs
+    error: DigitalRiverError | None = None
+    request: Any = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def line_problem(line: asyncpg.Record) -> str | None:
+    """Why this line can never be sent, naming the field; None when it can."""
+    if not line["dr_order_id"]:
+        return "fulfillments.dr_order_id is empty and so is orders.dr_order_id: no Digital River order to fulfil"
+    if line["order_item_id"] is not None and line["item_found"] is None:
+        return f"line_item_fulfillments.order_item_id {line['order_item_id']} does not exist"
+    if line["item_found"] is not None and line["item_order_id"] != line["order_id"]:
+        return (f"line_item_fulfillments.order_item_id {line['order_item_id']} belongs to order "
+                f"{line['item_order_id']}, not to this fulfillment's order {line['order_id']}")
+    if not line["dr_item_id"]:
+        return "line_item_fulfillments.dr_order_item_id is empty and so is order_items.dr_order_item_id"
+    fulfil, cancel = line["fulfill_quantity"], line["cancel_quantity"]
+    if fulfil is None or fulfil < 0:
+        return f"line_item_fulfillments.fulfill_quantity must be zero or more, got {fulfil}"
+    if cancel is None or cancel < 0:
+        return f"line_item_fulfillments.cancel_quantity must be zero or more, got {cancel}"
+    if fulfil == 0 and cancel == 0:
+        return "line_item_fulfillments.fulfill_quantity and cancel_quantity are both 0: nothing to report"
+    if line["item_quantity"] is not None and fulfil + cancel > line["item_quantity"]:
+        return (f"line_item_fulfillments.fulfill_quantity + cancel_quantity ({fulfil} + {cancel}) exceed "
+                f"order_items.quantity ({line['item_quantity']}) of order item {line['order_item_id']}")
+    return None
+
+
+def line_entry(line: asyncpg.Record) -> dict[str, Any]:
+    """The line as one item of a POST /fulfillments body."""
+    entry: dict[str, Any] = {"itemId": line["dr_item_id"]}
+    if line["fulfill_quantity"]:
+        entry["quantity"] = line["fulfill_quantity"]
+    if line["cancel_quantity"]:
+        entry["cancelQuantity"] = line["cancel_quantity"]
+    return entry
+
+
+def tracking(line: asyncpg.Record) -> dict[str, str]:
+    """The line's tracking details as POST /fulfillments fields (only those it has)."""
+    return {key: line[column] for column, key in TRACKING if line[column]}
+
+
+class LineItemFulfillment(Job):
+    job_name = "line-item-fulfillment"
+
+    @property
+    def dr(self) -> DigitalRiverClient:
+        client: DigitalRiverClient = self.services.dr
+        return client
+
+    async def due_count(self) -> int:
+        return int(await self.store.fetchval("count_due_line_items"))
+
+    async def run_once(self, run: Run) -> None:
+        self.key_refused = False
+        await self._refresh_states()
+        limit = self.settings.fulfillment_query_limit
+        orders = self.leases("fulfillments")
+        lines = self.leases("line_item_fulfillments")
+        beat_stop = asyncio.Event()
+        beats = [asyncio.create_task(leases.heartbeat(beat_stop), name=f"line-item-fulfillment:{leases.table}-beat")
+                 for leases in (orders, lines)]
+        in_flight: set[asyncio.Task[None]] = set()
+        taken = 0
+        try:
+            while taken < limit and not self.key_refused and await self.may_claim():
+                free = self.concurrency - len(in_flight)
+                if free <= 0:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                claimed = [r["id"] for r in await orders.claim("claim_line_item_orders", free, limit - taken,
+                                                                    taken == 0)]
+                if not claimed:
+                    break
+                rows = await lines.claim("claim_order_lines", limit - taken, claimed)
+                with_lines = {r["fulfillment_id"] for r in rows}
+                await orders.release([i for i in claimed if i not in with_lines])
+                if not rows:
+                    continue
+                taken += len(rows)
+                run.claimed += len(rows)
+                by_order: dict[int, list[asyncpg.Record]] = {}
+                for line in await self.store.fetch("line_item_details", [r["id"] for r in rows]):
+                    by_order.setdefault(line["fulfillment_id"], []).append(line)
+                for fulfillment_id, order_lines in by_order.items():
+                    task = asyncio.create_task(self._process(run, orders, lines, fulfillment_id, order_lines),
+                                               name=f"line-items:{fulfillment_id}")
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            if in_flight:
+                await asyncio.wait(in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            beat_stop.set()
+            await asyncio.shield(self._release(orders, lines, beats))
+        if self.key_refused:
+            raise AuthError("Digital River refused the API key (401/403); the run stopped claiming")
+
+    async def _release(self, orders: Leases, lines: Leases, beats: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*beats)
+        await lines.release()
+        await orders.release()
+
+    # -- orders waiting for acceptance ------------------------------------------------------------------------
+
+    async def _refresh_states(self) -> None:
+        """Ask Digital River once for the state of each order whose due lines wait on acceptance."""
+        rows = await self.store.fetch("orders_awaiting_acceptance", self.settings.fulfillment_query_limit)
+        if not rows:
+            return
+        slots = asyncio.Semaphore(self.concurrency)
+        async with asyncio.TaskGroup() as group:
+            for row in rows:
+                group.create_task(self._refresh(row, slots), name=f"order-state:{row['id']}")
+
+    async def _refresh(self, row: asyncpg.Record, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            if self.key_refused or self.stop_requested:
+                return
+            started = time.monotonic()
+            fields = {"fulfillment_id": row["id"], "dr_order_id": row["dr_order_id"],
+                      "previous_state": row["dr_order_state"]}
+            try:
+                order = await self.dr.get_order(row["dr_order_id"])
+            except AuthError:
+                self.key_refused = True
+                return
+            except DigitalRiverError as exc:
+                message = dr_message(exc)
+                self.services.app_log.write("WARN", self.job_name, f"order state refresh failed: {message}",
+                                            record_id=row["id"], status=exc.status, response=exc.response, exc=exc)
+                self._log("order_state_refresh_failed", started, fields | {"reason": message, "app_logged": True})
+                return
+            await self.store.execute("save_order_state", row["id"], order.state)
+            self._log("order_state_refreshed", started, fields | {"state": order.state})
+
+    def _log(self, event: str, started: float, fields: dict[str, Any]) -> None:
+        self.record_outcome(event)
+        getattr(log, OUTCOME_LEVEL[event])(event, duration_ms=round((time.monotonic() - started) * 1000), **fields)
+
+    # -- one order's lines ------------------------------------------------------------------------------------
+
+    async def _process(self, run: Run, orders: Leases, lines: Leases, fulfillment_id: int,
+                       order_lines: list[asyncpg.Record]) -> None:
+        started = time.monotonic()
+        ids = [line["id"] for line in order_lines]
+        verdicts: dict[int, Verdict]
+        try:
+            verdicts = await self._fulfil(order_lines)
+            written = await self._write(fulfillment_id, verdicts)
+        except asyncio.CancelledError:
+            raise
+        except AuthError as exc:
+            self.key_refused = True
+            await lines.release(ids)
+            await orders.release([fulfillment_id])
+            verdicts = {i: Verdict("line_item_key_refused", fields={"error": str(exc)}) for i in ids}
+            written = set(ids)
+        except Exception as exc:  # a bug or a database failure: the leases lapse and the lines come back
+            log.error("line_items_crashed", exc_info=exc, fulfillment_id=fulfillment_id, record_ids=ids)
+            error = f"{type(exc).__name__}: {exc}"
+            verdicts = {i: Verdict("line_item_crashed", fields={"error": error}) for i in ids}
+            written = set(ids)
+        lines.done(ids)
+        orders.done([fulfillment_id])
+        duration_ms = round((time.monotonic() - started) * 1000)
+        for line in order_lines:
+            verdict = verdicts[line["id"]]
+            if line["id"] not in written:
+                verdict = Verdict("line_item_lease_lost", fields={
+                    "error": f"line {line['id']} lease lost before its outcome ({verdict.status}) was written"})
+            elif verdict.app_level is not None:
+                self.services.app_log.write(
+                    verdict.app_level, self.job_name, f"line item not fulfilled: {verdict.message}",
+                    record_id=line["id"], status=verdict.error.status if verdict.error else None,
+                    request=verdict.request, response=verdict.error.response if verdict.error else None,
+                    exc=verdict.error)
+            if verdict.event in SUCCEEDED:
+                run.succeeded += 1
+            elif verdict.event in FAILED:
+                run.failed += 1
+            self.record_outcome(verdict.event)
+            getattr(log, OUTCOME_LEVEL[verdict.event])(
+                verdict.event, duration_ms=duration_ms, record_id=line["id"], fulfillment_id=fulfillment_id,
+                dr_order_id=line["dr_order_id"], dr_item_id=line["dr_item_id"],
+                fulfill_quantity=line["fulfill_quantity"], cancel_quantity=line["cancel_quantity"],
+                app_logged=verdict.app_level is not None and line["id"] in written, **verdict.fields)
+
+    async def _fulfil(self, order_lines: Sequence[asyncpg.Record]) -> dict[int, Verdict]:
+        """Check every line, send the good ones (one request per tracking), and decide how each ends."""
+        verdicts: dict[int, Verdict] = {}
+        groups: dict[tuple[tuple[str, str], ...], list[asyncpg.Record]] = {}
+        for line in order_lines:
+            problem = line_problem(line)
+            if problem is not None:
+                verdicts[line["id"]] = Verdict("line_item_failed", "Failed", 0, problem, app_level="ERROR",
+                                               fields={"status": "Failed", "reason": problem})
+            else:
+                groups.setdefault(tuple(sorted(tracking(line).items())), []).append(line)
+        for key, group in groups.items():
+            dr_order_id = group[0]["dr_order_id"]
+            entries = [(line["id"], line_entry(line)) for line in group]
+            results = await send_fulfillment(self.dr, dr_order_id, entries, dict(key))
+            request = {"orderId": dr_order_id, "items": [entry for _, entry in entries], **dict(key)}
+            for line in group:
+                verdicts[line["id"]] = self._verdict(line, results[line["id"]], request)
+        return verdicts
+
+    def _verdict(self, line: asyncpg.Record, sent: Sent, request: dict[str, Any]) -> Verdict:
+        if sent.kind == "sent":
+            return Verdict("line_item_sent", "Completed", fulfillment_id=sent.fulfillment_id,
+                           fields={"dr_fulfillment_id": sent.fulfillment_id})
+        if sent.kind == "done":
+            return Verdict("line_item_already_done", "Completed", message=sent.message,
+                           fields={"reason": sent.message})
+        message = sent.message or "failed"
+        attempts = line["retry_count"] + 1
+        if sent.kind == "failed":
+            return Verdict("line_item_failed", "Failed", 1, message, app_level="ERROR", error=sent.error,
+                           request=request, fields={"status": "Failed", "reason": message, "retry_count": attempts})
+        limit = self.settings.fulfillment_retry_limit
+        if attempts > limit:
+            message = f"{message} (failed {attempts} times; FULFILLMENT_RETRY_LIMIT is {limit})"
+            return Verdict("line_item_failed", "Failed", 1, message, app_level="ERROR", error=sent.error,
+                           request=request, fields={"status": "Failed", "reason": message, "retry_count": attempts})
+        next_attempt = datetime.now(UTC) + retry_delay(attempts)
+        return Verdict("line_item_retrying", "Pending", 1, message, next_attempt_at=next_attempt, app_level="WARN",
+                       error=sent.error, request=request,
+                       fields={"status": "Pending", "reason": message, "retry_count": attempts,
+                               "next_attempt_at": next_attempt.isoformat()})
+
+    async def _write(self, fulfillment_id: int, verdicts: dict[int, Verdict]) -> set[int]:
+        """Every line's outcome and the order's lease, in one statement; the ids this node still held."""
+        ids = list(verdicts)
+        values = [verdicts[i] for i in ids]
+        # Shielded: once Digital River has answered, a shutdown must not lose what it said.
+        rows = await asyncio.shield(self.store.fetch(
+            "finish_line_items", self.store.node, fulfillment_id, ids, [v.status for v in values],
+            [v.retry_add for v in values], [v.message[:2000] if v.message is not None else None for v in values],
+            [v.fulfillment_id for v in values], [v.next_attempt_at for v in values]))
+        return {r["id"] for r in rows}
