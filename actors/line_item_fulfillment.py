@@ -126,57 +126,28 @@ class LineItemFulfillment(Job):
         return int(await self.store.fetchval("count_due_line_items"))
 
     async def run_once(self, run: Run) -> None:
-        self.key_refused = False
         await self._refresh_states()
-        limit = self.settings.fulfillment_query_limit
         orders = self.leases("fulfillments")
         lines = self.leases("line_item_fulfillments")
-        beat_stop = asyncio.Event()
-        beats = [asyncio.create_task(leases.heartbeat(beat_stop), name=f"line-item-fulfillment:{leases.table}-beat")
-                 for leases in (orders, lines)]
-        in_flight: set[asyncio.Task[None]] = set()
-        taken = 0
-        try:
-            while taken < limit and not self.key_refused and await self.may_claim():
-                free = self.concurrency - len(in_flight)
-                if free <= 0:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                claimed = [r["id"] for r in await orders.claim("claim_line_item_orders", free, limit - taken,
-                                                                    taken == 0)]
-                if not claimed:
-                    break
-                rows = await lines.claim("claim_order_lines", limit - taken, claimed)
-                with_lines = {r["fulfillment_id"] for r in rows}
-                await orders.release([i for i in claimed if i not in with_lines])
-                if not rows:
-                    continue
-                taken += len(rows)
-                run.claimed += len(rows)
-                by_order: dict[int, list[asyncpg.Record]] = {}
-                for line in await self.store.fetch("line_item_details", [r["id"] for r in rows]):
-                    by_order.setdefault(line["fulfillment_id"], []).append(line)
-                for fulfillment_id, order_lines in by_order.items():
-                    task = asyncio.create_task(self._process(run, orders, lines, fulfillment_id, order_lines),
-                                               name=f"line-items:{fulfillment_id}")
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-            if in_flight:
-                await asyncio.wait(in_flight)
-        finally:
-            for task in in_flight:
-                task.cancel()
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
-            beat_stop.set()
-            await asyncio.shield(self._release(orders, lines, beats))
-        if self.key_refused:
-            raise AuthError("Digital River refused the API key (401/403); the run stopped claiming")
+        limit = self.settings.fulfillment_query_limit
 
-    async def _release(self, orders: Leases, lines: Leases, beats: list[asyncio.Task[None]]) -> None:
-        await asyncio.gather(*beats)
-        await lines.release()
-        await orders.release()
+        async def claim(free: int, remaining: int) -> tuple[int, list[tuple[str, Any]]] | None:
+            # An order is claimed first (its lease is the order's lock), then its due lines. Until the run has
+            # taken anything, an order with more lines than the whole limit may be taken (and split).
+            claimed = [r["id"] for r in await orders.claim("claim_line_item_orders", free, remaining,
+                                                           remaining == limit)]
+            if not claimed:
+                return None
+            rows = await lines.claim("claim_order_lines", remaining, claimed)
+            with_lines = {r["fulfillment_id"] for r in rows}
+            await orders.release([i for i in claimed if i not in with_lines])
+            by_order: dict[int, list[asyncpg.Record]] = {}
+            for line in await self.store.fetch("line_item_details", [r["id"] for r in rows]) if rows else []:
+                by_order.setdefault(line["fulfillment_id"], []).append(line)
+            return len(rows), [(f"order-{fulfillment_id}", self._process(run, orders, lines, fulfillment_id, group))
+                               for fulfillment_id, group in by_order.items()]
+
+        await self.claim_and_process(run, [orders, lines], limit, claim)
 
     # -- orders waiting for acceptance ------------------------------------------------------------------------
 

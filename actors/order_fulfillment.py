@@ -194,48 +194,20 @@ class OrderFulfillment(Job):
         return int(await self.store.fetchval("count_due_cancelled_orders"))
 
     async def run_once(self, run: Run) -> None:
-        limit = self.settings.fulfillment_query_limit
         leases = self.leases("fulfillments")
-        beat_stop = asyncio.Event()
-        beat = asyncio.create_task(leases.heartbeat(beat_stop), name="order-fulfillment:lease-heartbeat")
-        in_flight: set[asyncio.Task[None]] = set()
-        self.key_refused = False
-        taken = 0
-        try:
-            while taken < limit and not self.key_refused and await self.may_claim():
-                free = self.concurrency - len(in_flight)
-                if free <= 0:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                rows = await leases.claim("claim_cancelled_orders", min(free, limit - taken))
-                if not rows:
-                    break
-                taken += len(rows)
-                run.claimed += len(rows)
-                ids = [r["id"] for r in rows]
-                items: dict[int, list[asyncpg.Record]] = {i: [] for i in ids}
-                for item in await self.store.fetch("cancel_order_items", ids):
-                    items[item["fulfillment_id"]].append(item)
-                for rec in await self.store.fetch("cancel_order_details", ids):
-                    task = asyncio.create_task(self._process(run, leases, rec, items[rec["id"]]),
-                                               name=f"order-cancel:{rec['id']}")
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-            if in_flight:
-                await asyncio.wait(in_flight)
-        finally:
-            for task in in_flight:
-                task.cancel()
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
-            beat_stop.set()
-            await asyncio.shield(self._release(leases, beat))
-        if self.key_refused:
-            raise AuthError("Digital River refused the API key (401/403); the run stopped claiming")
 
-    async def _release(self, leases: Leases, beat: asyncio.Task[None]) -> None:
-        await beat
-        await leases.release()
+        async def claim(free: int, remaining: int) -> tuple[int, list[tuple[str, Any]]] | None:
+            rows = await leases.claim("claim_cancelled_orders", min(free, remaining))
+            if not rows:
+                return None
+            ids = [r["id"] for r in rows]
+            items: dict[int, list[asyncpg.Record]] = {i: [] for i in ids}
+            for item in await self.store.fetch("cancel_order_items", ids):
+                items[item["fulfillment_id"]].append(item)
+            return len(rows), [(f"order-{rec['id']}", self._process(run, leases, rec, items[rec["id"]]))
+                               for rec in await self.store.fetch("cancel_order_details", ids)]
+
+        await self.claim_and_process(run, [leases], self.settings.fulfillment_query_limit, claim)
 
     async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record]) -> None:
         started = time.monotonic()

@@ -210,49 +210,20 @@ class RecurringPayments(Job):
         return int(await self.store.fetchval("count_due_payment_records"))
 
     async def run_once(self, run: Run) -> None:
-        limit = self.settings.recurring_payment_process_query_limit
-        batch = self.settings.recurring_payment_batch_size
         leases = self.leases("subscription_process_data")
-        beat_stop = asyncio.Event()
-        beat = asyncio.create_task(leases.heartbeat(beat_stop), name="recurring-payments:lease-heartbeat")
-        in_flight: set[asyncio.Task[None]] = set()
-        self.key_refused = False
-        taken = 0
-        try:
-            while taken < limit and not self.key_refused and await self.may_claim():
-                free = self.concurrency - len(in_flight)
-                if free <= 0:
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                rows = await leases.claim("claim_payment_records", min(batch, free, limit - taken))
-                if not rows:
-                    if not in_flight:
-                        break
-                    # The next installment of a subscription in flight becomes claimable when it finishes.
-                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                failpoint("after_claim")
-                taken += len(rows)
-                run.claimed += len(rows)
-                for rec in await self.store.fetch("payment_record_details", [r["id"] for r in rows]):
-                    task = asyncio.create_task(self._process(run, leases, rec), name=f"payment:{rec['id']}")
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-            if in_flight:
-                await asyncio.wait(in_flight)
-        finally:
-            for task in in_flight:
-                task.cancel()
-            if in_flight:
-                await asyncio.gather(*in_flight, return_exceptions=True)
-            beat_stop.set()
-            await asyncio.shield(self._release(leases, beat))
-        if self.key_refused:
-            raise AuthError("Digital River refused the API key (401/403); the run stopped claiming")
 
-    async def _release(self, leases: Leases, beat: asyncio.Task[None]) -> None:
-        await beat
-        await leases.release()
+        async def claim(free: int, remaining: int) -> tuple[int, list[tuple[str, Any]]] | None:
+            rows = await leases.claim("claim_payment_records",
+                                      min(self.settings.recurring_payment_batch_size, free, remaining))
+            if not rows:
+                return None
+            failpoint("after_claim")
+            details = await self.store.fetch("payment_record_details", [r["id"] for r in rows])
+            return len(rows), [(f"record-{rec['id']}", self._process(run, leases, rec)) for rec in details]
+
+        # The next installment of a subscription in flight becomes claimable when it finishes: wait for it.
+        await self.claim_and_process(run, [leases], self.settings.recurring_payment_process_query_limit, claim,
+                                     wait_when_empty=True)
 
     async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record) -> None:
         started = time.monotonic()

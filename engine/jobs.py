@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 
 from engine.actor import Actor
+from engine.digital_river import AuthError
 from engine.logs import AppLogSink, get_logger, redact_text
 from engine.metrics import Metrics
 from engine.settings import Settings
@@ -28,6 +30,17 @@ from engine.store import Leases, Store
 log = get_logger(component="jobs")
 # How long a job trusts its last look at job_controls before asking again (pause takes effect within this).
 PAUSE_CHECK_SECONDS = 1.0
+
+
+# A claim step: (free slots, records still allowed) → None when nothing is claimable, or (records taken,
+# [(name, unit of work)]).
+Claim = Callable[[int, int], Awaitable[tuple[int, list[tuple[str, Coroutine[Any, Any, None]]]] | None]]
+
+
+async def _give_back(leases: Sequence[Leases], beats: list[asyncio.Task[None]]) -> None:
+    await asyncio.gather(*beats)
+    for lease in reversed(leases):
+        await lease.release()
 
 
 @dataclass
@@ -87,6 +100,8 @@ class Job(Actor[RunRequest]):
         self._paused = False
         self._pause_checked = -PAUSE_CHECK_SECONDS
         self._leases: list[Leases] = []
+        # Set by a record's processing on a 401/403: the run stops claiming and ends `failed`.
+        self.key_refused = False
 
     @property
     def stop_requested(self) -> bool:
@@ -139,6 +154,7 @@ class Job(Actor[RunRequest]):
         run = Run(run_id, self.job_name, message.fire_time, message.trigger)
         self.running = run
         self._leases = []
+        self.key_refused = False
         structlog.contextvars.bind_contextvars(job=self.job_name, run_id=run_id)
         log.info("job_run_started", fire_time=message.fire_time.isoformat(), trigger=message.trigger)
         try:
@@ -163,6 +179,54 @@ class Job(Actor[RunRequest]):
         leases = Leases(self.store, table, self.settings.lease_seconds, on_lost=self.services.metrics.lease_lost)
         self._leases.append(leases)
         return leases
+
+    async def claim_and_process(self, run: Run, leases: Sequence[Leases], limit: int, claim: Claim, *,
+                                wait_when_empty: bool = False) -> None:
+        """The claim loop every leasing job shares.
+
+        While fewer than `limit` records were taken, the job may claim and the key is not refused: take a
+        concurrency slot count first, then `claim(free_slots, remaining)`, which claims and returns how many
+        records it took and the units of work to run, each as its own task (a record, or an order's lines).
+        `claim` returns None when nothing is claimable: the loop ends, or with `wait_when_empty` waits for a
+        unit in flight to finish first (finishing one can make another claimable). The leases are kept alive
+        meanwhile; on the way out, work still in flight is awaited (or cancelled, if the run itself is), and
+        unfinished leases are given back. A refused key ends the run as failed.
+        """
+        beat_stop = asyncio.Event()
+        beats = [asyncio.create_task(lease.heartbeat(beat_stop), name=f"{self.job_name}:{lease.table}-heartbeat")
+                 for lease in leases]
+        in_flight: set[asyncio.Task[None]] = set()
+        taken = 0
+        try:
+            while taken < limit and not self.key_refused and await self.may_claim():
+                free = self.concurrency - len(in_flight)
+                if free <= 0:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                claimed = await claim(free, limit - taken)
+                if claimed is None:
+                    if wait_when_empty and in_flight:
+                        await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    break
+                count, units = claimed
+                taken += count
+                run.claimed += count
+                for name, unit in units:
+                    task = asyncio.create_task(unit, name=f"{self.job_name}:{name}")
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            if in_flight:
+                await asyncio.wait(in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+            beat_stop.set()
+            await asyncio.shield(_give_back(leases, beats))
+        if self.key_refused:
+            raise AuthError("Digital River refused the API key (401/403); the run stopped claiming")
 
     def in_flight(self) -> int:
         """Records of this job in flight on this process now (for /metrics)."""
