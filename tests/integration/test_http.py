@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -276,3 +277,38 @@ async def test_live_nodes_count_heartbeats_younger_than_node_lost_seconds(store:
     assert await strict.refresh_from_store(store) and await patient.refresh_from_store(store)
     assert gauge(samples(strict.render().decode()), "drjobs_live_nodes") == 1
     assert gauge(samples(patient.render().decode()), "drjobs_live_nodes") == 2
+
+
+async def test_the_api_key_never_reaches_metrics_or_health(database_url: str, store: Store) -> None:
+    """A whole serve process with a recognisable key, some charges and a refused call: /metrics, /readyz and
+    /healthz never show the key or an Authorization header."""
+    from sandbox.config import SandboxConfig
+    from sandbox.server import Sandbox
+    from tests.integration.factories import due_subscription
+    from tests.support import EngineProcess, engine_env
+
+    canary = "sk_test_CANARY_metrics_0123456789abcdef"
+    for _ in range(3):
+        await due_subscription(store)
+    await due_subscription(store, source="src_hard_decline_fraud")
+    async with Sandbox(SandboxConfig(seed=1)) as sandbox:
+        env = engine_env(database_url, DR_API_KEY=canary, DR_API_URL=sandbox.url,
+                         SUBSCRIPTION_INSTALLMENTS_SCHEDULE="every 1s", RECURRING_PAYMENTS_SCHEDULE="every 1s")
+        async with EngineProcess(["serve"], env) as engine:
+            [listening] = await engine.wait_for("http_listening")
+            await engine.wait_for("installment_charged", count=3, timeout=60)
+            sandbox.configure(api_key="sk_test_some_other_key")  # the next call is refused: 401
+            await store.pool.execute("UPDATE subscriptions SET installment_next_run_date = current_date - 40")
+            await engine.wait_for("installment_key_refused", timeout=60)
+            bodies = []
+            async with aiohttp.ClientSession() as session:
+                for path in ("/metrics", "/readyz", "/healthz"):
+                    async with session.get(f"http://127.0.0.1:{listening['port']}{path}") as response:
+                        bodies.append(await response.text())
+            engine.signal(signal.SIGTERM)
+            await engine.wait()
+    metrics, ready, _ = bodies
+    assert 'drjobs_record_outcomes_total{job="recurring-payments",outcome="installment_charged"} 3.0' in metrics
+    assert "digital_river_key" in ready
+    for body in bodies:
+        assert canary not in body and "Authorization" not in body and "Bearer" not in body
