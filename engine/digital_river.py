@@ -16,11 +16,15 @@ Calls
 
 Answers are parsed tolerantly into frozen dataclasses that keep the whole answer in `.raw`: unknown fields and
 unknown enum values (an order state this code has never seen) pass through untouched. Only a missing or
-mistyped field the jobs depend on (an `id`, a total, an item's quantity) makes the answer malformed.
+mistyped field the jobs depend on (an `id`, a total, an item's quantity) makes the answer malformed, and so does
+one the store could not keep: an id or state that is not 1-255 printable characters, a currency that is not
+three letters, an amount that does not fit numeric(18,2), a quantity outside 0..2^31-1. An optional field
+that cannot be used (an object where a string was expected) counts as absent.
 
 Errors: one tree, every class carrying `status`, `type`, `code`, `parameter`, `message` and `kind`
-(an `ErrorKind` the jobs switch on). `str(error)` names the call, the status and Digital River's words, and
-never the API key or the Authorization header.
+(an `ErrorKind` the jobs switch on). `str(error)` names the call, the status and Digital River's words, on one
+printable line of at most 1,000 characters (its message cut to 500, codes to 100), and never the API key or
+the Authorization header, whatever Digital River (or a proxy) sent back.
 
     DigitalRiverError                 base; `kind` says what the caller should do
     ├── DeclinedError                 409 on POST /orders: the payment was declined and the checkout is burned.
@@ -40,8 +44,8 @@ never the API key or the Authorization header.
                                       failure: reconcile. Not retried by the client (a second look would most
                                       likely be just as malformed).
 
-An error body that is not JSON (a proxy's HTML page) is classified by its status like any other, with a
-message such as "HTTP 502 with a non-JSON body (text/html, 1234 bytes)".
+An error body that is not JSON (a proxy's HTML page, or JSON nested too deeply to parse) is classified by its
+status like any other, with a message such as "HTTP 502 with a non-JSON body (text/html, 1234 bytes)".
 
 Retries: transient failures of GETs, create_checkout and create_fulfillment are retried up to `max_retries`
 times with exponential backoff and full jitter (a uniform wait in [0, min(backoff_max, backoff_base·2^n)]).
@@ -52,11 +56,15 @@ over). create_order is never repeated: a second POST could charge twice, so the 
 Rate: every request, retries included, first takes a token from one bucket shared by all callers of the
 client. Its rate is DR_MAX_REQUESTS_PER_SECOND divided by the number of live engine processes
 (`set_share`, called from the node heartbeat). A 429 pauses every request of the client until its
-`Retry-After` (1 s when absent) has passed, because Digital River refuses everything before that time anyway.
+`Retry-After` (1 s when absent) has passed, because Digital River refuses everything before that time anyway;
+the pause is at most `backoff_max`, so a Retry-After of a year cannot freeze the process. `Retry-After` is read
+as delta-seconds (digits, optionally a fraction) or an HTTP date; anything else ("-1", "1e3", "inf") is absent.
 
 Logging: each failed call writes ONE `application_logs` row after its retries are spent (not one per attempt),
 level ERROR, module `digital-river`, message `dr_request_failed`, with the status, the request
-(method, path, body; never headers) and the response body, redacted. Every attempt logs a structlog DEBUG
+(method, path, body; never headers) and the response body, redacted: the parsed body when it is at most
+16 KB, nested at most 32 deep and storable as jsonb (no NUL, no lone surrogate, no NaN), else
+`{"excerpt": <its first 2,000 characters>, "bytes": <its size>}`. Every attempt logs a structlog DEBUG
 event `dr_request` (method, path, status, ms); nothing above DEBUG is logged per request.
 """
 
@@ -75,7 +83,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
@@ -140,8 +148,9 @@ MAX_MESSAGE_CHARS = 500
 MAX_LABEL_CHARS = 100
 MAX_STR_CHARS = 1000
 MAX_ID_CHARS = 255
-MAX_AMOUNT = Decimal("1e15")  # numeric(18,2) holds 16 digits before the point; rounding must not reach them
+MAX_AMOUNT = Decimal("9999999999999999.99")  # numeric(18,2), after PostgreSQL rounds to the cent
 MAX_QUANTITY = 2**31 - 1
+CENT = Decimal("0.01")
 # An error body larger than this (or nested deeper, or holding what PostgreSQL's jsonb refuses: \u0000 and
 # surrogate escapes) is kept for the application log as a text excerpt rather than as the parsed body.
 MAX_LOGGED_BODY_BYTES = 16_384
@@ -427,7 +436,8 @@ def _to_decimal(value: Any) -> Decimal | None:
             result = Decimal(str(value))  # str() of a float is its shortest repr: 10.99, not 10.9900000001
         except (InvalidOperation, ValueError):
             return None
-        if not result.is_finite() or abs(result) >= MAX_AMOUNT:
+        if not result.is_finite() or abs(result) >= 10**16 or \
+                abs(result.quantize(CENT, ROUND_HALF_UP)) > MAX_AMOUNT:
             return None
         exponent = result.as_tuple().exponent
         if isinstance(exponent, int) and exponent < -6:  # 1E-999999 is a number PostgreSQL will not read
@@ -442,7 +452,7 @@ def _req_money(obj: Mapping[str, Any], key: str, name: str) -> Decimal:
     if value is None:
         if raw is None:
             raise _missing(name)
-        raise _invalid(name, f"is not an amount below {MAX_AMOUNT:,.0f}")
+        raise _invalid(name, f"is not an amount of at most {MAX_AMOUNT}")
     return value
 
 

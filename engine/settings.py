@@ -2,7 +2,10 @@
 
 Every variable of CONTRACT.md is read here and nowhere else. `load()` checks them all before anything starts;
 the first bad one raises `SettingsError`, whose message is the single line the command prints before it exits
-with status 2: the variable, the value it had, and what is allowed. The API key's value is never repeated.
+with status 2: the variable, the value it had (cut to 100 characters; a URL's user and password masked), and
+what is allowed. The API key's value is never repeated. Numbers are ASCII digits as an operator types them
+("1_000", "inf" and other scripts' digits are refused), and a schedule that can never fire again is refused:
+`off` says "never" plainly.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -51,6 +55,15 @@ def env_prefix(job: str) -> str:
     return job.upper().replace("-", "_")
 
 
+# A value is shown in the error at most this long: the line must stay readable whatever was set.
+SHOWN_VALUE_CHARS = 100
+# Numbers as an operator writes them, in ASCII: not "1_000", not "inf", not digits of other scripts.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# A host name, an IPv4 address or an IPv6 address (bracketed or not).
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?")
+
+
 class SettingsError(ValueError):
     """A setting is missing or malformed; `str()` is the one line shown to the operator."""
 
@@ -62,7 +75,9 @@ class SettingsError(ValueError):
             shown = "<redacted>"
         else:
             shown = repr(value)
-        super().__init__(f"bad setting {name}={shown}: {allowed}")
+            if len(shown) > SHOWN_VALUE_CHARS:
+                shown = shown[:SHOWN_VALUE_CHARS] + "…"
+        super().__init__(f"bad setting {name}={shown}: {' '.join(allowed.split())}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,8 @@ class _Reader:
         if value is None:
             return default
         allowed = f"expected {what} from {lo} to {hi}"
+        if not (_INTEGER if kind is int else _NUMBER).fullmatch(value):
+            raise SettingsError(name, value, allowed)
         try:
             parsed = kind(value)
         except ValueError:
@@ -155,20 +172,64 @@ class _Reader:
         return normal
 
 
-def _url(reader: _Reader, name: str, default: str | None, schemes: tuple[str, ...]) -> str | None:
+def _url(reader: _Reader, name: str, default: str | None, schemes: tuple[str, ...], *,
+         host_required: bool) -> str | None:
     value = reader.raw(name)
     if value is None:
         return default
-    parts = urlsplit(value)
+    starts = " or ".join(s + "://" for s in schemes)
+    allowed = f"expected a URL starting with {starts}"
+    try:
+        parts = urlsplit(value)
+        _port = parts.port  # a port that is not a number from 0 to 65535 raises here
+    except ValueError as exc:
+        raise SettingsError(name, _without_password(value), f"{exc}; {allowed}") from None
     if parts.scheme not in schemes or not (parts.netloc or parts.query or parts.path):
-        starts = " or ".join(s + "://" for s in schemes)
-        raise SettingsError(name, _without_password(value), f"expected a URL starting with {starts}")
+        raise SettingsError(name, _without_password(value), allowed)
+    if host_required and not parts.hostname:
+        raise SettingsError(name, _without_password(value), f"{allowed} and a host name")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise SettingsError(name, _without_password(value), f"{allowed}, without spaces or control characters")
     return value
 
 
 def _without_password(url: str) -> str:
-    """A URL as it may be shown: any password replaced."""
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    """A URL as it may be shown: everything between the scheme and the last '@' (user and password, however
+    oddly written) and the values of password-like query parameters replaced."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    url = scheme + sep + rest if sep else url
+    return re.sub(r"((?:password|passwd|pwd|secret|token|sslpassword)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
+
+
+def _time_zone(reader: _Reader) -> ZoneInfo:
+    name = reader.raw("SCHEDULE_TIME_ZONE") or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory of the database ('Europe'), a
+        raise SettingsError("SCHEDULE_TIME_ZONE", name,  # name too long for a file
+                            "expected an IANA time zone such as UTC or Europe/Berlin") from None
+
+
+def _host(reader: _Reader) -> str:
+    value = reader.raw("HTTP_HOST")
+    if value is None:
+        return "127.0.0.1"
+    if len(value) > 253 or not _HOST.fullmatch(value):
+        raise SettingsError("HTTP_HOST", value, "expected a host name or an IP address to listen on, such as "
+                                                "127.0.0.1, 0.0.0.0 or ::")
+    return value
+
+
+def _is_date(text: str) -> bool:
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
+        return False
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_terminal: bool | None = None) -> Settings:
@@ -177,8 +238,8 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
     if is_terminal is None:
         is_terminal = sys.stdout.isatty()
 
-    database_url = _url(reader, "DATABASE_URL", None, ("postgres", "postgresql"))
-    dr_api_url = _url(reader, "DR_API_URL", "https://api.digitalriver.com", ("http", "https"))
+    database_url = _url(reader, "DATABASE_URL", None, ("postgres", "postgresql"), host_required=False)
+    dr_api_url = _url(reader, "DR_API_URL", "https://api.digitalriver.com", ("http", "https"), host_required=True)
     assert dr_api_url is not None
     dr_api_url = dr_api_url.rstrip("/")
 
@@ -190,28 +251,26 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         raise SettingsError("DR_API_KEY", dr_api_key, "expected a secret key without spaces or control characters")
 
     dr_api_version = reader.raw("DR_API_VERSION")
-    if dr_api_version is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", dr_api_version):
+    if dr_api_version is not None and not _is_date(dr_api_version):
         raise SettingsError("DR_API_VERSION", dr_api_version, "expected an API version date like 2024-08-21")
 
     is_test_key = bool(dr_api_key and dr_api_key.startswith("sk_test_"))
     jobs = {}
-    tz_name = reader.raw("SCHEDULE_TIME_ZONE") or "UTC"
-    try:
-        schedule_tz = ZoneInfo(tz_name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise SettingsError("SCHEDULE_TIME_ZONE", tz_name,
-                            "expected an IANA time zone such as UTC or Europe/Berlin") from None
+    schedule_tz = _time_zone(reader)
+    now = datetime.now(UTC)
     for job in JOBS:
         prefix = env_prefix(job)
         text = reader.raw(f"{prefix}_SCHEDULE") or DEFAULT_SCHEDULES[job]
+        expected = "expected Quartz cron (e.g. '0 0/5 * * * ?'), several joined by ';', 'every 30s|5m|1h', or 'off'"
         try:
             schedule = parse_schedule(text, schedule_tz)
         except CronError as exc:
-            raise SettingsError(
-                f"{prefix}_SCHEDULE", text,
-                f"{exc}; expected Quartz cron (e.g. '0 0/5 * * * ?'), several joined by ';', "
-                "'every 30s|5m|1h', or 'off'",
-            ) from None
+            # The parser's words quote the text again: left out when the text alone would fill the line.
+            detail = f"{exc}; " if len(repr(text)) <= SHOWN_VALUE_CHARS else ""
+            raise SettingsError(f"{prefix}_SCHEDULE", text, detail + expected) from None
+        if not schedule.is_off and schedule.next_after(now) is None:
+            # Feb 30, or a year gone by: almost certainly a mistake, and 'off' says "never" plainly.
+            raise SettingsError(f"{prefix}_SCHEDULE", text, f"it never fires from now on; {expected}")
         concurrency = reader.integer(f"{prefix}_CONCURRENCY", DEFAULT_CONCURRENCY[job], 1, 4096)
         jobs[job] = JobSettings(job, schedule, concurrency)
 
@@ -244,7 +303,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         log_format=reader.choice("LOG_FORMAT", log_format_default, LOG_FORMATS, upper=False),
         lease_seconds=reader.integer("LEASE_SECONDS", 300, 5, 86_400),
         shutdown_grace_seconds=reader.number("SHUTDOWN_GRACE_SECONDS", 30.0, 0.0, 3600.0),
-        http_host=reader.raw("HTTP_HOST") or "127.0.0.1",
+        http_host=_host(reader),
         http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
         node_name=node_name,
         database_pool_size=reader.integer("DATABASE_POOL_SIZE", 10, 2, 200),
