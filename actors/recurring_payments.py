@@ -44,7 +44,7 @@ from engine.digital_river import (
 )
 from engine.failpoints import failpoint
 from engine.jobs import Job, Run, Services
-from engine.logs import get_logger
+from engine.logs import get_logger, redact_text
 from engine.money import is_currency
 from engine.store import LeaseLost, Leases
 
@@ -55,6 +55,8 @@ DECLINE_WINDOW = timedelta(days=30)
 DECLINES_PER_WINDOW = 4
 OUTAGE_BACKOFF_MAX = timedelta(hours=1)
 CENT = Decimal("0.01")
+# Totals are numeric(18,2): a charge this large could not be stored with its tax.
+MAX_CHARGE = Decimal("1e15")
 
 # One structured line per record outcome; the level for each is chosen here and nowhere else.
 OUTCOME_LEVEL = {
@@ -69,6 +71,10 @@ OUTCOME_LEVEL = {
     "installment_lease_lost": "warning",
     "installment_crashed": "error",
 }
+
+
+class OutcomeUnknown(Exception):
+    """Whether Digital River made an order for this record cannot be told now."""
 
 
 class BadData(ValueError):
@@ -110,19 +116,26 @@ def validate(rec: asyncpg.Record) -> None:
         raise BadData(f"cart_items.quantity must be positive, got {rec['quantity']}")
     if rec["unit_price"] is None or rec["unit_price"] <= 0:
         raise BadData(f"cart_items.unit_price must be positive, got {rec['unit_price']}")
+    if rec["unit_price"] * rec["quantity"] >= MAX_CHARGE:
+        raise BadData(f"cart_items.unit_price {rec['unit_price']} × quantity {rec['quantity']} is more than an "
+                      f"order total can hold with tax (below {MAX_CHARGE:,.0f})")
     if not is_currency(rec["currency"]):
         raise BadData(f"carts.currency {rec['currency']!r} is not a known ISO 4217 currency")
     if not (rec["billing_agreement_id"] or "").strip():
         raise BadData("cart_items.dr_billing_agreement_id is empty: no billing agreement to charge against")
 
 
-def _json(value: str | None) -> Any:
+def _address(value: str | None, column: str) -> dict[str, Any] | None:
+    """A ship-to or bill-to as Digital River takes it: a JSON object whose `address`, if any, is an object."""
     if not value:
         return None
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
     except ValueError:
-        raise BadData("orders.ship_to/bill_to is not valid JSON") from None
+        raise BadData(f"{column} is not valid JSON") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("address", {}), dict):
+        raise BadData(f"{column} must be a JSON object with an object `address`, got {value[:80]!r}")
+    return parsed
 
 
 def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
@@ -157,8 +170,8 @@ def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
     }
     if rec["email"]:
         body["email"] = rec["email"]
-    ship_to = _json(rec["ship_to"])
-    bill_to = _json(rec["order_bill_to"]) or _json(rec["account_bill_to"])
+    ship_to = _address(rec["ship_to"], "orders.ship_to")
+    bill_to = _address(rec["order_bill_to"], "orders.bill_to") or _address(rec["account_bill_to"], "accounts.bill_to")
     if ship_to:
         body["shipTo"] = ship_to
     if bill_to:
@@ -235,9 +248,15 @@ class RecurringPayments(Job):
             raise
         except LeaseLost as exc:
             outcome = Outcome("installment_lease_lost", {"error": str(exc)})
-        except Exception as exc:  # a bug or a database failure: the lease lapses and the record comes back
-            outcome = Outcome("installment_crashed", {"error": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:
+            # A bug, or an answer the store refuses: put the record back with the outage backoff (checkout
+            # kept, so nothing is charged twice). If even that fails, its lease lapses and it comes back.
+            error = redact_text(f"{type(exc).__name__}: {exc}")[:2000]
             log.error("installment_crashed", exc_info=exc, **fields)
+            try:
+                outcome = await self._postpone(rec, "installment_crashed", "crashed", error, outage=True)
+            except Exception:
+                outcome = Outcome("installment_crashed", {"error": error})
         leases.done([rec["id"]])
         if outcome.event in ("installment_charged", "installment_adopted"):
             run.succeeded += 1
@@ -284,6 +303,9 @@ class RecurringPayments(Job):
             self.key_refused = True
             await leases.release([rec["id"]])
             return Outcome("installment_key_refused", {"error": str(exc)})
+        except OutcomeUnknown as exc:
+            # An order may exist: keep the checkout, so the next attempt looks again before anything else.
+            return await self._postpone(rec, "installment_unknown", "outcome_unknown", str(exc), outage=True)
         except TransientError as exc:
             return await self._postpone(rec, "installment_outage", "dr_unavailable", str(exc), outage=True)
         except BadRequestError as exc:
@@ -313,9 +335,9 @@ class RecurringPayments(Job):
             # The order may or may not exist: look before doing anything else.
             try:
                 found = await self._find_order(rec, checkout_id)
-            except TransientError as lookup:
+            except OutcomeUnknown as lookup:
                 return await self._postpone(rec, "installment_unknown", "outcome_unknown",
-                                            f"{exc}; lookup failed: {lookup}", outage=True)
+                                            f"{exc}; {lookup}", outage=True)
             if found is None:
                 return await self._postpone(rec, "installment_outage", "dr_unavailable", str(exc), outage=True)
             return await self._charged(rec, found, adopted=True)
@@ -325,10 +347,23 @@ class RecurringPayments(Job):
         return await self._charged(rec, order, adopted=False)
 
     async def _find_order(self, rec: asyncpg.Record, checkout_id: str) -> Order | None:
-        orders = await self.dr.list_orders(checkout_id=checkout_id)
-        if not orders:
-            orders = await self.dr.list_orders(upstream_ids=[rec["upstream_id"]])
-        return orders[0] if orders else None
+        """This record's order at Digital River, by checkout id and then by upstream id; None if there is none.
+
+        Only an order carrying this checkout or this record's upstream id is adopted, whatever else a lookup
+        lists. A lookup Digital River refuses (anything but a refused key) leaves the outcome unknown.
+        """
+        upstream_id = rec["upstream_id"]
+        try:
+            orders = await self.dr.list_orders(checkout_id=checkout_id)
+            mine = [o for o in orders if o.checkout_id == checkout_id or o.upstream_id == upstream_id]
+            if not mine:
+                orders = await self.dr.list_orders(upstream_ids=[upstream_id])
+                mine = [o for o in orders if o.upstream_id == upstream_id]
+        except AuthError:
+            raise
+        except DigitalRiverError as exc:
+            raise OutcomeUnknown(f"looking for the order of checkout {checkout_id} failed: {exc}") from None
+        return mine[0] if mine else None
 
     def _decline_limit(self, rec: asyncpg.Record) -> tuple[datetime, str] | None:
         """When Digital River's limits on declined merchant-initiated charges let this subscription be charged

@@ -104,7 +104,13 @@ class Plan:
 def plan_installments(sub: asyncpg.Record, now: datetime) -> Plan:
     """The due installments of a claimed subscription; BadSubscription names what keeps it from being planned."""
     today = local_today(sub["time_zone"], now)
-    made, next_run = due_installments(sub, today)
+    try:
+        made, next_run = due_installments(sub, today)
+    except (ValueError, OverflowError):
+        raise BadSubscription(
+            f"subscriptions.installment_interval {sub['installment_interval']} "
+            f"({sub['installment_frequency']}) from installment_anchor_date {sub['installment_anchor_date']} puts "
+            "the next installment past the year 9999") from None
     remaining = sub["installment_count_remaining"] - len(made)
     return Plan(sub["id"], made, next_run if remaining else None)
 
@@ -112,7 +118,7 @@ def plan_installments(sub: asyncpg.Record, now: datetime) -> Plan:
 def local_today(time_zone: str | None, now: datetime) -> date:
     try:
         return now.astimezone(ZoneInfo(time_zone or "UTC")).date()
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory ("Europe") or an overlong name
         raise BadSubscription(f"accounts.time_zone {time_zone!r} is not an IANA time zone") from None
 
 
@@ -124,9 +130,12 @@ class SubscriptionInstallments(Job):
         batch = self.settings.cc_subscription_processor_batch_size
         zones = await self.known_time_zones()
         taken = 0
+        # A subscription still behind after its batch waits for the next run, so one far behind cannot take
+        # every claim of this run from those due today.
+        seen_ids: list[int] = []
         while taken < limit and await self.may_claim():
             size = min(batch, limit - taken)
-            made, seen = await self._batch(run, size, zones)
+            made, seen = await self._batch(run, size, zones, seen_ids)
             taken += seen
             if made:
                 self._wake_payments()
@@ -140,16 +149,18 @@ class SubscriptionInstallments(Job):
         for row in await self.store.fetch("account_time_zones"):
             try:
                 ZoneInfo(row["time_zone"])
-            except (ZoneInfoNotFoundError, ValueError):
+            except (ZoneInfoNotFoundError, ValueError, OSError):
                 continue
             valid.append(row["time_zone"])
         return valid
 
-    async def _batch(self, run: Run, size: int, zones: list[str]) -> tuple[int, int]:
-        """Claim up to `size` due subscriptions and make their installments in one transaction."""
+    async def _batch(self, run: Run, size: int, zones: list[str], seen_ids: list[int]) -> tuple[int, int]:
+        """Claim up to `size` due subscriptions not yet seen this run and make their installments in one
+        transaction."""
         now = datetime.now(UTC)
         async with self.store.pool.acquire() as conn, conn.transaction():
-            subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones)
+            subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones, seen_ids)
+            seen_ids.extend(sub["id"] for sub in subs)
             run.claimed += len(subs)
             plans: list[Plan] = []
             for sub in subs:

@@ -160,20 +160,23 @@ class Engine:
     async def drain(self, pause_seconds: float = 1.0) -> int:
         """Run the jobs again and again until nothing is due anywhere."""
         async def work() -> int:
-            crashed = False
             while not self.stop.is_set():
                 # A paused job's records are not due for drain: nobody may claim them until it is resumed.
                 due = {name: 0 if await job.is_paused() else await job.due_count()
                        for name, job in self.jobs.items()}
                 if not any(due.values()):
                     log.info("drain_finished")
-                    return 1 if crashed else 0
+                    return 0
                 progress = False
                 for name, job in self.jobs.items():
                     if self.stop.is_set() or not due[name]:
                         continue
                     run = await self._run(job, "drain")
-                    crashed |= run is None or run.status != "succeeded"
+                    if run is not None and run.status != "succeeded":
+                        # As `run JOB`: a crashed run (a refused key, the database gone) ends the drain with 1
+                        # rather than being repeated at once, again and again.
+                        log.error("drain_stopped", job=name, error=run.error)
+                        return 1
                     progress |= run is not None and run.claimed > 0
                 if not progress:
                     # Due rows are leased by another process (or are being finished): wait for them.
@@ -182,7 +185,7 @@ class Engine:
                         await asyncio.wait_for(self.stop.wait(), timeout=pause_seconds)
                     except TimeoutError:
                         pass
-            return 1 if crashed else 0
+            return 0
         return await self.drive(work)
 
     async def _run(self, job: Job, trigger: str) -> Run | None:

@@ -35,14 +35,15 @@ class LogWriter(Actor[None]):
         while rows := self.sink.take(self.batch):
             try:
                 await self.store.execute("insert_application_logs", *_columns(rows))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # Kept for the next flush if there is room; otherwise the sink counts them as dropped.
-                for row in rows:
-                    try:
-                        self.sink.queue.put_nowait(row)
-                    except asyncio.QueueFull:
-                        self.sink.dropped += 1
-                log.warning("application_log_write_failed", rows=len(rows), error=str(exc))
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, asyncpg.PostgresConnectionError):
+                    self._requeue(rows, exc)
+                    break
+                # A row the database refuses (bad JSON for jsonb, say) must not block the ones behind it.
+                total += await self._one_by_one(rows)
+                continue
+            except (OSError, asyncpg.InterfaceError) as exc:
+                self._requeue(rows, exc)
                 break
             total += len(rows)
         self.written += total
@@ -50,6 +51,26 @@ class LogWriter(Actor[None]):
             log.warning("application_log_rows_dropped", dropped=self.sink.dropped - self._reported_drops)
             self._reported_drops = self.sink.dropped
         return total
+
+    def _requeue(self, rows: list[dict[str, Any]], exc: BaseException) -> None:
+        """The database is unreachable: keep the rows for the next flush if there is room, else count them."""
+        for row in rows:
+            try:
+                self.sink.queue.put_nowait(row)
+            except asyncio.QueueFull:
+                self.sink.dropped += 1
+        log.warning("application_log_write_failed", rows=len(rows), error=str(exc))
+
+    async def _one_by_one(self, rows: list[dict[str, Any]]) -> int:
+        written = 0
+        for row in rows:
+            try:
+                await self.store.execute("insert_application_logs", *_columns([row]))
+                written += 1
+            except asyncpg.PostgresError as exc:
+                self.sink.dropped += 1
+                log.warning("application_log_row_refused", module=row["module_name"], error=str(exc)[:200])
+        return written
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(actor=self.name)

@@ -88,7 +88,19 @@ class AppLogSink:
         """Queue one row if `level` is at or above the configured level. Never blocks, never raises."""
         if not self.enabled(level):
             return
-        row = {
+        try:
+            row = self._row(level, module, message, record_id, status, request, response, exc, stack)
+        except Exception:  # a body too deep to copy, say: the row is lost, the caller is not
+            self.dropped += 1
+            return
+        try:
+            self.queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def _row(self, level: str, module: str, message: str, record_id: object, status: int | None, request: Any,
+             response: Any, exc: BaseException | None, stack: str | None) -> dict[str, Any]:
+        return {
             "logging_level": level,
             "module_name": module[:200],
             "message": redact_text(message)[:10_000],
@@ -101,10 +113,6 @@ class AppLogSink:
             "response": _as_json(redact(response)),
             "node": self.node,
         }
-        try:
-            self.queue.put_nowait(row)
-        except asyncio.QueueFull:
-            self.dropped += 1
 
     def take(self, limit: int) -> list[dict[str, Any]]:
         """Up to `limit` queued rows, without waiting."""

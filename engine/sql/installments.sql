@@ -9,7 +9,8 @@ SELECT DISTINCT a.time_zone FROM accounts a
  WHERE a.time_zone IN (SELECT name FROM pg_timezone_names);
 
 -- name: claim_due_subscriptions
--- subscription-installments: lock up to $1 due subscriptions for this transaction, oldest run date first.
+-- subscription-installments: lock up to $1 due subscriptions for this transaction, oldest run date first,
+-- leaving out those this run took already ($3).
 -- Due means the run date is on or before today in the account's zone ($2: the zones known to be valid; any
 -- other zone counts as UTC here and the job suspends the subscription with a message).
 SELECT s.*, a.time_zone
@@ -19,6 +20,7 @@ SELECT s.*, a.time_zone
    AND s.installment_next_run_date <= (now() AT TIME ZONE 'UTC')::date + 1
    AND s.installment_next_run_date <= (now() AT TIME ZONE
            CASE WHEN a.time_zone = ANY($2::text[]) THEN a.time_zone ELSE 'UTC' END)::date
+   AND s.id <> ALL($3::bigint[])
  ORDER BY s.installment_next_run_date, s.id
  LIMIT $1
    FOR UPDATE OF s SKIP LOCKED;

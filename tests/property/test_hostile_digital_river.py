@@ -776,9 +776,6 @@ async def test_a_hostile_order_answer_leaves_the_record_as_the_billing_rules_all
     assert fake.order_posts == 1  # one attempt per drain: whatever the answer, the record is not taken again
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/app.py Engine.drain: a run that fails with AuthError (key refused) counts as progress because it "
-    "claimed a record, so drain runs it again at once, forever (150 POST /orders in 5 s with a refused key)"))
 async def test_refused_key_on_a_hostile_server_ends_the_drain_instead_of_spinning(
         server: HostileServer, store: Store) -> None:
     """401 on POST /orders: the run stops claiming and leaves the record as it was (billing-rules.md). drain
@@ -797,10 +794,6 @@ async def test_refused_key_on_a_hostile_server_ends_the_drain_instead_of_spinnin
     assert code == 1, f"drain kept retrying a refused key ({fake.order_posts} POST /orders in 3 s)"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "actors/recurring_payments.py RecurringPayments._submit: after a TransientError on POST /orders only a "
-    "TransientError from the lookup is treated as an unknown outcome; a 4xx from GET /orders escapes to _charge, "
-    "which fails the record (hard) although its order exists"))
 @pytest.mark.parametrize("lookup_status", [400, 409, 422])
 async def test_an_order_lookup_refused_after_a_lost_answer_keeps_the_record_open(
         server: HostileServer, store: Store, lookup_status: int) -> None:
@@ -825,10 +818,6 @@ def foreign_order_list() -> Answer:
     return Answer(200, json.dumps({"hasMore": False, "data": [order]}).encode())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "actors/recurring_payments.py RecurringPayments._find_order adopts orders[0] of the lookup without checking "
-    "that its checkoutId or upstreamId is the record's, so a record is marked Successful with another record's "
-    "order and nobody was charged for it"))
 async def test_a_lookup_listing_another_records_order_is_not_adopted(server: HostileServer, store: Store) -> None:
     fake = FakeDigitalRiver(Answer(503, b'{"type":"unavailable"}'), False, foreign_order_list())
     server.script(fake.routes())
@@ -839,11 +828,6 @@ async def test_a_lookup_listing_another_records_order_is_not_adopted(server: Hos
     assert rec["dr_order_id"] is None and rec["subscription_job_run_status"] == "Open"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "actors/recurring_payments.py RecurringPayments._process: a record whose processing raises (here "
-    "finish_charged's unique violation on subscription_process_data.dr_order_id) is dropped from the lease set "
-    "without being released or postponed, so it stays claimed for LEASE_SECONDS while drain counts it as due "
-    "and waits; after the lease it crashes again, and drain never returns"))
 async def test_a_record_that_crashes_is_put_back_with_a_backoff_and_the_drain_returns(
         server: HostileServer, store: Store) -> None:
     """Digital River answers two different checkouts with the same order id (a hostile answer the client
