@@ -85,7 +85,7 @@ async def failed_record(store: Store, **columns: object) -> int:
 async def test_retry_puts_a_failed_installment_back_to_open_with_counts_reset(database_url: str,
                                                                              store: Store) -> None:
     record = await failed_record(store, outage_count=3)
-    code, out, err = await run_command(["retry", "installment", str(record)],
+    code, _, err = await run_command(["retry", "installment", str(record)],
                                        engine_env(database_url, DRJOBS_OPERATOR="ops-bob"))
     assert code == 0, err
     row = await store.pool.fetchrow("SELECT * FROM subscription_process_data WHERE id = $1", record)

@@ -50,6 +50,6 @@ async def test_demo_runs_every_job_and_its_summary_matches_the_database(tmp_path
 
 
 async def test_demo_rejects_a_bad_option_with_one_line(tmp_path: Path) -> None:
-    code, out, err = await run_command(["demo", "--subscriptions", "lots"], engine_env(None, DATA_DIR=str(tmp_path)))
+    code, _, err = await run_command(["demo", "--subscriptions", "lots"], engine_env(None, DATA_DIR=str(tmp_path)))
     assert code == 2 and "--subscriptions 'lots'" in err and err.count("\n") == 1
     assert not (tmp_path / "pg").exists()
