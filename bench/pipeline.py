@@ -44,7 +44,9 @@ WITH acc AS (
 ), prod AS (
     INSERT INTO products (sku, name, dr_sku_id) VALUES ('BENCH-1', 'Bench plan', 'sku_bench') RETURNING id
 ), pay AS (
-    INSERT INTO stored_payments (account_id, dr_source_id) SELECT id, 'src_bench_' || id FROM acc RETURNING id, account_id
+    INSERT INTO stored_payments (account_id, dr_source_id)
+    SELECT id, 'src_bench_' || id FROM acc
+    RETURNING id, account_id
 ), ord AS (
     INSERT INTO orders (account_id, dr_order_id, currency, ship_to)
     SELECT id, 'ord_bench_' || id, 'USD', '{"address": {"country": "US"}}'::jsonb FROM acc RETURNING id, account_id
