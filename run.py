@@ -129,7 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The demo shows progress and a summary; its engine logs only warnings unless LOG_LEVEL asks for more.
     log_level = "warning" if command.name == "demo" and not os.environ.get("LOG_LEVEL") else settings.log_level
-    configure(log_level, settings.log_format, settings.app_log_level, settings.secrets)
+    # Commands whose stdout is their answer (`status --json` is read by machines) log on stderr.
+    answers = command.name in ("status", "pause", "resume", "retry")
+    configure(log_level, settings.log_format, settings.app_log_level, settings.secrets,
+              stream=sys.stderr if answers else sys.stdout)
+    from engine.logs import get_logger
+    from engine.settings import misspelt_settings
+
+    for name, known in misspelt_settings():
+        get_logger(component="settings").warning("setting_unknown", variable=name, did_you_mean=known,
+                                                 detail="not a drjobs setting; the setting keeps its default")
     if command.name == "sandbox":
         from sandbox.server import main as sandbox_main
 

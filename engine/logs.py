@@ -18,7 +18,7 @@ import re
 import sys
 import traceback
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -205,8 +205,9 @@ class _StdoutLevelFilter:
 
 
 def configure(log_level: str = "info", log_format: str = "json", app_log_level: str = "NONE",
-              secrets: Iterable[str] = ()) -> None:
-    """Set structlog up for this process. Safe to call again (tests do)."""
+              secrets: Iterable[str] = (), stream: TextIO | None = None) -> None:
+    """Set structlog up for this process (on stdout unless `stream` says otherwise). Safe to call again."""
+    stream = stream or sys.stdout
     register_secrets(secrets)
     # The filtering logger must let through everything either destination wants.
     wanted = [_STD_LEVEL[log_level]]
@@ -215,7 +216,7 @@ def configure(log_level: str = "info", log_format: str = "json", app_log_level: 
                        "DEBUG": logging.DEBUG}[app_log_level])
     renderer: Any
     if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
         renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **kw: json.dumps(obj, default=str))
     structlog.configure(
@@ -230,7 +231,7 @@ def configure(log_level: str = "info", log_format: str = "json", app_log_level: 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(min(wanted)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 

@@ -310,3 +310,34 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         data_dir=reader.raw("DATA_DIR") or ".data",
         node_lost_seconds=reader.number("NODE_LOST_SECONDS", 30.0, 3.0, 3600.0),
     )
+
+
+# Every variable `load` reads, for `misspelt_settings`.
+KNOWN_SETTINGS = frozenset({
+    "DATABASE_URL", "DATABASE_POOL_SIZE", "DATA_DIR", "DR_API_URL", "DR_API_KEY", "DR_API_VERSION",
+    "DR_TIMEOUT_SECONDS", "DR_MAX_REQUESTS_PER_SECOND", "CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT",
+    "CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE", "RECURRING_PAYMENT_PROCESS_QUERY_LIMIT", "RECURRING_PAYMENT_BATCH_SIZE",
+    "SUBSCRIPTION_RETRY_COUNT", "FULFILLMENT_QUERY_LIMIT", "FULFILLMENT_RETRY_LIMIT", "SCHEDULE_TIME_ZONE",
+    "APP_LOG_LEVEL", "APP_LOG_RETENTION_DAYS", "LOG_LEVEL", "LOG_FORMAT", "LEASE_SECONDS", "SHUTDOWN_GRACE_SECONDS",
+    "HTTP_HOST", "HTTP_PORT", "NODE_NAME", "NODE_LOST_SECONDS",
+    *(f"{env_prefix(job)}_{suffix}" for job in JOBS for suffix in ("SCHEDULE", "CONCURRENCY")),
+})
+
+
+def misspelt_settings(env: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(variable, the known one it most resembles) for set variables that look like a typo of ours.
+
+    Not an error (other software may set similar names), but worth a warning: a misspelt variable silently
+    leaves the setting at its default.
+    """
+    import difflib
+
+    found = []
+    for name in sorted(os.environ if env is None else env):
+        if name in KNOWN_SETTINGS or not name.isupper():
+            continue
+        close = difflib.get_close_matches(name, KNOWN_SETTINGS, n=1, cutoff=0.88)
+        if close:
+            found.append((name, close[0]))
+    return found
+

@@ -165,12 +165,25 @@ def test_values_at_the_edges_are_accepted(name: str, value: str, expected: objec
 
 def test_misspelt_job_variable_is_not_an_error_today_and_the_job_keeps_its_default() -> None:
     """`RECURING_PAYMENTS_CONCURRENCY` (one R) names no job: the contract lists the variables it reads and says
-    nothing of others, so the engine ignores it and the real job keeps its default. (Reported: a warning naming
-    the closest variable would catch the typo without refusing variables that belong to other software.)"""
+    nothing of others, so the engine ignores it (with a warning, below) and the real job keeps its default."""
     s = load({"DR_API_KEY": KEY, "RECURING_PAYMENTS_CONCURRENCY": "2", "RECURRING_PAYMENT_CONCURRENCY": "2",
               "ORDER_FULFILMENT_SCHEDULE": "garbage"}, command="serve", is_terminal=False)
     assert s.jobs["recurring-payments"].concurrency == 32
     assert s.jobs["order-fulfillment"].schedule.text == "0 0/5 * * * ?"
+
+
+def test_misspelt_variables_are_named_with_the_setting_they_resemble() -> None:
+    from engine.settings import misspelt_settings
+
+    env = {"RECURING_PAYMENTS_CONCURRENCY": "2", "RECURRING_PAYMENT_CONCURRENCY": "2",
+           "ORDER_FULFILMENT_SCHEDULE": "x", "DR_API_KYE": "k", "PATH": "/bin", "HOME": "/root",
+           "DR_API_KEY": KEY, "POSTGRES_PASSWORD": "x", "LOG_LEVEL": "info"}
+    assert misspelt_settings(env) == [
+        ("DR_API_KYE", "DR_API_KEY"),
+        ("ORDER_FULFILMENT_SCHEDULE", "ORDER_FULFILLMENT_SCHEDULE"),
+        ("RECURING_PAYMENTS_CONCURRENCY", "RECURRING_PAYMENTS_CONCURRENCY"),
+        ("RECURRING_PAYMENT_CONCURRENCY", "RECURRING_PAYMENTS_CONCURRENCY"),
+    ]
 
 
 ANY_NAME = st.sampled_from(sorted(BAD) + sorted(NOT_VALIDATED))
