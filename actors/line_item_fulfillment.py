@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 
 from actors.order_fulfillment import Sent, dr_message, retry_delay, send_fulfillment
-from engine.digital_river import AuthError, DigitalRiverClient, DigitalRiverError
+from engine.digital_river import AuthError, DigitalRiverError
 from engine.jobs import Job, Run
 from engine.logs import get_logger
 from engine.store import Leases
@@ -116,11 +116,6 @@ def tracking(line: asyncpg.Record) -> dict[str, str]:
 
 class LineItemFulfillment(Job):
     job_name = "line-item-fulfillment"
-
-    @property
-    def dr(self) -> DigitalRiverClient:
-        client: DigitalRiverClient = self.services.dr
-        return client
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_line_items"))

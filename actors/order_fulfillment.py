@@ -185,11 +185,6 @@ def cancel_items(rec: asyncpg.Record, items: Sequence[asyncpg.Record]) -> list[t
 class OrderFulfillment(Job):
     job_name = "order-fulfillment"
 
-    @property
-    def dr(self) -> DigitalRiverClient:
-        client: DigitalRiverClient = self.services.dr
-        return client
-
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_cancelled_orders"))
 

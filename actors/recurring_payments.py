@@ -36,7 +36,6 @@ from engine.digital_river import (
     AuthError,
     BadRequestError,
     DeclinedError,
-    DigitalRiverClient,
     DigitalRiverError,
     NotFoundError,
     Order,
@@ -213,11 +212,6 @@ class RecurringPayments(Job):
         rows = await self.store.fetch("finish_charged", self.store.node, json.dumps(list(items)))
         order_ids = {r["id"]: r["order_id"] for r in rows}
         return [order_ids.get(item["record_id"]) for item in items]
-
-    @property
-    def dr(self) -> DigitalRiverClient:
-        client: DigitalRiverClient = self.services.dr
-        return client
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_payment_records"))

@@ -23,14 +23,10 @@ import asyncio
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -39,6 +35,7 @@ import structlog
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, run_engine, with_database  # noqa: E402
 from engine.database import open_database  # noqa: E402
 from engine.digital_river import DigitalRiverClient  # noqa: E402
 from engine.store import Store  # noqa: E402
@@ -103,17 +100,6 @@ class Result:
                 f"{self.cpu_seconds / self.orders * 1000:.2f} | {self.peak_rss_mb:.0f} |")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 async def dr_orders(url: str, n: int) -> list[tuple[str, str, str, str]]:
     """N accepted orders in the sandbox, made through its API: (order id, item ids…) each."""
     client = DigitalRiverClient(url, KEY, max_requests_per_second=1_000_000.0, connection_limit=64, max_retries=0)
@@ -154,21 +140,6 @@ async def fresh_database(server_dsn: str, name: str, orders: list[tuple[str, str
     finally:
         await store.close()
     return dsn
-
-
-def run_engine(args: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """Run `run.py ARGS`; (wall seconds, CPU seconds, peak RSS MB)."""
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], env=env, cwd=str(ROOT),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"engine {args} exited {proc.returncode}: {err[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 async def scenario(name: str, n: int, latency_ms: int, server_dsn: str) -> Result:

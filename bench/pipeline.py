@@ -17,20 +17,19 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, run_engine, with_database  # noqa: E402
 from engine.database import open_database  # noqa: E402
 from engine.store import Store  # noqa: E402
 
@@ -85,17 +84,6 @@ class Result:
                 f"{self.cpu_seconds / self.charged * 1000:.2f} | {self.peak_rss_mb:.0f} |")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 async def fresh_database(server_dsn: str, name: str, n: int) -> str:
     conn = await asyncpg.connect(server_dsn)
     try:
@@ -111,21 +99,6 @@ async def fresh_database(server_dsn: str, name: str, n: int) -> str:
     finally:
         await store.close()
     return dsn
-
-
-def run_engine(args: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
-    """Run `run.py ARGS`; (wall seconds, CPU seconds, peak RSS MB, stderr)."""
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], env=env, cwd=str(ROOT),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"engine {args} exited {proc.returncode}: {err[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, err
 
 
 async def scenario(name: str, n: int, server_dsn: str) -> Result:
@@ -154,8 +127,8 @@ async def scenario(name: str, n: int, server_dsn: str) -> Result:
         "RECURRING_PAYMENT_BATCH_SIZE": "100", "CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE": "500",
     })
     try:
-        inst_wall, inst_cpu, inst_rss, _ = run_engine(["run", "subscription-installments"], env)
-        pay_wall, pay_cpu, pay_rss, _ = run_engine(["run", "recurring-payments"], env)
+        inst_wall, inst_cpu, inst_rss = run_engine(["run", "subscription-installments"], env)
+        pay_wall, pay_cpu, pay_rss = run_engine(["run", "recurring-payments"], env)
         ledger = json.loads(urllib.request.urlopen(url + "/_sandbox/ledger", timeout=30).read())
         throttled = sum(1 for r in ledger.get("requests", []) if r["status"] == 429)
     finally:

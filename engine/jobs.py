@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from engine.actor import Actor
-from engine.digital_river import AuthError
+from engine.digital_river import AuthError, DigitalRiverClient
 from engine.logs import AppLogSink, get_logger, redact_text
 from engine.metrics import Metrics
 from engine.settings import Settings
@@ -107,6 +107,14 @@ class Job(Actor[RunRequest]):
     def stop_requested(self) -> bool:
         """True once the engine is shutting down: stop claiming, finish what is in flight."""
         return self.stopping.is_set() or self.services.stopping.is_set()
+
+    @property
+    def dr(self) -> DigitalRiverClient:
+        """The process's Digital River client (`run`, `serve` and `drain` always have one)."""
+        if self.services.dr is None:
+            raise RuntimeError("no Digital River client: DR_API_KEY is not set")
+        client: DigitalRiverClient = self.services.dr
+        return client
 
     @property
     def paused(self) -> bool:

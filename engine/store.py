@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,3 @@ class Leases:
                     # The next beat tries again; a lease only lapses after LEASE_SECONDS without one.
                     log.warning("lease_heartbeat_failed", table=self.table, error=str(exc))
 
-
-def records(rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
-    return [dict(r) for r in rows]

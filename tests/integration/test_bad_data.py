@@ -28,8 +28,9 @@ from actors.subscription_installments import MAX_CATCH_UP
 from engine.store import Store
 from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
+from tests.integration.engines import drain, engine_on
 from tests.integration.factories import due_subscription
-from tests.integration.test_pipeline import drain, engine_on, records
+from tests.integration.test_pipeline import records
 
 # A drain that does not finish within this is a fault of its own (a run crashing again and again), not a wait.
 DRAIN_SECONDS = 20

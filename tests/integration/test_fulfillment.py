@@ -11,24 +11,21 @@ import asyncio
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
 
-from actors import build_jobs
 from actors.line_item_fulfillment import OUTCOME_LEVEL as LINE_EVENTS
 from actors.order_fulfillment import OUTCOME_LEVEL as ORDER_EVENTS
-from engine.app import Engine
-from engine.logs import install_app_log
-from engine.settings import load
 from engine.store import Store
 from sandbox import model
 from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
+from tests.integration import engines
 from tests.integration.factories import fulfillment_order
-from tests.support import TEST_KEY, engine_env, run_command
+from tests.support import engine_env, run_command
 
 LINES = "line-item-fulfillment"
 ORDERS = "order-fulfillment"
@@ -40,27 +37,11 @@ async def sandbox() -> AsyncIterator[Sandbox]:
         yield sb
 
 
-@asynccontextmanager
-async def engine_on(store: Store, sandbox: Sandbox, **env: str) -> AsyncIterator[Engine]:
-    settings = load({"DR_API_KEY": TEST_KEY, "DR_API_URL": sandbox.url, "DR_MAX_REQUESTS_PER_SECOND": "1000",
-                     "APP_LOG_LEVEL": "WARN", "NODE_NAME": store.node, **env}, command="drain", is_terminal=False)
-    engine = Engine(settings, store, build_jobs)
-    assert engine.dr is not None
-    engine.dr.backoff_base = 0.001  # the client still retries transient failures, without the waits
-    try:
-        yield engine
-    finally:
-        install_app_log(None)
-
-
-async def drain(store: Store, sandbox: Sandbox, **env: str) -> int:
-    async with engine_on(store, sandbox, **env) as engine:
-        return await engine.drain()
-
-
-async def run_job(store: Store, sandbox: Sandbox, job: str, **env: str) -> int:
-    async with engine_on(store, sandbox, **env) as engine:
-        return await engine.run_job(job)
+# The client still retries transient failures, without the waits.
+QUICK_RETRIES = (0.001, 30.0)
+engine_on = partial(engines.engine_on, retry_backoff=QUICK_RETRIES)
+drain = partial(engines.drain, retry_backoff=QUICK_RETRIES)
+run_job = partial(engines.run_job, retry_backoff=QUICK_RETRIES)
 
 
 def dr_order(sandbox: Sandbox, *quantities: int, state: str = "accepted") -> dict[str, Any]:

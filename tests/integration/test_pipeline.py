@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from actors import build_jobs
-from engine.app import Engine
-from engine.logs import install_app_log
-from engine.settings import load
 from engine.store import Store
 from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
+from tests.integration.engines import drain, engine_on, run_job
 from tests.integration.factories import due_subscription
 from tests.support import TEST_KEY
 
@@ -30,27 +26,6 @@ from tests.support import TEST_KEY
 async def sandbox() -> AsyncIterator[Sandbox]:
     async with Sandbox(SandboxConfig(seed=7)) as sb:
         yield sb
-
-
-@asynccontextmanager
-async def engine_on(store: Store, sandbox: Sandbox, **env: str) -> AsyncIterator[Engine]:
-    settings = load({"DR_API_KEY": TEST_KEY, "DR_API_URL": sandbox.url, "DR_MAX_REQUESTS_PER_SECOND": "1000",
-                     "APP_LOG_LEVEL": "WARN", **env}, command="drain", is_terminal=False)
-    engine = Engine(settings, store, build_jobs)
-    try:
-        yield engine
-    finally:
-        install_app_log(None)
-
-
-async def drain(store: Store, sandbox: Sandbox, **env: str) -> int:
-    async with engine_on(store, sandbox, **env) as engine:
-        return await engine.drain()
-
-
-async def run_job(store: Store, sandbox: Sandbox, job: str, **env: str) -> int:
-    async with engine_on(store, sandbox, **env) as engine:
-        return await engine.run_job(job)
 
 
 async def records(store: Store, subscription_id: int | None = None) -> list[dict[str, Any]]:

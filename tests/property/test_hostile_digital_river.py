@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -31,7 +31,6 @@ from aiohttp import web
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from actors import build_jobs
 from engine.app import Engine
 from engine.digital_river import (
     AuthError,
@@ -51,10 +50,10 @@ from engine.digital_river import (
     parse_retry_after,
 )
 from engine.log_writer import LogWriter
-from engine.logs import AppLogSink, install_app_log
-from engine.settings import load
+from engine.logs import AppLogSink
 from engine.store import Store
 from sandbox import model
+from tests.integration.engines import engine_on
 from tests.integration.factories import due_subscription
 
 KEY = "sk_test_CANARY_hostile_5f3a9c0e7b21"
@@ -721,18 +720,9 @@ async def empty_tables(store: Store) -> None:
     await store.pool.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
 
 
-@asynccontextmanager
-async def engine_against(store: Store, url: str, **env: str) -> AsyncIterator[Engine]:
-    settings_ = load({"DR_API_KEY": KEY, "DR_API_URL": url, "DR_MAX_REQUESTS_PER_SECOND": "1000",
-                      "DR_TIMEOUT_SECONDS": "0.3", "APP_LOG_LEVEL": "WARN", **env}, command="drain",
-                     is_terminal=False)
-    engine = Engine(settings_, store, build_jobs)
-    assert engine.dr is not None
-    engine.dr.backoff_base, engine.dr.backoff_max = 0.005, 0.02  # retries in milliseconds, not seconds
-    try:
-        yield engine
-    finally:
-        install_app_log(None)
+def engine_against(store: Store, url: str, **env: str) -> AbstractAsyncContextManager[Engine]:
+    # Retries in milliseconds, not seconds.
+    return engine_on(store, url, key=KEY, retry_backoff=(0.005, 0.02), DR_TIMEOUT_SECONDS="0.3", **env)
 
 
 def assert_readable_message(message: str | None) -> None:
