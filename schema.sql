@@ -328,3 +328,17 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Fencing (docs/reliability.md): every claim stamps a fresh token on the rows it leases, and every write a job
+-- makes under that lease names the token. A worker that outlived its lease (stalled, paused, cut off) holds a
+-- token another claim has replaced, so its writes change nothing. Giving a row back, or an operator's retry,
+-- clears the token.
+CREATE SEQUENCE IF NOT EXISTS drjobs_lease_tokens;
+ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS lease_token bigint;
+ALTER TABLE fulfillments ADD COLUMN IF NOT EXISTS lease_token bigint;
+ALTER TABLE line_item_fulfillments ADD COLUMN IF NOT EXISTS lease_token bigint;
+-- Looks for the order of a checkout Digital River no longer knows (POST /orders 404 and no order found by
+-- checkout or upstream id): after CHECKOUT_LOOKS of them the record is Failed `checkout_unknown` for an operator.
+ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS checkout_looks integer NOT NULL DEFAULT 0;
+-- The Digital River source the saved checkout charges (a replaced card is attached to it before it is submitted).
+ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS dr_checkout_source_id text;

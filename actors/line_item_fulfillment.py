@@ -36,7 +36,7 @@ from actors.order_fulfillment import Sent, dr_message, retry_delay, send_fulfill
 from engine.digital_river import AuthError, DigitalRiverError
 from engine.jobs import Job, Run
 from engine.logs import get_logger
-from engine.store import Leases
+from engine.store import LeaseLost, Leases
 
 log = get_logger(component="line_item_fulfillment")
 
@@ -189,10 +189,13 @@ class LineItemFulfillment(Job):
         ids = [line["id"] for line in order_lines]
         verdicts: dict[int, Verdict]
         try:
-            verdicts = await self._fulfil(order_lines)
-            written = await self._write(fulfillment_id, verdicts)
+            verdicts = await self._fulfil(order_lines, orders, lines, fulfillment_id)
+            written = await self._write(orders, lines, fulfillment_id, verdicts)
         except asyncio.CancelledError:
             raise
+        except LeaseLost as exc:
+            verdicts = {i: Verdict("line_item_lease_lost", fields={"error": str(exc)}) for i in ids}
+            written = set(ids)
         except AuthError as exc:
             self.key_refused = True
             await lines.release(ids)
@@ -229,8 +232,10 @@ class LineItemFulfillment(Job):
                 fulfill_quantity=line["fulfill_quantity"], cancel_quantity=line["cancel_quantity"],
                 app_logged=verdict.app_level is not None and line["id"] in written, **verdict.fields)
 
-    async def _fulfil(self, order_lines: Sequence[asyncpg.Record]) -> dict[int, Verdict]:
-        """Check every line, send the good ones (one request per tracking), and decide how each ends."""
+    async def _fulfil(self, order_lines: Sequence[asyncpg.Record], orders: Leases, lines: Leases,
+                      fulfillment_id: int) -> dict[int, Verdict]:
+        """Check every line, send the good ones (one request per tracking), and decide how each ends. Before each
+        send the order's lease (its lock) is fenced: still this claim's, unexpired, pushed out for the call."""
         verdicts: dict[int, Verdict] = {}
         groups: dict[tuple[tuple[str, str], ...], list[asyncpg.Record]] = {}
         for line in order_lines:
@@ -243,6 +248,9 @@ class LineItemFulfillment(Job):
         for key, group in groups.items():
             dr_order_id = group[0]["dr_order_id"]
             entries = [(line["id"], line_entry(line)) for line in group]
+            for line in group:
+                lines.check(line["id"])
+            await orders.touch(fulfillment_id)
             results = await send_fulfillment(self.dr, dr_order_id, entries, dict(key))
             request = {"orderId": dr_order_id, "items": [entry for _, entry in entries], **dict(key)}
             for line in group:
@@ -272,13 +280,28 @@ class LineItemFulfillment(Job):
                        fields={"status": "Pending", "reason": message, "retry_count": attempts,
                                "next_attempt_at": next_attempt.isoformat()})
 
-    async def _write(self, fulfillment_id: int, verdicts: dict[int, Verdict]) -> set[int]:
-        """Every line's outcome and the order's lease, in one statement; the ids this node still held."""
+    async def _write(self, orders: Leases, lines: Leases, fulfillment_id: int,
+                     verdicts: dict[int, Verdict]) -> set[int]:
+        """Every line's outcome and the order's lease, in one statement, under the claims' lease tokens; the ids
+        this node still held. A line someone else settled with another fulfillment is an alarm."""
         ids = list(verdicts)
         values = [verdicts[i] for i in ids]
         # Shielded: once Digital River has answered, a shutdown must not lose what it said.
         rows = await asyncio.shield(self.store.fetch(
-            "finish_line_items", self.store.node, fulfillment_id, ids, [v.status for v in values],
-            [v.retry_add for v in values], [v.message[:2000] if v.message is not None else None for v in values],
+            "finish_line_items", fulfillment_id, orders.token(fulfillment_id), ids, [lines.token(i) for i in ids],
+            [v.status for v in values], [v.retry_add for v in values],
+            [v.message[:2000] if v.message is not None else None for v in values],
             [v.fulfillment_id for v in values], [v.next_attempt_at for v in values]))
-        return {r["id"] for r in rows}
+        written = {r["id"] for r in rows}
+        refused = [i for i in ids if i not in written and verdicts[i].fulfillment_id is not None]
+        for now in await self.store.fetch("line_items_settled_by", refused) if refused else []:
+            mine = verdicts[now["id"]].fulfillment_id
+            if now["status"] in ("Completed", "Failed") and now["dr_fulfillment_id"] not in (None, mine):
+                self.services.metrics.settlement_conflict(self.job_name)
+                conflict = (f"line {now['id']} was already settled with Digital River fulfillment "
+                            f"{now['dr_fulfillment_id']}; this worker's call made {mine} as well")
+                log.error("line_item_settlement_conflict", record_id=now["id"], fulfillment_id=fulfillment_id,
+                          dr_fulfillment_id=mine, settled_dr_fulfillment_id=now["dr_fulfillment_id"],
+                          reason=conflict)
+                self.services.app_log.write("ERROR", self.job_name, conflict, record_id=now["id"])
+        return written

@@ -209,7 +209,7 @@ class OrderFulfillment(Job):
         fields: dict[str, Any] = {"record_id": rec["id"], "order_id": rec["order_id"],
                                   "dr_order_id": rec["dr_order_id"]}
         try:
-            outcome = await self._cancel(leases, rec, items)
+            outcome = await self._cancel(leases, rec, items, leases.token(rec["id"]))
         except asyncio.CancelledError:
             raise
         except LeaseLost as exc:
@@ -226,16 +226,18 @@ class OrderFulfillment(Job):
         getattr(log, OUTCOME_LEVEL[outcome.event])(
             outcome.event, duration_ms=round((time.monotonic() - started) * 1000), **fields, **outcome.fields)
 
-    async def _cancel(self, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record]) -> Outcome:
-        """One cancellation: check, send, and write how it ended."""
+    async def _cancel(self, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record], token: int) -> Outcome:
+        """One cancellation: check, send, and write how it ended (every write under the claim's lease token)."""
         try:
             entries = cancel_items(rec, items)
         except BadData as exc:
-            return await self._failed(rec, str(exc), sent=False)
+            return await self._failed(rec, token, str(exc), sent=False)
         if not entries:
-            await self._write(rec, "Completed", 0, "nothing left to cancel: every item is already fulfilled or "
-                               "cancelled", None, None)
+            await self._write(rec, token, "Completed", 0, "nothing left to cancel: every item is already fulfilled "
+                              "or cancelled", None, None)
             return Outcome("order_cancel_nothing_left")
+        # Fence: the lease is still this claim's and unexpired, and lasts a full lease for the call.
+        await leases.touch(rec["id"])
         try:
             results = await send_fulfillment(self.dr, rec["dr_order_id"], entries)
         except AuthError as exc:
@@ -248,31 +250,43 @@ class OrderFulfillment(Job):
             by_kind.setdefault(result.kind, []).append(result)
         if "failed" in by_kind:
             first = by_kind["failed"][0]
-            return await self._failed(rec, first.message or "failed", sent=True, error=first.error, request=request)
+            return await self._failed(rec, token, first.message or "failed", sent=True, error=first.error,
+                                      request=request)
         if "retry" in by_kind:
             first = by_kind["retry"][0]
-            return await self._retry(rec, first.message or "failed", first.error, request)
+            return await self._retry(rec, token, first.message or "failed", first.error, request)
         fulfillment_id = next((r.fulfillment_id for r in by_kind.get("sent", ())), None)
         done = by_kind.get("done", [])
         message = done[0].message if done else None
-        await self._write(rec, "Completed", 0, message, fulfillment_id, None)
+        await self._write(rec, token, "Completed", 0, message, fulfillment_id, None)
         if fulfillment_id is None:
             return Outcome("order_cancel_already_done", {"reason": message})
         return Outcome("order_cancel_sent", {"dr_fulfillment_id": fulfillment_id, "items": len(entries),
                                              "already_done": len(done)})
 
-    async def _write(self, rec: asyncpg.Record, status: str, retry_add: int, message: str | None,
-                      fulfillment_id: str | None, next_attempt: datetime | None) -> None:
+    async def _write(self, rec: asyncpg.Record, token: int, status: str, retry_add: int, message: str | None,
+                     fulfillment_id: str | None, next_attempt: datetime | None) -> None:
         # Shielded: once Digital River has answered, a shutdown must not lose what it said.
         kept = await asyncio.shield(self.store.fetchval(
-            "finish_fulfillment", rec["id"], self.store.node, status, retry_add,
+            "finish_fulfillment", rec["id"], token, status, retry_add,
             None if message is None else message[:2000], fulfillment_id, next_attempt))
-        if kept is None:
-            raise LeaseLost(f"fulfillments row {rec['id']} lease lost before its outcome was written")
+        if kept is not None:
+            return
+        now = await self.store.fetchrow("fulfillment_settled_by", rec["id"])
+        if now is not None and now["status"] in ("Completed", "Failed") and fulfillment_id is not None \
+                and now["dr_fulfillment_id"] not in (None, fulfillment_id):
+            # Settled by another worker with another fulfillment: the order was sent twice. An alarm, not a no-op.
+            self.services.metrics.settlement_conflict(self.job_name)
+            conflict = (f"fulfillments row {rec['id']} was already settled with Digital River fulfillment "
+                        f"{now['dr_fulfillment_id']}; this worker's call made {fulfillment_id} as well")
+            log.error("order_cancel_settlement_conflict", record_id=rec["id"], dr_fulfillment_id=fulfillment_id,
+                      settled_dr_fulfillment_id=now["dr_fulfillment_id"], reason=conflict)
+            self.services.app_log.write("ERROR", self.job_name, conflict, record_id=rec["id"])
+        raise LeaseLost(f"fulfillments row {rec['id']} lease lost before its outcome ({status}) was written")
 
-    async def _failed(self, rec: asyncpg.Record, message: str, *, sent: bool, error: DigitalRiverError | None = None,
-                      request: Any = None) -> Outcome:
-        await self._write(rec, "Failed", 1 if sent else 0, message, None, None)
+    async def _failed(self, rec: asyncpg.Record, token: int, message: str, *, sent: bool,
+                      error: DigitalRiverError | None = None, request: Any = None) -> Outcome:
+        await self._write(rec, token, "Failed", 1 if sent else 0, message, None, None)
         self.services.app_log.write(
             "ERROR", self.job_name, f"order cancellation failed: {message}", record_id=rec["id"],
             status=error.status if error else None, request=request, response=error.response if error else None,
@@ -281,7 +295,7 @@ class OrderFulfillment(Job):
                                                "retry_count": rec["retry_count"] + (1 if sent else 0),
                                                "app_logged": True})
 
-    async def _retry(self, rec: asyncpg.Record, message: str, error: DigitalRiverError | None,
+    async def _retry(self, rec: asyncpg.Record, token: int, message: str, error: DigitalRiverError | None,
                      request: Any) -> Outcome:
         attempts = rec["retry_count"] + 1
         exhausted = attempts > self.settings.fulfillment_retry_limit
@@ -290,7 +304,7 @@ class OrderFulfillment(Job):
         if exhausted:
             message = f"{message} (failed {attempts} times; FULFILLMENT_RETRY_LIMIT is " \
                       f"{self.settings.fulfillment_retry_limit})"
-        await self._write(rec, status, 1, message, None, None if exhausted else next_attempt)
+        await self._write(rec, token, status, 1, message, None, None if exhausted else next_attempt)
         self.services.app_log.write(
             "ERROR" if exhausted else "WARN", self.job_name, f"order cancellation not sent: {message}",
             record_id=rec["id"], status=error.status if error else None, request=request,

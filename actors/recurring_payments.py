@@ -10,10 +10,21 @@ two installments of one subscription are never charged at once. For each record 
 3. Digital River's limits on declined merchant-initiated charges: a subscription declined in the last 24 hours,
    or four times in 30 days, waits (no attempt is made or counted).
 4. A checkout already on the record means an earlier attempt may have created an order: look it up by
-   checkout id, then by upstream id. Found: adopt it. Not found: submit that same checkout again.
+   checkout id, then by upstream id, before anything else. Found: adopt it. Not found: submit that same checkout
+   again (with the subscription's current source attached, if the card was replaced). Digital River answering
+   404 for it while no order is found is looked at again CHECKOUT_LOOKS times, then the record is Failed
+   `checkout_unknown` for an operator: never a second checkout while an order might exist.
 5. Otherwise create the checkout (upstreamId = the record's) and commit its id before submitting the order.
 6. `POST /orders`: 201 → the order, its items, the cart closed and the record `Successful`, in one
    transaction. 409 decline, 400, timeouts and outages go where the table in billing-rules.md says.
+
+The data is checked (step 2), the subscription must still be `Active` and Digital River's decline limits must
+allow a charge (step 3) only once step 4 has shown that no order exists: whatever changed since, a record that
+was already charged is adopted, never failed.
+
+Fencing: every write carries the claim's lease token, and every call that can make an order is preceded by a
+check that the lease is still this claim's and unexpired (saving the checkout, or `fence_checkout`). A worker
+that outlived its lease changes nothing and stops; at most one checkout is ever saved per attempt.
 
 A 401/403 stops the run from claiming more: the key is refused, and nothing is counted against any record.
 """
@@ -53,6 +64,13 @@ DECLINE_PAUSE = timedelta(hours=24)
 DECLINE_WINDOW = timedelta(days=30)
 DECLINES_PER_WINDOW = 4
 OUTAGE_BACKOFF_MAX = timedelta(hours=1)
+# Looks (each a POST /orders answered 404 and both lookups empty, 1, 2, 4 … minutes apart) before a record whose
+# checkout Digital River does not know is Failed `checkout_unknown` for an operator.
+CHECKOUT_LOOKS = 5
+# How long a write waits, in all, for a row another session holds locked before the worker gives up on it.
+BUSY_WAIT_SECONDS = 0.5
+# Subscription statuses whose installments are not charged any more (Completed only means none are left to make).
+NOT_CHARGED = {"Cancelled": "subscription_cancelled", "Suspended": "subscription_suspended"}
 CENT = Decimal("0.01")
 # Totals are numeric(18,2): a charge this large could not be stored with its tax.
 MAX_CHARGE = Decimal("1e15")
@@ -68,6 +86,10 @@ OUTCOME_LEVEL = {
     "installment_unknown": "warning",
     "installment_key_refused": "error",
     "installment_lease_lost": "warning",
+    "installment_not_charged": "warning",
+    "installment_checkout_unknown": "error",
+    "installment_settled_elsewhere": "warning",
+    "installment_settlement_conflict": "error",
     "installment_crashed": "error",
 }
 
@@ -200,18 +222,21 @@ class RecurringPayments(Job):
     def __init__(self, services: Services) -> None:
         super().__init__(services)
         # Records in flight share their writes: one statement commits many checkouts, one many charges.
-        self.checkouts: BatchWriter[tuple[int, str], bool] = BatchWriter(self._save_checkouts, name="checkouts")
-        self.charges: BatchWriter[dict[str, Any], int | None] = BatchWriter(self._finish_charges, name="charges")
+        self.checkouts: BatchWriter[tuple[int, int, str, str], str] = BatchWriter(self._save_checkouts,
+                                                                               name="checkouts")
+        self.charges: BatchWriter[dict[str, Any], asyncpg.Record] = BatchWriter(self._finish_charges,
+                                                                                name="charges")
 
-    async def _save_checkouts(self, items: Sequence[tuple[int, str]]) -> list[bool]:
-        kept = {r["id"] for r in await self.store.fetch(
-            "save_checkouts", self.store.node, [record for record, _ in items], [checkout for _, checkout in items])}
-        return [record in kept for record, _ in items]
+    async def _save_checkouts(self, items: Sequence[tuple[int, int, str, str]]) -> list[str]:
+        rows = await self.store.fetch("save_checkouts", [i[0] for i in items], [i[1] for i in items],
+                                      [i[2] for i in items], [i[3] for i in items], float(self.settings.lease_seconds))
+        results = {r["id"]: r["result"] for r in rows}
+        return [results[i[0]] for i in items]
 
-    async def _finish_charges(self, items: Sequence[dict[str, Any]]) -> list[int | None]:
+    async def _finish_charges(self, items: Sequence[dict[str, Any]]) -> list[asyncpg.Record]:
         rows = await self.store.fetch("finish_charged", self.store.node, json.dumps(list(items)))
-        order_ids = {r["id"]: r["order_id"] for r in rows}
-        return [order_ids.get(item["record_id"]) for item in items]
+        results = {r["id"]: r for r in rows}
+        return [results[item["record_id"]] for item in items]
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_payment_records"))
@@ -236,128 +261,32 @@ class RecurringPayments(Job):
         started = time.monotonic()
         fields: dict[str, Any] = {"record_id": rec["id"], "subscription_id": rec["subscription_id"],
                                   "installment_number": rec["installment_number"]}
+        charge = Charge(self, leases, rec)
         try:
-            outcome = await self._charge(leases, rec)
+            outcome = await charge.run()
         except asyncio.CancelledError:
             raise
         except LeaseLost as exc:
-            outcome = Outcome("installment_lease_lost", {"error": str(exc)})
+            outcome = Outcome("installment_lease_lost", {"error": str(exc)} | charge.order_fields())
         except Exception as exc:
             # A bug, or an answer the store refuses: put the record back with the outage backoff (checkout
             # kept, so nothing is charged twice). If even that fails, its lease lapses and it comes back.
             error = redact_text(f"{type(exc).__name__}: {exc}")[:2000]
             log.error("installment_crashed", exc_info=exc, **fields)
             try:
-                outcome = await self._postpone(rec, "installment_crashed", "crashed", error, outage=True)
+                outcome = await charge.postpone("installment_crashed", "crashed", error, outage=True)
             except Exception:
                 outcome = Outcome("installment_crashed", {"error": error})
         leases.done([rec["id"]])
         if outcome.event in ("installment_charged", "installment_adopted"):
             run.succeeded += 1
-        elif outcome.event in ("installment_failed", "installment_declined", "installment_crashed"):
+        elif outcome.event in ("installment_failed", "installment_declined", "installment_crashed",
+                               "installment_not_charged", "installment_checkout_unknown"):
             run.failed += 1
         self.record_outcome(outcome.event)
         getattr(log, OUTCOME_LEVEL[outcome.event])(
             outcome.event, duration_ms=round((time.monotonic() - started) * 1000), **fields, **outcome.fields)
 
-    async def _charge(self, leases: Leases, rec: asyncpg.Record) -> Outcome:
-        """The exactly-once protocol for one record; returns how it ended."""
-        dr = self.dr
-        try:
-            if rec["dr_order_id"]:
-                return await self._charged(rec, await dr.get_order(rec["dr_order_id"]), adopted=True)
-            try:
-                validate(rec)
-                body = checkout_body(rec)
-            except BadData as exc:
-                return await self._failed(rec, f"invalid:{exc.field}", str(exc), hard=True)
-            limit = self._decline_limit(rec)
-            if limit is not None:
-                until, why = limit
-                return await self._postpone(rec, "installment_deferred", "decline_limit", why, until=until)
-            checkout_id = rec["dr_checkout_id"]
-            if checkout_id:
-                order = await self._find_order(rec, checkout_id)
-                if order is not None:
-                    return await self._charged(rec, order, adopted=True)
-            else:
-                checkout = await dr.create_checkout(body)
-                if checkout.payment_session_state not in (None, "requires_confirmation"):
-                    return await self._failed(
-                        rec, "payment_session_state",
-                        f"checkout {checkout.id} payment session is {checkout.payment_session_state}, "
-                        "not requires_confirmation", hard=True)
-                failpoint("after_checkout_created")
-                if not await self.checkouts.submit((rec["id"], checkout.id)):
-                    raise LeaseLost(f"record {rec['id']} lease lost before its order was submitted")
-                checkout_id = checkout.id
-                failpoint("after_checkout_saved")
-            return await self._submit(rec, checkout_id)
-        except AuthError as exc:
-            self.key_refused = True
-            await leases.release([rec["id"]])
-            return Outcome("installment_key_refused", {"error": str(exc)})
-        except OutcomeUnknown as exc:
-            # An order may exist: keep the checkout, so the next attempt looks again before anything else.
-            return await self._postpone(rec, "installment_unknown", "outcome_unknown", str(exc), outage=True)
-        except TransientError as exc:
-            return await self._postpone(rec, "installment_outage", "dr_unavailable", str(exc), outage=True)
-        except BadRequestError as exc:
-            return await self._failed(rec, exc.code or "bad_request", _dr_message(exc), hard=True, error=exc)
-        except NotFoundError as exc:
-            # An order id on the record that Digital River does not know: an operator has to look.
-            return await self._postpone(rec, "installment_unknown", "order_not_found", str(exc), outage=True)
-        except DigitalRiverError as exc:
-            return await self._failed(rec, exc.code or "dr_error", _dr_message(exc), hard=True, error=exc)
-
-    async def _submit(self, rec: asyncpg.Record, checkout_id: str) -> Outcome:
-        """POST /orders for a committed checkout, and every way it can end."""
-        try:
-            order = await self.dr.create_order(checkout_id)
-        except DeclinedError as exc:
-            return await self._failed(rec, exc.code or "declined", _dr_message(exc), hard=not exc.soft,
-                                      decline=True, error=exc)
-        except NotFoundError:
-            # The checkout already became an order (an earlier attempt's answer was lost): find it.
-            found = await self._find_order(rec, checkout_id)
-            if found is None:
-                return await self._postpone(rec, "installment_unknown", "checkout_consumed",
-                                            f"checkout {checkout_id} was consumed but no order was found yet",
-                                            outage=True)
-            return await self._charged(rec, found, adopted=True)
-        except TransientError as exc:
-            # The order may or may not exist: look before doing anything else.
-            try:
-                found = await self._find_order(rec, checkout_id)
-            except OutcomeUnknown as lookup:
-                return await self._postpone(rec, "installment_unknown", "outcome_unknown",
-                                            f"{exc}; {lookup}", outage=True)
-            if found is None:
-                return await self._postpone(rec, "installment_outage", "dr_unavailable", str(exc), outage=True)
-            return await self._charged(rec, found, adopted=True)
-        except BadRequestError as exc:
-            return await self._failed(rec, exc.code or "bad_request", _dr_message(exc), hard=True, error=exc)
-        failpoint("after_order_created")
-        return await self._charged(rec, order, adopted=False)
-
-    async def _find_order(self, rec: asyncpg.Record, checkout_id: str) -> Order | None:
-        """This record's order at Digital River, by checkout id and then by upstream id; None if there is none.
-
-        Only an order carrying this checkout or this record's upstream id is adopted, whatever else a lookup
-        lists. A lookup Digital River refuses (anything but a refused key) leaves the outcome unknown.
-        """
-        upstream_id = rec["upstream_id"]
-        try:
-            orders = await self.dr.list_orders(checkout_id=checkout_id)
-            mine = [o for o in orders if o.checkout_id == checkout_id or o.upstream_id == upstream_id]
-            if not mine:
-                orders = await self.dr.list_orders(upstream_ids=[upstream_id])
-                mine = [o for o in orders if o.upstream_id == upstream_id]
-        except AuthError:
-            raise
-        except DigitalRiverError as exc:
-            raise OutcomeUnknown(f"looking for the order of checkout {checkout_id} failed: {exc}") from None
-        return mine[0] if mine else None
 
     def _decline_limit(self, rec: asyncpg.Record) -> tuple[datetime, str] | None:
         """When Digital River's limits on declined merchant-initiated charges let this subscription be charged
@@ -373,16 +302,220 @@ class RecurringPayments(Job):
         until, why = max(waits)
         return until, f"subscription {rec['subscription_id']} {why}; next attempt at {until.isoformat()}"
 
-    async def _charged(self, rec: asyncpg.Record, order: Order, *, adopted: bool) -> Outcome:
-        order_id = await self.charges.submit(charged_row(rec, order))
-        failpoint("after_order_saved")
-        return Outcome("installment_adopted" if adopted else "installment_charged", {
-            "dr_order_id": order.id, "order_id": order_id, "order_state": order.state,
-            "amount": f"{order.total_amount:.2f}", "tax": f"{order.total_tax:.2f}", "currency": order.currency})
 
-    async def _failed(self, rec: asyncpg.Record, code: str, message: str, *, hard: bool, decline: bool = False,
-                      error: DigitalRiverError | None = None) -> Outcome:
+class Charge:
+    """The exactly-once protocol for one claimed record, every write fenced by the claim's lease token."""
+
+    def __init__(self, job: RecurringPayments, leases: Leases, rec: asyncpg.Record) -> None:
+        self.job = job
+        self.leases = leases
+        self.rec = rec
+        self.id: int = rec["id"]
+        self.token = leases.token(self.id)
+        self.store = job.store
+        self.settings = job.settings
+        self.app_log = job.services.app_log
+        # The order Digital River made or showed for this record, once known (for the log line if it is lost).
+        self.order: Order | None = None
+
+    def order_fields(self) -> dict[str, Any]:
+        return {} if self.order is None else {"dr_order_id": self.order.id}
+
+    async def run(self) -> Outcome:
+        """The protocol for one record; returns how it ended."""
+        rec, dr = self.rec, self.job.dr
+        try:
+            if rec["dr_order_id"]:
+                return await self.charged(await dr.get_order(rec["dr_order_id"]), adopted=True)
+            checkout_id = rec["dr_checkout_id"]
+            if checkout_id:
+                # Whatever the data looks like now, first find out whether an earlier attempt already charged.
+                order = await self.find_order(checkout_id)
+                if order is not None:
+                    return await self.charged(order, adopted=True)
+            code = NOT_CHARGED.get(rec["subscription_status"])
+            if code is not None:
+                return await self.fail_uncounted(
+                    "installment_not_charged", code,
+                    f"subscription {rec['subscription_id']} is {rec['subscription_status']}: installment "
+                    f"{rec['installment_number']} is not charged", level="WARN")
+            try:
+                validate(rec)
+                body = checkout_body(rec)
+            except BadData as exc:
+                return await self.failed(f"invalid:{exc.field}", str(exc), hard=True)
+            limit = self.job._decline_limit(rec)
+            if limit is not None:
+                until, why = limit
+                return await self.postpone("installment_deferred", "decline_limit", why, until=until)
+            if checkout_id:
+                await self.fence(checkout_id)
+                if rec["dr_checkout_source_id"] != rec["dr_source_id"]:
+                    # The card was replaced since this checkout was made: the current one is charged.
+                    try:
+                        await dr.attach_source(checkout_id, rec["dr_source_id"])
+                    except NotFoundError:
+                        return await self.checkout_gone(checkout_id)
+                    if await self.store.fetchval("save_checkout_source", self.id, self.token, checkout_id,
+                                                 rec["dr_source_id"]) is None:
+                        raise LeaseLost(f"record {self.id} lease lost while its checkout's source was replaced")
+            else:
+                self.leases.check(self.id)
+                checkout = await dr.create_checkout(body)
+                if checkout.payment_session_state not in (None, "requires_confirmation"):
+                    return await self.failed(
+                        "payment_session_state",
+                        f"checkout {checkout.id} payment session is {checkout.payment_session_state}, "
+                        "not requires_confirmation", hard=True)
+                failpoint("after_checkout_created")
+                await self.save_checkout(checkout.id)
+                checkout_id = checkout.id
+                failpoint("after_checkout_saved")
+            return await self.submit(checkout_id)
+        except AuthError as exc:
+            self.job.key_refused = True
+            await self.leases.release([self.id])
+            return Outcome("installment_key_refused", {"error": str(exc)})
+        except OutcomeUnknown as exc:
+            # An order may exist: keep the checkout, so the next attempt looks again before anything else.
+            return await self.postpone("installment_unknown", "outcome_unknown", str(exc), outage=True)
+        except TransientError as exc:
+            return await self.postpone("installment_outage", "dr_unavailable", str(exc), outage=True)
+        except BadRequestError as exc:
+            return await self.failed(exc.code or "bad_request", dr_message(exc), hard=True, error=exc)
+        except NotFoundError as exc:
+            # An order id on the record that Digital River does not know: an operator has to look.
+            return await self.postpone("installment_unknown", "order_not_found", str(exc), outage=True)
+        except DigitalRiverError as exc:
+            return await self.failed(exc.code or "dr_error", dr_message(exc), hard=True, error=exc)
+
+    # -- the fence before a call that can make an order ---------------------------------------------------------
+
+    async def save_checkout(self, checkout_id: str) -> None:
+        """Commit the new checkout on the record (compare-and-set: only if it still has none, under this claim's
+        unexpired lease), or raise LeaseLost: then no order may be submitted, and the checkout stays an orphan
+        that charges nobody. A row locked by another session is waited for a little, never for long."""
+        item = (self.id, self.token, checkout_id, self.rec["dr_source_id"])
+        result = await self.job.checkouts.submit(item)
+        waited = 0.0
+        while result == "busy" and waited < self.settings.lease_seconds / 2:
+            await asyncio.sleep(BUSY_WAIT_SECONDS)
+            waited += BUSY_WAIT_SECONDS
+            self.leases.check(self.id)
+            result = await self.job.checkouts.submit(item)
+        if result != "saved":
+            raise LeaseLost(f"record {self.id}: checkout {checkout_id} not saved ({result}); no order submitted")
+
+    async def fence(self, checkout_id: str) -> None:
+        """Before an existing checkout is used again: the lease is still this claim's, unexpired, and the record
+        still carries that checkout (pushed out by a full lease for the call); else LeaseLost."""
+        self.leases.check(self.id)
+        if await self.store.fetchval("fence_checkout", self.id, self.token, checkout_id,
+                                     float(self.settings.lease_seconds)) is None:
+            raise LeaseLost(f"record {self.id} lease lost before checkout {checkout_id} was submitted")
+
+    # -- POST /orders and finding what it did -------------------------------------------------------------------
+
+    async def submit(self, checkout_id: str) -> Outcome:
+        """POST /orders for a committed checkout, and every way it can end."""
+        self.leases.check(self.id)
+        try:
+            order = await self.job.dr.create_order(checkout_id)
+        except DeclinedError as exc:
+            return await self.failed(exc.code or "declined", dr_message(exc), hard=not exc.soft, decline=True,
+                                     error=exc, checkout_id=checkout_id)
+        except NotFoundError:
+            # The checkout already became an order (an earlier attempt's answer was lost), or Digital River no
+            # longer knows it: find out which.
+            return await self.checkout_gone(checkout_id)
+        except TransientError as exc:
+            # The order may or may not exist: look before doing anything else.
+            try:
+                found = await self.find_order(checkout_id)
+            except OutcomeUnknown as lookup:
+                return await self.postpone("installment_unknown", "outcome_unknown", f"{exc}; {lookup}",
+                                           outage=True)
+            if found is None:
+                return await self.postpone("installment_outage", "dr_unavailable", str(exc), outage=True)
+            return await self.charged(found, adopted=True)
+        except BadRequestError as exc:
+            return await self.failed(exc.code or "bad_request", dr_message(exc), hard=True, error=exc)
+        self.order = order
+        failpoint("after_order_created")
+        return await self.charged(order, adopted=False)
+
+    async def checkout_gone(self, checkout_id: str) -> Outcome:
+        """Digital River answered 404 for the record's checkout: adopt its order if one is found, else look again
+        later, and after CHECKOUT_LOOKS looks fail the record for an operator (never a second checkout)."""
+        found = await self.find_order(checkout_id)
+        if found is not None:
+            return await self.charged(found, adopted=True)
+        looks = self.rec["checkout_looks"] + 1
+        if looks >= CHECKOUT_LOOKS:
+            message = (f"Digital River does not know checkout {checkout_id} (POST /orders answered 404) and no "
+                       f"order carries it or upstream id {self.rec['upstream_id']}, after {looks} looks; an "
+                       "operator must check Digital River, then `retry installment` (a new checkout is made)")
+            return await self.fail_uncounted("installment_checkout_unknown", "checkout_unknown", message,
+                                             level="ERROR")
+        return await self.postpone(
+            "installment_unknown", "checkout_unknown",
+            f"Digital River does not know checkout {checkout_id} and no order was found yet (look {looks} of "
+            f"{CHECKOUT_LOOKS})", outage=True, looks=1)
+
+    async def find_order(self, checkout_id: str) -> Order | None:
+        """This record's order at Digital River, by checkout id and then by upstream id; None if there is none.
+
+        Only an order carrying this checkout or this record's upstream id is adopted, whatever else a lookup
+        lists. A lookup Digital River refuses (anything but a refused key) leaves the outcome unknown.
+        """
+        dr, upstream_id = self.job.dr, self.rec["upstream_id"]
+        try:
+            orders = await dr.list_orders(checkout_id=checkout_id)
+            mine = [o for o in orders if o.checkout_id == checkout_id or o.upstream_id == upstream_id]
+            if not mine:
+                orders = await dr.list_orders(upstream_ids=[upstream_id])
+                mine = [o for o in orders if o.upstream_id == upstream_id]
+        except AuthError:
+            raise
+        except DigitalRiverError as exc:
+            raise OutcomeUnknown(f"looking for the order of checkout {checkout_id} failed: {exc}") from None
+        return mine[0] if mine else None
+
+    # -- writing how it ended -----------------------------------------------------------------------------------
+
+    async def charged(self, order: Order, *, adopted: bool) -> Outcome:
+        self.order = order
+        item = charged_row(self.rec, order) | {"token": self.token}
+        result = await self.job.charges.submit(item)
+        waited = 0.0
+        while result["result"] == "busy" and waited < self.settings.lease_seconds / 2:
+            await asyncio.sleep(BUSY_WAIT_SECONDS)
+            waited += BUSY_WAIT_SECONDS
+            result = await self.job.charges.submit(item)
+        failpoint("after_order_saved")
+        fields = {"dr_order_id": order.id, "order_state": order.state, "amount": f"{order.total_amount:.2f}",
+                  "tax": f"{order.total_tax:.2f}", "currency": order.currency}
+        if result["result"] == "written":
+            return Outcome("installment_adopted" if adopted else "installment_charged",
+                           fields | {"order_id": result["order_id"]})
+        if result["result"] == "settled":
+            settled = result["settled_dr_order_id"]
+            if settled == order.id:
+                return Outcome("installment_settled_elsewhere", fields | {"reason": "another worker wrote it first"})
+            # Two Digital River orders for one record: the alarm. Nothing here may hide it.
+            self.job.services.metrics.settlement_conflict(self.job.job_name)
+            message = (f"record {self.id} was already settled with Digital River order {settled}; this worker holds "
+                       f"order {order.id} for it as well: a customer may have been charged twice")
+            self.app_log.write("ERROR", self.job.job_name, message, record_id=self.id)
+            return Outcome("installment_settlement_conflict", fields | {"settled_dr_order_id": settled,
+                                                                        "reason": message, "app_logged": True})
+        raise LeaseLost(f"record {self.id} lease lost before its order {order.id} was written "
+                        f"({result['result']}); the claim that holds it adopts that order")
+
+    async def failed(self, code: str, message: str, *, hard: bool, decline: bool = False,
+                     error: DigitalRiverError | None = None, checkout_id: str | None = None) -> Outcome:
         """A counted attempt without an order: Failed when hard or past SUBSCRIPTION_RETRY_COUNT, else Open."""
+        rec = self.rec
         attempts = rec["subscription_retry_count"] + 1
         exhausted = attempts > self.settings.subscription_retry_count
         status = "Failed" if hard or exhausted else "Open"
@@ -390,37 +523,50 @@ class RecurringPayments(Job):
         outcome_kind = ("soft_decline" if error is not None and getattr(error, "soft", False) else "hard_decline") \
             if decline else "bad_data"
         kept = await self.store.fetchval(
-            "finish_failed_attempt", rec["id"], self.store.node, status, next_attempt, code, message[:2000],
+            "finish_failed_attempt", self.id, self.token, status, next_attempt, code, message[:2000],
             outcome_kind, decline, "Declined" if decline else None,
             rec["unit_price"] * rec["quantity"] if rec["unit_price"] and rec["quantity"] else None,
-            (rec["currency"] or "").strip().upper()[:3] or None)
+            (rec["currency"] or "").strip().upper()[:3] or None, self.job.store.node)
         if kept is None:
-            raise LeaseLost(f"record {rec['id']} lease lost before its failure was written")
-        self.services.app_log.write(
-            "ERROR" if status == "Failed" else "WARN", self.job_name, f"installment {outcome_kind}: {message}",
-            record_id=rec["id"], status=error.status if error else None,
-            request={"checkoutId": rec["dr_checkout_id"], "upstreamId": rec["upstream_id"]},
+            if decline:
+                # The decline happened whoever holds the record now: Digital River's limits must count it.
+                await self.store.fetchval("record_decline_without_lease", self.id, checkout_id,
+                                          outcome_kind, code, message[:2000], self.job.store.node)
+            raise LeaseLost(f"record {self.id} lease lost before its failure ({code}) was written")
+        self.app_log.write(
+            "ERROR" if status == "Failed" else "WARN", self.job.job_name, f"installment {outcome_kind}: {message}",
+            record_id=self.id, status=error.status if error else None,
+            request={"checkoutId": checkout_id or rec["dr_checkout_id"], "upstreamId": rec["upstream_id"]},
             response=error.response if error else None)
         return Outcome("installment_declined" if decline and status == "Open" else "installment_failed", {
             "status": status, "code": code, "reason": message, "retry_count": attempts, "app_logged": True})
 
-    async def _postpone(self, rec: asyncpg.Record, event: str, code: str, message: str, *, outage: bool = False,
-                        until: datetime | None = None) -> Outcome:
+    async def fail_uncounted(self, event: str, code: str, message: str, *, level: str) -> Outcome:
+        """Failed without a counted attempt: no charge was tried (the subscription stopped, the checkout is lost)."""
+        if await self.store.fetchval("fail_record_uncounted", self.id, self.token, code, message[:2000]) is None:
+            raise LeaseLost(f"record {self.id} lease lost before its failure ({code}) was written")
+        self.app_log.write(level, self.job.job_name, f"installment not charged: {message}", record_id=self.id,
+                           request={"checkoutId": self.rec["dr_checkout_id"], "upstreamId": self.rec["upstream_id"]})
+        return Outcome(event, {"status": "Failed", "code": code, "reason": message, "app_logged": True})
+
+    async def postpone(self, event: str, code: str, message: str, *, outage: bool = False,
+                       until: datetime | None = None, looks: int = 0) -> Outcome:
         """No attempt counted: an outage or unknown outcome (the checkout is kept, so the next attempt looks
         for its order first; backoff 1, 2, 4 … minutes) or a decline limit (until the limit allows)."""
         if until is None:
-            until = datetime.now(UTC) + outage_delay(rec["outage_count"])
-        kept = await self.store.fetchval(
-            "postpone_record", rec["id"], self.store.node, until, code, message[:2000], 1 if outage else 0)
+            until = datetime.now(UTC) + outage_delay(self.rec["outage_count"])
+        kept = await self.store.fetchval("postpone_record", self.id, self.token, until, code, message[:2000],
+                                         1 if outage else 0, looks)
         if kept is None:
-            raise LeaseLost(f"record {rec['id']} lease lost before it was postponed")
+            raise LeaseLost(f"record {self.id} lease lost before it was postponed ({code})")
         if outage:
-            self.services.app_log.write("WARN", self.job_name, f"{event}: {message}", record_id=rec["id"])
+            self.app_log.write("WARN", self.job.job_name, f"{event}: {message}", record_id=self.id)
         return Outcome(event, {"code": code, "reason": message, "next_attempt_at": until.isoformat(),
                                "app_logged": outage})
 
 
-def _dr_message(exc: DigitalRiverError) -> str:
+def dr_message(exc: DigitalRiverError) -> str:
+    """Digital River's words for a failed call, with the status, code and parameter."""
     where = f" (parameter {exc.parameter})" if exc.parameter else ""
     status = f" {exc.status}" if exc.status else ""
     return f"Digital River{status} {exc.code or exc.type or 'error'}{where}: {exc.message}"

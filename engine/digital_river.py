@@ -10,6 +10,9 @@ Calls
     list_orders(checkout_id=, upstream_ids=, ids=, limit=) -> list[Order]
                                              GET /orders            retried
     get_order(order_id) -> Order             GET /orders/{id}       retried
+    attach_source(checkout_id, source_id) -> str
+                                             POST /checkouts/{id}/sources/{sourceId}
+                                                                    retried (attaching twice is the same)
     create_fulfillment(body) -> Fulfillment  POST /fulfillments     retried (a repeat answers 409
                                                                     item_fulfilled/item_cancelled, which the
                                                                     caller treats as done)
@@ -564,6 +567,11 @@ def parse_order(body: Any, where: str = "") -> Order:
     )
 
 
+def parse_source_id(body: Any) -> str:
+    """The `id` of a source answer; raises `MalformedResponseError` without one."""
+    return _req_str(_obj(body, "source"), "id", "source.id")
+
+
 def parse_order_list(body: Any) -> list[Order]:
     """The orders of a `{hasMore, data}` list envelope."""
     data = _obj(body, "list").get("data")
@@ -828,6 +836,15 @@ class DigitalRiverClient:
         if ids is not None:
             params["ids"] = _csv(ids)
         return await self._call("GET", "/orders", "GET /orders", parse_order_list, params=params, retry=True)
+
+    async def attach_source(self, checkout_id: str, source_id: str) -> str:
+        """POST /checkouts/{id}/sources/{sourceId}: charge this source when the checkout is submitted; the source's
+        id as answered. Digital River's Checkouts API (`attachSourceToCheckout` in DigitalRiver/digital-river-php,
+        "Attaching sources to checkouts" in the DigitalRiver/GitBook guides). 404: the checkout is unknown or
+        already became an order."""
+        path = f"/checkouts/{quote(checkout_id, safe='')}/sources/{quote(source_id, safe='')}"
+        return await self._call("POST", path, "POST /checkouts/{id}/sources/{sourceId}", parse_source_id,
+                                retry=True)
 
     async def get_order(self, order_id: str) -> Order:
         """GET /orders/{id}."""

@@ -14,6 +14,7 @@ Fed by the engine (each call is a dict lookup and an addition; they run per reco
     drjobs_dr_rate_limit_wait_seconds_total               rate_limit_wait
     drjobs_dr_429_total                                   rate_limited
     drjobs_lease_lost_total{table}                        lease_lost
+    drjobs_settlement_conflicts_total{job}                settlement_conflict (an alarm: see docs/reliability.md)
 
 Read when scraped, from callables the engine registers:
 
@@ -96,6 +97,10 @@ class Metrics:
         self._dr_429 = Counter("drjobs_dr_429", "Digital River 429 (rate limited) answers.", registry=r)
         self._lease_lost = Counter("drjobs_lease_lost", "In-flight rows whose lease this process lost.", ["table"],
                                    registry=r)
+        self._conflicts = Counter(
+            "drjobs_settlement_conflicts",
+            "Write-backs that found their record already settled by another worker with a different result.",
+            ["job"], registry=r)
         # Labelled children by label values: `labels()` validates and locks on every call, a dict get does not.
         self._children: dict[tuple[object, ...], Any] = {}
         self._in_flight: Source | None = None
@@ -143,6 +148,10 @@ class Metrics:
     def lease_lost(self, table: str, count: int) -> None:
         """A heartbeat found `count` in-flight rows of `table` no longer leased to this process."""
         self._child(self._lease_lost, table).inc(count)
+
+    def settlement_conflict(self, job: str) -> None:
+        """A write-back found its record settled by someone else with another Digital River id: an alarm."""
+        self._child(self._conflicts, job).inc()
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (metric, *labels)

@@ -136,11 +136,19 @@ class Store:
 
 
 class LeaseLost(Exception):
-    """This node no longer holds the lease of a row it was working on."""
+    """This node no longer holds the lease of a row it was working on: it must stop without writing."""
 
 
 class Leases:
-    """Claims rows of one leased table for this node and keeps their leases alive while in flight."""
+    """Claims rows of one leased table for this node and keeps their leases alive while in flight.
+
+    Fencing (docs/reliability.md): each claim stamps a fresh `lease_token` on its rows, kept here with the id.
+    Every write a job makes under the lease names the token, so a worker that outlived its lease (stalled,
+    paused, cut off from the database) while another claim took the row changes nothing. The heartbeat never
+    revives a lease that already ran out and never waits on a row another session has locked; a lease it finds
+    gone is logged (`lease_lost`), counted, and raised by `check` before the worker's next call or write. A row
+    still in flight here is never claimed again by this node, even after its lease ran out under it.
+    """
 
     def __init__(self, store: Store, table: str, lease_seconds: int,
                  on_lost: Callable[[str, int], None] | None = None) -> None:
@@ -150,47 +158,85 @@ class Leases:
         self.table = table
         self.lease_seconds = lease_seconds
         self.on_lost = on_lost
-        self.in_flight: set[int] = set()
+        # In flight on this node: id → the token of the claim that leased it.
+        self.in_flight: dict[int, int] = {}
         self.lost: set[int] = set()
 
     async def claim(self, query: str, limit: int, *args: Any) -> list[asyncpg.Record]:
-        """Claim up to `limit` due rows with the named claim statement; the claim is committed on return."""
+        """Claim up to `limit` due rows with the named claim statement; the claim is committed on return.
+
+        Claim statements take `$1` node, `$2` limit, `$3` lease seconds, `$4` the ids this node has in flight
+        (never claimed again), then `args`; they return `id` and `lease_token` of each row.
+        """
         if limit <= 0:
             return []
-        rows = await self.store.fetch(query, self.store.node, limit, float(self.lease_seconds), *args)
-        self.in_flight.update(row["id"] for row in rows)
+        rows = await self.store.fetch(query, self.store.node, limit, float(self.lease_seconds),
+                                      list(self.in_flight), *args)
+        for row in rows:
+            self.in_flight[row["id"]] = row["lease_token"]
+            self.lost.discard(row["id"])
         return rows
 
+    def token(self, row_id: int) -> int:
+        """The lease token this node holds for an in-flight row (what its writes must name)."""
+        return self.in_flight[row_id]
+
     def done(self, ids: Iterable[int]) -> None:
-        """Forget rows whose final write has cleared their lease."""
-        self.in_flight.difference_update(ids)
+        """Forget rows whose final write has cleared their lease (or that this node gave up)."""
+        for row_id in ids:
+            self.in_flight.pop(row_id, None)
+            self.lost.discard(row_id)
 
     async def release(self, ids: Iterable[int] | None = None) -> None:
-        """Hand rows back unfinished (all in-flight rows when `ids` is None)."""
-        chosen = list(self.in_flight if ids is None else ids)
+        """Hand rows back unfinished (all in-flight rows when `ids` is None), only where the lease is still ours."""
+        chosen = [i for i in (list(self.in_flight) if ids is None else ids) if i in self.in_flight]
         if not chosen:
             return
-        await self.store.execute("release_leases", self.store.node, chosen, table=self.table)
-        self.in_flight.difference_update(chosen)
+        await self.store.execute("release_leases", chosen, [self.in_flight[i] for i in chosen], table=self.table)
+        self.done(chosen)
+
+    async def touch(self, row_id: int) -> None:
+        """Fence before a call that moves money or goods: raise LeaseLost unless this node's lease on the row is
+        still current and unexpired; it is pushed out by a full lease for the call."""
+        self.check(row_id)
+        kept = await self.store.fetchval("touch_lease", row_id, self.in_flight[row_id], float(self.lease_seconds),
+                                         table=self.table)
+        if kept is None:
+            self._mark_lost({row_id})
+            raise LeaseLost(f"{self.table} row {row_id} is no longer leased to {self.store.node}")
 
     async def extend(self) -> None:
-        """One heartbeat: extend every in-flight lease, and note rows this node no longer holds."""
-        ids = sorted(self.in_flight)
+        """One heartbeat: extend every in-flight lease still held, and note the ones this node lost."""
+        ids = sorted(i for i in self.in_flight if i not in self.lost)
         if not ids:
             return
+        tokens = [self.in_flight[i] for i in ids]
         kept = {r["id"] for r in await self.store.fetch(
-            "extend_leases", self.store.node, ids, float(self.lease_seconds), table=self.table)}
-        # Rows finished while the heartbeat ran are not lost; only rows still in flight and not kept are.
-        lost = {i for i in ids if i not in kept and i in self.in_flight}
-        if lost:
-            self.lost.update(lost)
-            log.warning("lease_lost", table=self.table, ids=sorted(lost)[:20], count=len(lost))
-            if self.on_lost is not None:
-                self.on_lost(self.table, len(lost))
+            "extend_leases", self.store.node, ids, tokens, float(self.lease_seconds), table=self.table)}
+        missed = [(i, t) for i, t in zip(ids, tokens, strict=True) if i not in kept]
+        if not missed:
+            return
+        # Not renewed: either locked by another session right now (still ours: looked at again next beat), or gone.
+        held = {r["id"] for r in await self.store.fetch(
+            "lease_states", [i for i, _ in missed], [t for _, t in missed], table=self.table) if r["held"]}
+        # Rows finished while the heartbeat ran are not lost; only rows still in flight under the same claim are.
+        lost = {i for i, t in missed if i not in held and self.in_flight.get(i) == t}
+        if held:
+            log.warning("lease_not_renewed_row_locked", table=self.table, ids=sorted(held)[:20], count=len(held))
+        self._mark_lost(lost)
+
+    def _mark_lost(self, lost: set[int]) -> None:
+        lost = lost - self.lost
+        if not lost:
+            return
+        self.lost.update(lost)
+        log.warning("lease_lost", table=self.table, ids=sorted(lost)[:20], count=len(lost))
+        if self.on_lost is not None:
+            self.on_lost(self.table, len(lost))
 
     def check(self, row_id: int) -> None:
-        """Raise LeaseLost if this node's lease on the row was found gone (checked before a final write)."""
-        if row_id in self.lost:
+        """Raise LeaseLost if this node's lease on the row was found gone (checked before every call and write)."""
+        if row_id in self.lost or row_id not in self.in_flight:
             raise LeaseLost(f"{self.table} row {row_id} is no longer leased to {self.store.node}")
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
@@ -203,8 +249,8 @@ class Leases:
                 pass
             if self.in_flight:
                 try:
-                    await self.extend()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    # The next beat tries again; a lease only lapses after LEASE_SECONDS without one.
-                    log.warning("lease_heartbeat_failed", table=self.table, error=str(exc))
-
+                    # A beat that cannot finish within a third of the lease is abandoned and tried again: the
+                    # leases then lapse on their own and the workers find out before their next write.
+                    await asyncio.wait_for(self.extend(), timeout=interval)
+                except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("lease_heartbeat_failed", table=self.table, error=str(exc) or type(exc).__name__)

@@ -202,6 +202,27 @@ async def get_checkout(request: web.Request, state: SandboxState) -> Answer:
     return 200, checkout
 
 
+async def attach_source(request: web.Request, state: SandboxState) -> Answer:
+    """POST /checkouts/{id}/sources/{sourceId}: the source the checkout's order will charge (Digital River's
+    `attachSourceToCheckout`, DigitalRiver/digital-river-php CheckoutsApi; "Attaching sources to checkouts" in the
+    DigitalRiver/GitBook guides). Answers the source. A checkout that is unknown or already became an order: 404."""
+    ledger = state.ledger
+    checkout_id, source_id = request.match_info["id"], request.match_info["sourceId"]
+    checkout = ledger.checkouts.get(checkout_id)
+    if checkout is None or checkout_id in ledger.orders_by_checkout:
+        raise model.not_found(f"Checkout '{checkout_id}' not found.", "id")
+    if not source_id.startswith("src_"):
+        raise model.not_found(f"Source '{source_id}' not found.", "sourceId")
+    # The attached source replaces any earlier one and contributes the whole amount.
+    checkout["sourceId"] = source_id
+    total = checkout["totalAmount"]
+    checkout["payment"]["sources"] = [{"id": source_id, "type": "creditCard", "amount": total}]
+    checkout["payment"]["session"].update(state="requires_confirmation", amountContributed=total,
+                                          amountRemainingToBeContributed=0)
+    return 200, {"id": source_id, "type": "creditCard", "reusable": True, "state": "chargeable",
+                 "customerId": checkout.get("customerId"), "createdTime": model.now_iso()}
+
+
 async def create_order(request: web.Request, state: SandboxState) -> Answer:
     body = await _body(request)
     if not isinstance(body, dict):
@@ -369,6 +390,7 @@ def make_app(config: SandboxConfig | None = None) -> web.Application:
     r = app.router
     r.add_post("/checkouts", api("POST /checkouts", create_checkout))
     r.add_get("/checkouts/{id}", api("GET /checkouts/{id}", get_checkout), allow_head=False)
+    r.add_post("/checkouts/{id}/sources/{sourceId}", api("POST /checkouts/{id}/sources/{sourceId}", attach_source))
     r.add_post("/orders", api("POST /orders", create_order))
     r.add_get("/orders", api("GET /orders", list_orders), allow_head=False)
     r.add_get("/orders/{id}", api("GET /orders/{id}", get_order), allow_head=False)

@@ -22,7 +22,10 @@ VALUES ('INFO', 'operator', $1, $2, $3);
 
 -- name: retry_process_data
 -- retry installment: a Failed record back to Open with its counts reset, unless it is claimed or already has an
--- order. Returns the record's state before the change (no row: it does not exist).
+-- order. A record Failed `checkout_unknown` (Digital River does not know its checkout and no order was found) also
+-- loses that checkout: the operator who retries it has checked that no order exists. Any lease token left by a
+-- late worker is cleared, so nothing that worker writes lands. Returns the record's state before the change (no
+-- row: it does not exist).
 WITH old AS (
     SELECT id, subscription_job_run_status AS status, dr_order_id,
            (locked_by IS NOT NULL AND locked_until > now()) AS claimed
@@ -30,7 +33,10 @@ WITH old AS (
 ), changed AS (
     UPDATE subscription_process_data p
        SET subscription_job_run_status = 'Open', subscription_retry_count = 0, outage_count = 0,
-           next_attempt_at = now(), locked_by = NULL, locked_until = NULL
+           checkout_looks = 0, next_attempt_at = now(), locked_by = NULL, locked_until = NULL, lease_token = NULL,
+           dr_checkout_id = CASE WHEN p.last_error_code = 'checkout_unknown' THEN NULL ELSE p.dr_checkout_id END,
+           dr_checkout_source_id = CASE WHEN p.last_error_code = 'checkout_unknown' THEN NULL
+                                        ELSE p.dr_checkout_source_id END
       FROM old
      WHERE p.id = old.id AND old.status = 'Failed' AND NOT old.claimed AND old.dr_order_id IS NULL
     RETURNING p.id
@@ -44,7 +50,7 @@ WITH old AS (
       FROM fulfillments WHERE id = $1 FOR UPDATE
 ), changed AS (
     UPDATE fulfillments f SET efn_status = 'Open', retry_count = 0, next_attempt_at = now(), locked_by = NULL,
-                              locked_until = NULL
+                              locked_until = NULL, lease_token = NULL
       FROM old WHERE f.id = old.id AND old.status = 'Failed' AND NOT old.claimed
     RETURNING f.id
 )
@@ -57,7 +63,7 @@ WITH old AS (
       FROM line_item_fulfillments WHERE id = $1 FOR UPDATE
 ), changed AS (
     UPDATE line_item_fulfillments l SET efn_status = 'Open', retry_count = 0, next_attempt_at = now(),
-                                        locked_by = NULL, locked_until = NULL
+                                        locked_by = NULL, locked_until = NULL, lease_token = NULL
       FROM old WHERE l.id = old.id AND old.status = 'Failed' AND NOT old.claimed
     RETURNING l.id
 )

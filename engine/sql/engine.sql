@@ -20,17 +20,44 @@ SELECT EXISTS (SELECT 1 FROM schema_versions WHERE version = $1);
 INSERT INTO schema_versions (version) VALUES ($1) ON CONFLICT (version) DO NOTHING;
 
 -- name: extend_leases
--- Heartbeat: push out the lease of rows this node still works on; returns the ids it still holds.
+-- Heartbeat: push out the leases this node still holds ($2 ids with their $3 tokens), never one that already ran
+-- out (that record may be claimed again at any moment) and never waiting on a row another session has locked
+-- (SKIP LOCKED: that row is looked at again next beat). Returns the ids renewed.
+WITH mine AS (
+    SELECT t.id
+      FROM {table} t
+      JOIN unnest($2::bigint[], $3::bigint[]) AS u(id, token) ON t.id = u.id
+     WHERE t.lease_token = u.token AND t.locked_by = $1 AND t.locked_until > clock_timestamp()
+       FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE {table} t
+   SET locked_until = clock_timestamp() + make_interval(secs => $4)
+  FROM mine
+ WHERE t.id = mine.id
+RETURNING t.id;
+
+-- name: lease_states
+-- Heartbeat: for ids $1 with tokens $2 that the last beat did not renew, whether each lease is still this
+-- claim's and unexpired (a row locked by another session) or gone. A plain read: never waits on a row lock.
+SELECT t.id, (t.lease_token = u.token AND t.locked_until > clock_timestamp()) AS held
+  FROM {table} t
+  JOIN unnest($1::bigint[], $2::bigint[]) AS u(id, token) ON t.id = u.id;
+
+-- name: touch_lease
+-- Fence before a call that moves money or goods: the lease of row $1 is still claim $2's and unexpired; pushes it
+-- out by $3 seconds for the call. Returns nothing when the lease is gone (the caller must not make the call).
 UPDATE {table}
-   SET locked_until = now() + make_interval(secs => $3)
- WHERE id = ANY($2::bigint[]) AND locked_by = $1
+   SET locked_until = clock_timestamp() + make_interval(secs => $3)
+ WHERE id = $1 AND lease_token = $2 AND locked_until > clock_timestamp()
 RETURNING id;
 
 -- name: release_leases
--- Give rows back unfinished (shutdown, or a record this node will not process now).
-UPDATE {table}
-   SET locked_by = NULL, locked_until = NULL
- WHERE id = ANY($2::bigint[]) AND locked_by = $1;
+-- Give rows back unfinished (shutdown, or a record this node will not process now): only those still held under
+-- the claim's token ($1 ids, $2 tokens).
+UPDATE {table} t
+   SET locked_by = NULL, locked_until = NULL, lease_token = NULL
+  FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
+ WHERE t.id = u.id AND t.lease_token = u.token;
 
 -- name: expired_lease_count
 -- Rows claimed by someone whose lease ran out (its process died or stalled): claimable again.

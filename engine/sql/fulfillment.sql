@@ -19,15 +19,17 @@ WITH due AS (
        AND f.next_attempt_at <= now()
        AND coalesce(f.dr_order_state, o.dr_order_state) = 'cancelled'
        AND (f.locked_until IS NULL OR f.locked_until < now())
+       AND f.id <> ALL($4::bigint[])
      ORDER BY f.next_attempt_at, f.id
      LIMIT $2
        FOR UPDATE OF f SKIP LOCKED
 )
 UPDATE fulfillments t
-   SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
+   SET locked_by = $1, locked_until = clock_timestamp() + make_interval(secs => $3),
+       lease_token = nextval('drjobs_lease_tokens')
   FROM due
  WHERE t.id = due.id
-RETURNING t.id;
+RETURNING t.id, t.lease_token;
 
 -- name: count_due_cancelled_orders
 -- order-fulfillment: cancelled-order records due now (leased or not), for drain.
@@ -68,15 +70,19 @@ SELECT f.id AS fulfillment_id, oi.id AS order_item_id, oi.quantity,
  ORDER BY f.id, oi.id;
 
 -- name: finish_fulfillment
--- order-fulfillment: a record's outcome, lease cleared. Returns nothing when this node no longer holds the lease.
--- $1 record, $2 node, $3 status, $4 added to retry_count, $5 message, $6 ful_ id (NULL keeps it),
--- $7 next attempt (NULL keeps it)
+-- order-fulfillment: a record's outcome, lease cleared. Only under the claim's lease token; returns nothing
+-- otherwise. $1 record, $2 lease token, $3 status, $4 added to retry_count, $5 message, $6 ful_ id (NULL keeps
+-- it), $7 next attempt (NULL keeps it)
 UPDATE fulfillments
    SET efn_status = $3, retry_count = retry_count + $4, message = $5,
        dr_fulfillment_id = coalesce($6, dr_fulfillment_id), next_attempt_at = coalesce($7, next_attempt_at),
-       locked_by = NULL, locked_until = NULL
- WHERE id = $1 AND locked_by = $2 AND efn_status IN ('Open', 'Pending')
+       locked_by = NULL, locked_until = NULL, lease_token = NULL
+ WHERE id = $1 AND lease_token = $2 AND efn_status IN ('Open', 'Pending')
 RETURNING id;
+
+-- name: fulfillment_settled_by
+-- order-fulfillment: how record $1 stands now (after a write-back was refused), for the alarm's log line.
+SELECT efn_status AS status, dr_fulfillment_id, locked_by FROM fulfillments WHERE id = $1;
 
 -- name: orders_awaiting_acceptance
 -- line-item-fulfillment: up to $1 orders with due lines whose state is pending_payment, in_review or unknown,
@@ -102,10 +108,11 @@ UPDATE fulfillments SET dr_order_state = $2 WHERE id = $1;
 -- name: claim_line_item_orders
 -- line-item-fulfillment: lease up to $2 orders that have due, unleased lines and that Digital River accepted
 -- (or that have no Digital River id, so their lines can be failed), oldest due line first, as long as their due
--- lines fit in the run's remaining budget of $4 lines; when $5, the first order is taken even if it alone has
+-- lines fit in the run's remaining budget of $5 lines; when $6, the first order is taken even if it alone has
 -- more (the only order a run splits). Candidates come from walking the due-lines index (the order check is a
 -- subquery so the planner keeps that walk and stops early): the cost follows what is claimed, not the backlog.
--- The order's lease is re-checked on each locked row, so two claimers never both get one order.
+-- The order's lease is re-checked on each locked row, so two claimers never both get one order. Orders this node
+-- still has in flight ($4) are never taken again.
 WITH candidates AS (
     SELECT l.fulfillment_id, l.next_attempt_at
       FROM line_item_fulfillments l
@@ -123,7 +130,7 @@ WITH candidates AS (
     SELECT f.id, c.first_due
       FROM (SELECT fulfillment_id, min(next_attempt_at) AS first_due FROM candidates GROUP BY fulfillment_id) c
       JOIN fulfillments f ON f.id = c.fulfillment_id
-     WHERE f.locked_until IS NULL OR f.locked_until < now()
+     WHERE (f.locked_until IS NULL OR f.locked_until < now()) AND f.id <> ALL($4::bigint[])
      ORDER BY c.first_due, f.id
      LIMIT $2
        FOR UPDATE OF f SKIP LOCKED
@@ -138,28 +145,32 @@ WITH candidates AS (
     WINDOW w AS (ORDER BY p.first_due, p.id)
 )
 UPDATE fulfillments t
-   SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
+   SET locked_by = $1, locked_until = clock_timestamp() + make_interval(secs => $3),
+       lease_token = nextval('drjobs_lease_tokens')
   FROM fitting
- WHERE t.id = fitting.id AND (fitting.running <= $4 OR (fitting.position = 1 AND $5::boolean))
-RETURNING t.id;
+ WHERE t.id = fitting.id AND (fitting.running <= $5 OR (fitting.position = 1 AND $6::boolean))
+RETURNING t.id, t.lease_token;
 
 -- name: claim_order_lines
--- line-item-fulfillment: lease up to $2 due lines of the orders $4 this node has just leased, whole orders first.
+-- line-item-fulfillment: lease up to $2 due lines of the orders $5 this node has just leased, whole orders first
+-- (never a line still in flight here, $4).
 WITH due AS (
     SELECT l.id
       FROM line_item_fulfillments l
-     WHERE l.fulfillment_id = ANY($4::bigint[])
+     WHERE l.fulfillment_id = ANY($5::bigint[])
        AND l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
        AND (l.locked_until IS NULL OR l.locked_until < now())
-     ORDER BY array_position($4::bigint[], l.fulfillment_id), l.id
+       AND l.id <> ALL($4::bigint[])
+     ORDER BY array_position($5::bigint[], l.fulfillment_id), l.id
      LIMIT $2
        FOR UPDATE OF l SKIP LOCKED
 )
 UPDATE line_item_fulfillments t
-   SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
+   SET locked_by = $1, locked_until = clock_timestamp() + make_interval(secs => $3),
+       lease_token = nextval('drjobs_lease_tokens')
   FROM due
  WHERE t.id = due.id
-RETURNING t.id, t.fulfillment_id;
+RETURNING t.id, t.fulfillment_id, t.lease_token;
 
 -- name: count_due_line_items
 -- line-item-fulfillment: lines due now (leased or not) whose order can be sent or failed, for drain. Lines of
@@ -190,19 +201,26 @@ SELECT l.id, l.fulfillment_id, l.order_item_id, l.fulfill_quantity, l.cancel_qua
 
 -- name: finish_line_items
 -- line-item-fulfillment: the outcome of each line of one order and the order's lease, cleared in one statement.
--- Lines this node no longer holds are left alone and not returned. $1 node, $2 fulfillments id, then per line:
--- $3 id, $4 status, $5 added to retry_count, $6 message, $7 ful_ id (NULL keeps it), $8 next attempt (NULL keeps it)
+-- Only lines still held under their claim's lease token are written; the others are left alone and not returned.
+-- $1 fulfillments id, $2 its lease token, then per line: $3 id, $4 lease token, $5 status, $6 added to
+-- retry_count, $7 message, $8 ful_ id (NULL keeps it), $9 next attempt (NULL keeps it)
 WITH done AS (
     UPDATE line_item_fulfillments l
        SET efn_status = u.status, retry_count = l.retry_count + u.retry_add, message = u.message,
            dr_fulfillment_id = coalesce(u.dr_fulfillment_id, l.dr_fulfillment_id),
-           next_attempt_at = coalesce(u.next_attempt_at, l.next_attempt_at), locked_by = NULL, locked_until = NULL
-      FROM unnest($3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[], $8::timestamptz[])
-           AS u(id, status, retry_add, message, dr_fulfillment_id, next_attempt_at)
-     WHERE l.id = u.id AND l.locked_by = $1 AND l.efn_status IN ('Open', 'Pending')
+           next_attempt_at = coalesce(u.next_attempt_at, l.next_attempt_at), locked_by = NULL, locked_until = NULL,
+           lease_token = NULL
+      FROM unnest($3::bigint[], $4::bigint[], $5::text[], $6::int[], $7::text[], $8::text[], $9::timestamptz[])
+           AS u(id, token, status, retry_add, message, dr_fulfillment_id, next_attempt_at)
+     WHERE l.id = u.id AND l.lease_token = u.token AND l.efn_status IN ('Open', 'Pending')
     RETURNING l.id
 ), released AS (
-    UPDATE fulfillments SET locked_by = NULL, locked_until = NULL WHERE id = $2 AND locked_by = $1
+    UPDATE fulfillments SET locked_by = NULL, locked_until = NULL, lease_token = NULL
+     WHERE id = $1 AND lease_token = $2
     RETURNING id
 )
 SELECT id FROM done;
+
+-- name: line_items_settled_by
+-- line-item-fulfillment: how lines $1 stand now (after their write-back was refused), for the alarm's log line.
+SELECT id, efn_status AS status, dr_fulfillment_id, locked_by FROM line_item_fulfillments WHERE id = ANY($1::bigint[]);

@@ -5,7 +5,9 @@
 
 -- name: claim_payment_records
 -- recurring-payments: lease due Open records, oldest installment date first. Only the lowest Open installment
--- of each subscription is eligible, so two installments of one subscription are never in flight at once.
+-- of each subscription is eligible, so two installments of one subscription are never in flight at once. Rows this
+-- node still has in flight ($4) are never taken again, even when their lease ran out under it. Each claimed row
+-- gets a fresh lease token: every later write names it, so a worker that outlived its lease changes nothing.
 WITH due AS (
     SELECT p.id
       FROM subscription_process_data p
@@ -13,6 +15,7 @@ WITH due AS (
        AND NOT p.is_recurring_payment_processed
        AND p.next_attempt_at <= now()
        AND (p.locked_until IS NULL OR p.locked_until < now())
+       AND p.id <> ALL($4::bigint[])
        AND NOT EXISTS (SELECT 1 FROM subscription_process_data e
                         WHERE e.subscription_id = p.subscription_id
                           AND e.subscription_job_run_status = 'Open'
@@ -22,7 +25,8 @@ WITH due AS (
        FOR UPDATE OF p SKIP LOCKED
 )
 UPDATE subscription_process_data t
-   SET locked_by = $1, locked_until = now() + make_interval(secs => $3)
+   SET locked_by = $1, locked_until = clock_timestamp() + make_interval(secs => $3),
+       lease_token = nextval('drjobs_lease_tokens')
   FROM due
  WHERE t.id = due.id
 RETURNING t.*;
@@ -40,11 +44,14 @@ SELECT count(*) FROM subscription_process_data p
 
 -- name: payment_record_details
 -- recurring-payments: everything one charge needs for the claimed records $1, with the subscription's recent
--- declines (Digital River's once-a-day and four-in-30-days limits). Cart and cart item first, the
--- subscription's own fields where a record was written without them.
-SELECT p.id, p.subscription_id, p.installment_number, p.installment_run_date, p.upstream_id, p.dr_checkout_id,
-       p.dr_order_id, p.subscription_retry_count, p.outage_count, p.cart_id, p.parent_order_id, p.product_id,
-       p.stored_payment_id,
+-- declines (Digital River's once-a-day and four-in-30-days limits) and its status now. Cart and cart item first,
+-- the subscription's own fields where a record was written without them. The stored payment is the
+-- subscription's current one (a card replaced after the record was made is the one charged), the record's own
+-- only when the subscription has none.
+SELECT p.id, p.lease_token, p.subscription_id, p.installment_number, p.installment_run_date, p.upstream_id,
+       p.dr_checkout_id, p.dr_checkout_source_id, p.checkout_looks, p.dr_order_id, p.subscription_retry_count,
+       p.outage_count, p.cart_id, p.parent_order_id, p.product_id, s.status AS subscription_status,
+       coalesce(s.stored_payment_id, p.stored_payment_id) AS stored_payment_id,
        coalesce(c.currency, s.currency) AS currency,
        coalesce(ci.quantity, s.quantity) AS quantity,
        coalesce(ci.unit_price, s.unit_price) AS unit_price,
@@ -61,7 +68,7 @@ SELECT p.id, p.subscription_id, p.installment_number, p.installment_run_date, p.
   LEFT JOIN cart_items ci ON ci.id = p.cart_item_id
   LEFT JOIN accounts a ON a.id = coalesce(p.account_id, s.account_id)
   LEFT JOIN products pr ON pr.id = coalesce(p.product_id, s.product_id)
-  LEFT JOIN stored_payments sp ON sp.id = coalesce(p.stored_payment_id, s.stored_payment_id)
+  LEFT JOIN stored_payments sp ON sp.id = coalesce(s.stored_payment_id, p.stored_payment_id)
   LEFT JOIN orders po ON po.id = coalesce(p.parent_order_id, s.parent_order_id)
   LEFT JOIN LATERAL (
         SELECT max(pa.created_at) AS last_decline_at, count(*) AS declines_30d,
@@ -74,40 +81,81 @@ SELECT p.id, p.subscription_id, p.installment_number, p.installment_run_date, p.
  WHERE p.id = ANY($1::bigint[]);
 
 -- name: save_checkouts
--- recurring-payments: commit each checkout id ($3) on its record ($2) and cart BEFORE the order is submitted.
--- Returns the records this node ($1) still holds: for any other, no order may be submitted.
+-- recurring-payments: commit each checkout id on its record and cart BEFORE the order is submitted, as a
+-- compare-and-set: only where the record has no checkout yet (what the task read), the claim's lease token
+-- still holds and has not run out. The lease is pushed out for the order call. Never waits on a row another
+-- session has locked. $1 records, $2 tokens, $3 checkout ids, $4 the Digital River source each checkout charges,
+-- $5 lease seconds. One row per input: `saved`, `busy` (locked by another session), `lease_lost`, or
+-- `checkout_taken` (another worker saved a checkout first). Only `saved` may submit an order.
 WITH input AS (
-    SELECT * FROM unnest($2::bigint[], $3::text[]) AS u(record_id, checkout_id)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[])
+                  AS u(record_id, token, checkout_id, source_id)
+), locked AS (
+    SELECT p.id, p.lease_token, p.locked_until > clock_timestamp() AS unexpired, p.dr_checkout_id, p.dr_order_id
+      FROM subscription_process_data p
+     WHERE p.id IN (SELECT record_id FROM input)
+       FOR UPDATE OF p SKIP LOCKED
 ), rec AS (
     UPDATE subscription_process_data p
-       SET dr_checkout_id = input.checkout_id, last_attempt_at = now()
-      FROM input
-     WHERE p.id = input.record_id AND p.locked_by = $1 AND p.dr_order_id IS NULL
+       SET dr_checkout_id = input.checkout_id, dr_checkout_source_id = input.source_id, last_attempt_at = now(),
+           checkout_looks = 0, locked_until = clock_timestamp() + make_interval(secs => $5)
+      FROM input JOIN locked ON locked.id = input.record_id
+     WHERE p.id = input.record_id AND locked.lease_token = input.token AND locked.unexpired
+       AND locked.dr_checkout_id IS NULL AND locked.dr_order_id IS NULL
     RETURNING p.id, p.cart_id, p.dr_checkout_id
 ), cart AS (
     UPDATE carts c SET dr_checkout_id = rec.dr_checkout_id FROM rec WHERE c.id = rec.cart_id RETURNING c.id
 )
-SELECT id FROM rec;
+SELECT input.record_id AS id,
+       CASE WHEN rec.id IS NOT NULL THEN 'saved'
+            WHEN locked.id IS NULL THEN 'busy'
+            WHEN locked.lease_token IS DISTINCT FROM input.token OR NOT locked.unexpired THEN 'lease_lost'
+            ELSE 'checkout_taken' END AS result
+  FROM input
+  LEFT JOIN locked ON locked.id = input.record_id
+  LEFT JOIN rec ON rec.id = input.record_id;
+
+-- name: fence_checkout
+-- recurring-payments: before an existing checkout is submitted (or a source attached to it), check that record
+-- $1 still holds claim $2's unexpired lease and still carries checkout $3, and push the lease out by $4
+-- seconds for the call. Returns nothing otherwise: the call must not be made.
+UPDATE subscription_process_data
+   SET locked_until = clock_timestamp() + make_interval(secs => $4)
+ WHERE id = $1 AND lease_token = $2 AND locked_until > clock_timestamp() AND dr_checkout_id = $3
+   AND dr_order_id IS NULL
+RETURNING id;
+
+-- name: save_checkout_source
+-- recurring-payments: the source now attached to record $1's checkout $3, under claim $2.
+UPDATE subscription_process_data SET dr_checkout_source_id = $4
+ WHERE id = $1 AND lease_token = $2 AND dr_checkout_id = $3
+RETURNING id;
 
 -- name: finish_charged
--- recurring-payments: for each charged record in $2 (jsonb [{record_id, dr_order_id, dr_checkout_id, state,
--- currency, subtotal, total_tax, total_amount, items: [{dr_item_id, quantity, unit_price, tax_amount, state,
--- billing_agreement_id}]}]), in one transaction: the installment's order and items, the cart closed, the
--- attempt, and the record Successful and processed. Idempotent: a record already processed changes nothing and
--- is not returned. $1 is this node, for the attempt row.
+-- recurring-payments: for each charged record in $2 (jsonb [{record_id, token, dr_order_id, dr_checkout_id,
+-- state, currency, subtotal, total_tax, total_amount, items: [{dr_item_id, quantity, unit_price, tax_amount,
+-- state, billing_agreement_id}]}]), in one transaction: the installment's order and items, the cart closed, the
+-- attempt, and the record Successful and processed, only under the claim's lease token (fencing) and never on
+-- a record already processed. Never waits on a row another session has locked. $1 is this node, for the attempt
+-- row. One row per input: `result` is `written` (with `order_id`), `busy`, `lease_lost`, or `settled` (already
+-- processed, with the order it was settled with in `settled_dr_order_id`).
 WITH input AS (
     SELECT *
-      FROM jsonb_to_recordset($2::jsonb) AS u(record_id bigint, dr_order_id text, dr_checkout_id text, state text,
-                                              currency text, subtotal numeric, total_tax numeric,
+      FROM jsonb_to_recordset($2::jsonb) AS u(record_id bigint, token bigint, dr_order_id text, dr_checkout_id text,
+                                              state text, currency text, subtotal numeric, total_tax numeric,
                                               total_amount numeric, items jsonb)
+), locked AS (
+    SELECT p.id, p.lease_token, p.is_recurring_payment_processed AS processed, p.dr_order_id
+      FROM subscription_process_data p
+     WHERE p.id IN (SELECT record_id FROM input)
+       FOR UPDATE OF p SKIP LOCKED
 ), rec AS (
     SELECT p.id, p.subscription_id, p.cart_id, p.product_id, coalesce(p.account_id, s.account_id) AS account_id,
            coalesce(p.parent_order_id, s.parent_order_id) AS parent_order_id, input.*
       FROM input
+      JOIN locked ON locked.id = input.record_id AND locked.lease_token = input.token AND NOT locked.processed
       JOIN subscription_process_data p ON p.id = input.record_id
       JOIN subscriptions s ON s.id = p.subscription_id
-     WHERE NOT p.is_recurring_payment_processed
-       FOR UPDATE OF p
 ), ord AS (
     INSERT INTO orders (account_id, parent_order_id, dr_order_id, dr_checkout_id, dr_order_state, dr_order_source,
                         currency, subtotal, total_tax, total_amount, ship_to, bill_to)
@@ -141,31 +189,43 @@ WITH input AS (
            rec.currency, $1
       FROM rec
     RETURNING id
+), done AS (
+    UPDATE subscription_process_data p
+       SET subscription_job_run_status = 'Successful', is_recurring_payment_processed = true,
+           dr_order_id = rec.dr_order_id, dr_checkout_id = coalesce(rec.dr_checkout_id, p.dr_checkout_id),
+           order_id = ord.id, last_error_code = NULL, last_error_message = NULL, outage_count = 0,
+           checkout_looks = 0, locked_by = NULL, locked_until = NULL, lease_token = NULL
+      FROM rec JOIN ord ON ord.dr_order_id = rec.dr_order_id
+     WHERE p.id = rec.id
+    RETURNING p.id, p.order_id
 )
-UPDATE subscription_process_data p
-   SET subscription_job_run_status = 'Successful', is_recurring_payment_processed = true,
-       dr_order_id = rec.dr_order_id, dr_checkout_id = coalesce(rec.dr_checkout_id, p.dr_checkout_id),
-       order_id = ord.id, last_error_code = NULL, last_error_message = NULL, outage_count = 0, locked_by = NULL,
-       locked_until = NULL
-  FROM rec JOIN ord ON ord.dr_order_id = rec.dr_order_id
- WHERE p.id = rec.id
-RETURNING p.id, p.order_id;
+SELECT input.record_id AS id, done.order_id,
+       CASE WHEN done.id IS NOT NULL THEN 'written'
+            WHEN locked.id IS NULL THEN 'busy'
+            WHEN locked.processed THEN 'settled'
+            ELSE 'lease_lost' END AS result,
+       locked.dr_order_id AS settled_dr_order_id
+  FROM input
+  LEFT JOIN locked ON locked.id = input.record_id
+  LEFT JOIN done ON done.id = input.record_id;
 
 -- name: finish_failed_attempt
 -- recurring-payments: a counted attempt without an order (decline, bad data): count it, set the status and next
--- attempt, keep the reason on the record and its cart, write the attempt. Returns nothing without the lease.
--- $1 record, $2 node, $3 status, $4 next attempt, $5 code, $6 message, $7 outcome, $8 clear the checkout,
--- $9 the cart's payment state (NULL keeps it), $10 amount, $11 currency
-WITH rec AS (
+-- attempt, keep the reason on the record and its cart, write the attempt. Only under the claim's lease token;
+-- returns nothing otherwise. $1 record, $2 lease token, $3 status, $4 next attempt, $5 code, $6 message,
+-- $7 outcome, $8 clear the checkout, $9 the cart's payment state (NULL keeps it), $10 amount, $11 currency,
+-- $12 node
+WITH old AS (
+    SELECT dr_checkout_id FROM subscription_process_data WHERE id = $1
+), rec AS (
     UPDATE subscription_process_data p
        SET subscription_job_run_status = $3, subscription_retry_count = subscription_retry_count + 1,
            next_attempt_at = $4, last_error_code = $5, last_error_message = $6, last_attempt_at = now(),
-           dr_checkout_id = CASE WHEN $8 THEN NULL ELSE p.dr_checkout_id END, outage_count = 0,
-           locked_by = NULL, locked_until = NULL
-     WHERE p.id = $1 AND p.locked_by = $2 AND NOT p.is_recurring_payment_processed
+           dr_checkout_id = CASE WHEN $8 THEN NULL ELSE p.dr_checkout_id END,
+           dr_checkout_source_id = CASE WHEN $8 THEN NULL ELSE p.dr_checkout_source_id END, outage_count = 0,
+           checkout_looks = 0, locked_by = NULL, locked_until = NULL, lease_token = NULL
+     WHERE p.id = $1 AND p.lease_token = $2 AND NOT p.is_recurring_payment_processed
     RETURNING p.id, p.subscription_id, p.cart_id, p.subscription_retry_count
-), old AS (
-    SELECT dr_checkout_id FROM subscription_process_data WHERE id = $1
 ), cart AS (
     UPDATE carts c
        SET dr_payment_state = coalesce($9, c.dr_payment_state), dr_payment_failure_reason = $6,
@@ -175,16 +235,40 @@ WITH rec AS (
 ), attempt AS (
     INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, code, message, dr_checkout_id, amount,
                                   currency, node)
-    SELECT rec.id, rec.subscription_id, $7, $5, $6, (SELECT dr_checkout_id FROM old), $10, $11, $2 FROM rec
+    SELECT rec.id, rec.subscription_id, $7, $5, $6, (SELECT dr_checkout_id FROM old), $10, $11, $12 FROM rec
     RETURNING id
 )
 SELECT subscription_retry_count FROM rec;
 
+-- name: record_decline_without_lease
+-- recurring-payments: Digital River declined a charge for record $1 (checkout $2) but the worker had lost its
+-- lease, so the record was not changed. The decline still happened: it is kept as an attempt ($3 outcome, $4 code,
+-- $5 message, $6 node) so Digital River's once-a-day and four-in-30-days limits see it.
+INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, code, message, dr_checkout_id, node)
+SELECT p.id, p.subscription_id, $3, $4, $5, $2, $6 FROM subscription_process_data p WHERE p.id = $1
+RETURNING id;
+
 -- name: postpone_record
 -- recurring-payments: no attempt was made or its outcome is unknown (outage, unknown, a decline limit): try again
--- at $3, checkout kept. $6 adds to the outage count. Returns nothing without the lease.
+-- at $3, checkout kept. $1 record, $2 lease token (returns nothing without it), $4 code, $5 message, $6 added to
+-- the outage count, $7 added to the looks for the order of a checkout Digital River does not know.
 UPDATE subscription_process_data
    SET next_attempt_at = $3, last_error_code = $4, last_error_message = $5, outage_count = outage_count + $6,
-       locked_by = NULL, locked_until = NULL
- WHERE id = $1 AND locked_by = $2 AND NOT is_recurring_payment_processed
+       checkout_looks = checkout_looks + $7, locked_by = NULL, locked_until = NULL, lease_token = NULL
+ WHERE id = $1 AND lease_token = $2 AND NOT is_recurring_payment_processed
 RETURNING id;
+
+-- name: fail_record_uncounted
+-- recurring-payments: record $1 ends Failed without a counted attempt (its subscription is no longer Active, or
+-- Digital River does not know its checkout and no order was found after every look): code $3, message $4. The
+-- checkout stays on the record so an operator can look it up. Only under the claim's lease token ($2).
+UPDATE subscription_process_data
+   SET subscription_job_run_status = 'Failed', last_error_code = $3, last_error_message = $4,
+       locked_by = NULL, locked_until = NULL, lease_token = NULL
+ WHERE id = $1 AND lease_token = $2 AND NOT is_recurring_payment_processed
+RETURNING id;
+
+-- name: record_settled_by
+-- recurring-payments: how record $1 stands now (after a write-back was refused), for the alarm's log line.
+SELECT subscription_job_run_status AS status, dr_order_id, locked_by, lease_token
+  FROM subscription_process_data WHERE id = $1;

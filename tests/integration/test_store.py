@@ -117,7 +117,7 @@ async def test_heartbeat_extends_leases_and_release_gives_rows_back(store: Store
     row = await store.pool.fetchrow("SELECT locked_by, locked_until FROM subscription_process_data WHERE id = $1",
                                     row_id)
     assert row["locked_by"] is None and row["locked_until"] is None
-    assert leases.in_flight == set()
+    assert leases.in_flight == {}
 
 
 async def test_heartbeat_reports_a_lease_taken_over_by_another_node(database_url: str, store: Store) -> None:
