@@ -7,7 +7,10 @@ without bound. Long-lived side loops an actor needs (a lease heartbeat, a period
 
 The `Supervisor` runs each actor as a named task. An actor that raises is logged and restarted with
 exponential backoff; more than `max_restarts` crashes within `window_seconds` spends the budget, and the
-supervisor then stops the engine (`failed` is set) rather than run without that actor. Shutdown is by event:
+supervisor then stops the engine (`failed` is set) rather than run without that actor. A crash that only says
+the database is unreachable (`outage(exc)`) is not counted: the actor waits until `recovered()` says the
+database answers again (however long that takes) and starts anew, so an outage of any length is ridden out.
+Shutdown is by event:
 `stop` is set, actors finish what they are doing within the grace period, whatever is left is cancelled, and
 each actor's `on_stop` (release leases, flush buffers) runs shielded from cancellation.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -109,6 +112,9 @@ class Supervisor:
         backoff_max: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         stop: asyncio.Event | None = None,
+        outage: Callable[[BaseException], bool] | None = None,
+        recovered: Callable[[], Awaitable[bool]] | None = None,
+        outage_backoff_max: float = 5.0,
     ) -> None:
         self.actors = actors
         self.max_restarts = max_restarts
@@ -117,6 +123,11 @@ class Supervisor:
         self.backoff_max = backoff_max
         self.clock = clock
         self.stop = stop or asyncio.Event()
+        self.outage = outage
+        self.recovered = recovered
+        self.outage_backoff_max = outage_backoff_max
+        # Actors waiting for the database to come back (for /readyz and the logs).
+        self.waiting_for_database: set[str] = set()
         self.failed: str | None = None
         self.restarts: dict[str, list[float]] = {a.name: [] for a in actors}
         # Which actors are running right now (False while one waits out its restart backoff): for /readyz.
@@ -143,6 +154,9 @@ class Supervisor:
                 raise
             except Exception as exc:
                 self.running[actor.name] = False
+                if self.outage is not None and self.recovered is not None and self.outage(exc):
+                    await self._wait_for_database(actor, exc)
+                    continue
                 now = self.clock()
                 history = [t for t in self.restarts[actor.name] if now - t < self.window_seconds]
                 history.append(now)
@@ -161,6 +175,28 @@ class Supervisor:
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
                 except TimeoutError:
                     log.info("actor_restarted", actor=actor.name)
+
+    async def _wait_for_database(self, actor: Actor[Any], exc: BaseException) -> None:
+        """The database is unreachable: wait (probing with backoff) until it answers again or the engine stops."""
+        assert self.recovered is not None
+        self.waiting_for_database.add(actor.name)
+        log.warning("actor_waiting_for_database", actor=actor.name, error=f"{type(exc).__name__}: {exc}")
+        started = self.clock()
+        delay = 0.5
+        try:
+            while not self.stop.is_set():
+                try:
+                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
+                    return
+                except TimeoutError:
+                    pass
+                if await self.recovered():
+                    log.info("actor_resumed_after_outage", actor=actor.name,
+                             waited_seconds=round(self.clock() - started, 1))
+                    return
+                delay = min(self.outage_backoff_max, delay * 2)
+        finally:
+            self.waiting_for_database.discard(actor.name)
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop every actor: let them finish within `grace_seconds`, cancel the rest, run their `on_stop`."""

@@ -19,12 +19,12 @@ from engine.digital_river import DigitalRiverClient
 from engine.http import Health, HttpServer
 from engine.jobs import Job, Run, Services
 from engine.log_writer import LogWriter
-from engine.logs import AppLogSink, get_logger, install_app_log
+from engine.logs import AppLogSink, get_logger, install_app_log, redact_text
 from engine.metrics import Metrics
 from engine.node import NodeHeartbeat
 from engine.scheduler import Scheduler
 from engine.settings import JOBS, Settings
-from engine.store import Store
+from engine.store import Store, is_outage
 
 log = get_logger(component="engine")
 JobFactory = Callable[[Services], dict[str, Job]]
@@ -44,6 +44,16 @@ async def opened_store(settings: Settings, *, migrate: bool = True) -> AsyncIter
             await store.close()
     finally:
         await database.close()
+
+
+def _stopped(event: str, job: str | None, exc: BaseException) -> int:
+    """`run`/`drain` cannot go on: one line saying why (no traceback for a database outage), exit code 1."""
+    error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+    if is_outage(exc):
+        log.error(event, job=job, error=error, reason="the database cannot be reached")
+    else:
+        log.error(event, job=job, error=error, exc_info=exc)
+    return 1
 
 
 class Engine:
@@ -78,7 +88,7 @@ class Engine:
         if with_scheduler:
             schedules = {name: job.schedule for name, job in self.settings.jobs.items()}
             actors.append(Scheduler(self.jobs, schedules, self.store))
-        self.supervisor = Supervisor(actors, stop=self.stop)
+        self.supervisor = Supervisor(actors, stop=self.stop, outage=is_outage, recovered=self.store.ping)
         return self.supervisor
 
     def _on_signals(self) -> None:
@@ -150,34 +160,46 @@ class Engine:
     async def run_job(self, name: str) -> int:
         """One run of `name` now: 0 if it finished (even with failed records), 1 if it crashed."""
         async def work() -> int:
-            if await self.jobs[name].is_paused():
-                log.error("job_is_paused", job=name, detail="resume it with `python run.py resume JOB` first")
-                return 1
-            run = await self._run(self.jobs[name], "manual")
+            try:
+                if await self.jobs[name].is_paused():
+                    log.error("job_is_paused", job=name, detail="resume it with `python run.py resume JOB` first")
+                    return 1
+                run = await self._run(self.jobs[name], "manual")
+            except Exception as exc:
+                return _stopped("run_stopped", name, exc)
+            if run is not None and run.status != "succeeded":
+                log.error("run_stopped", job=name, error=run.error)
             return 0 if run is not None and run.status == "succeeded" else 1
         return await self.drive(work)
 
     async def drain(self, pause_seconds: float = 1.0) -> int:
-        """Run the jobs again and again until nothing is due anywhere."""
+        """Run the jobs again and again until nothing is due anywhere; 1 (with one line saying why) as soon as a
+        run crashes or the database cannot be reached."""
         async def work() -> int:
             while not self.stop.is_set():
-                # A paused job's records are not due for drain: nobody may claim them until it is resumed.
-                due = {name: 0 if await job.is_paused() else await job.due_count()
-                       for name, job in self.jobs.items()}
-                if not any(due.values()):
-                    log.info("drain_finished")
-                    return 0
-                progress = False
-                for name, job in self.jobs.items():
-                    if self.stop.is_set() or not due[name]:
-                        continue
-                    run = await self._run(job, "drain")
-                    if run is not None and run.status != "succeeded":
-                        # As `run JOB`: a crashed run (a refused key, the database gone) ends the drain with 1
-                        # rather than being repeated at once, again and again.
-                        log.error("drain_stopped", job=name, error=run.error)
-                        return 1
-                    progress |= run is not None and run.claimed > 0
+                name = None
+                try:
+                    # A paused job's records are not due for drain: nobody may claim them until it is resumed.
+                    due = {}
+                    for name, job in self.jobs.items():
+                        due[name] = 0 if await job.is_paused() else await job.due_count()
+                    name = None
+                    if not any(due.values()):
+                        log.info("drain_finished")
+                        return 0
+                    progress = False
+                    for name, job in self.jobs.items():
+                        if self.stop.is_set() or not due[name]:
+                            continue
+                        run = await self._run(job, "drain")
+                        if run is not None and run.status != "succeeded":
+                            # As `run JOB`: a crashed run (a refused key, the database gone) ends the drain with 1
+                            # rather than being repeated at once, again and again.
+                            log.error("drain_stopped", job=name, error=run.error)
+                            return 1
+                        progress |= run is not None and run.claimed > 0
+                except Exception as exc:
+                    return _stopped("drain_stopped", name, exc)
                 if not progress:
                     # Due rows are leased by another process (or are being finished): wait for them.
                     log.info("drain_waiting", due={k: v for k, v in due.items() if v})

@@ -25,7 +25,7 @@ from engine.digital_river import AuthError, DigitalRiverClient
 from engine.logs import AppLogSink, get_logger, redact_text
 from engine.metrics import Metrics
 from engine.settings import Settings
-from engine.store import Leases, Store
+from engine.store import Leases, Store, is_outage
 
 log = get_logger(component="jobs")
 # How long a job trusts its last look at job_controls before asking again (pause takes effect within this).
@@ -146,19 +146,31 @@ class Job(Actor[RunRequest]):
         raise NotImplementedError
 
     async def handle(self, message: RunRequest) -> None:
+        # Whoever waits on this request (`run JOB`, `drain`) is told how it ended, whatever happens here: a
+        # failure to even record the run (the database is gone) reaches the waiter as that error, then the
+        # supervisor, which waits out a database outage.
+        try:
+            run = await self._handle(message)
+        except BaseException as exc:
+            if message.done and not message.done.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    message.done.cancel()
+                else:
+                    message.done.set_exception(exc)
+            raise
+        if message.done and not message.done.done():
+            message.done.set_result(run)
+
+    async def _handle(self, message: RunRequest) -> Run | None:
         if await self.is_paused():
             log.info("job_paused_run_skipped", job=self.job_name, fire_time=message.fire_time.isoformat(),
                      trigger=message.trigger)
-            if message.done and not message.done.done():
-                message.done.set_result(None)
-            return
+            return None
         run_id = await self.store.fetchval(
             "insert_job_run", self.job_name, message.fire_time, message.trigger, self.store.node)
         if run_id is None:
             log.info("job_tick_taken_elsewhere", job=self.job_name, fire_time=message.fire_time.isoformat())
-            if message.done and not message.done.done():
-                message.done.set_result(None)
-            return
+            return None
         run = Run(run_id, self.job_name, message.fire_time, message.trigger)
         self.running = run
         self._leases = []
@@ -174,13 +186,16 @@ class Job(Actor[RunRequest]):
             raise
         except Exception as exc:
             run.status, run.error = "failed", redact_text(f"{type(exc).__name__}: {exc}")[:2000]
-            log.error("job_run_crashed", error=run.error, exc_info=exc)
+            if is_outage(exc):
+                # One line, not a traceback: the database went away under the run.
+                log.error("job_run_crashed", error=run.error, reason="database unavailable")
+            else:
+                log.error("job_run_crashed", error=run.error, exc_info=exc)
         finally:
             self.running = None
         await self._finish(run)
         structlog.contextvars.unbind_contextvars("job", "run_id")
-        if message.done and not message.done.done():
-            message.done.set_result(run)
+        return run
 
     def leases(self, table: str) -> Leases:
         """A claim primitive for `table`, reporting lost leases to the metrics, counted in `in_flight`."""

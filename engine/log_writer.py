@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import asyncpg
 import structlog
 
 from engine.actor import Actor
 from engine.logs import AppLogSink, get_logger
-from engine.store import Store
+from engine.store import Store, is_outage
 
 log = get_logger(component="log_writer")
 _COLUMNS = ("logging_level", "module_name", "message", "exception_type", "exception_message", "stack_trace",
@@ -35,16 +34,14 @@ class LogWriter(Actor[None]):
         while rows := self.sink.take(self.batch):
             try:
                 await self.store.execute("insert_application_logs", *_columns(rows))
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, asyncpg.PostgresConnectionError):
+            except Exception as exc:
+                if is_outage(exc):
+                    # The database is unreachable or restarting: keep the rows for the next flush.
                     self._requeue(rows, exc)
                     break
                 # A row the database refuses (bad JSON for jsonb, say) must not block the ones behind it.
                 total += await self._one_by_one(rows)
                 continue
-            except (OSError, asyncpg.InterfaceError) as exc:
-                self._requeue(rows, exc)
-                break
             total += len(rows)
         self.written += total
         if self.sink.dropped > self._reported_drops:
@@ -63,11 +60,14 @@ class LogWriter(Actor[None]):
 
     async def _one_by_one(self, rows: list[dict[str, Any]]) -> int:
         written = 0
-        for row in rows:
+        for index, row in enumerate(rows):
             try:
                 await self.store.execute("insert_application_logs", *_columns([row]))
                 written += 1
-            except asyncpg.PostgresError as exc:
+            except Exception as exc:
+                if is_outage(exc):
+                    self._requeue(rows[index:], exc)
+                    break
                 self.sink.dropped += 1
                 log.warning("application_log_row_refused", module=row["module_name"], error=str(exc)[:200])
         return written

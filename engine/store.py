@@ -114,6 +114,15 @@ class Store:
     async def execute(self, name: str, *args: Any, table: str | None = None) -> str:
         return await self.pool.execute(sql(name, table), *args)  # type: ignore[no-any-return]
 
+    async def ping(self) -> bool:
+        """True when the database answers a trivial query within 5 seconds."""
+        try:
+            return bool(await self.pool.fetchval(sql("health_ping"), timeout=5))
+        except Exception as exc:
+            if is_outage(exc):
+                return False
+            raise
+
     async def migrate(self) -> bool:
         """Apply schema.sql unless this exact version is applied already; True if it was applied now.
 
@@ -133,6 +142,32 @@ class Store:
             await conn.execute(sql("record_schema_version"), digest)
         log.info("schema_applied", version=digest[:12])
         return True
+
+
+# Errors that say the database cannot be reached or is restarting (a crash, a failover, a network cut), not that
+# a statement was wrong: connection exceptions (SQLSTATE class 08), shutdown and start-up (57P01-57P03), too many
+# connections (53300), a read-only server (25006, a failover half done), and the client's own socket errors and
+# timeouts. Work that meets one waits for the database and carries on; it is never counted as a crash.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError,
+    asyncpg.ReadOnlySQLTransactionError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) means the database is unreachable rather than a statement failing."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OUTAGE_ERRORS):
+            return True
+        if isinstance(current, asyncpg.InterfaceError) and "connection" in str(current).lower() \
+                and "closed" in str(current).lower():
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class LeaseLost(Exception):
