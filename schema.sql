@@ -342,3 +342,7 @@ ALTER TABLE line_item_fulfillments ADD COLUMN IF NOT EXISTS lease_token bigint;
 ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS checkout_looks integer NOT NULL DEFAULT 0;
 -- The Digital River source the saved checkout charges (a replaced card is attached to it before it is submitted).
 ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS dr_checkout_source_id text;
+-- Installment records an operator should look at (`status_attention`).
+CREATE INDEX IF NOT EXISTS subscription_process_data_attention ON subscription_process_data (last_error_code)
+    WHERE last_error_code IN ('checkout_unknown', 'subscription_cancelled', 'subscription_suspended')
+      AND subscription_job_run_status IN ('Open', 'Failed');

@@ -28,6 +28,7 @@ Read from the database by `refresh_from_store` (which `/metrics` awaits before `
     drjobs_expired_leases{table}                          leased rows whose lease ran out
     drjobs_records{kind,status}                           the `status_counts` of `status`
     drjobs_live_nodes                                     engine processes heartbeating (within node_lost_seconds)
+    drjobs_installments_needing_attention{reason,status}  `status_attention`: records an operator should look at
     drjobs_metrics_db_up                                  1 if every read of the last refresh succeeded, else 0
 
 A database gauge whose read failed or ran out of time is left out of the output (a stale number would look
@@ -184,6 +185,7 @@ class Metrics:
                 ("drjobs_oldest_due_seconds", _oldest_due),
                 ("drjobs_expired_leases", _expired_leases),
                 ("drjobs_records", _records),
+                ("drjobs_installments_needing_attention", _attention),
                 ("drjobs_live_nodes", self._live_nodes),
             ):
                 try:
@@ -238,6 +240,9 @@ DB_GAUGES: dict[str, tuple[str, list[str]]] = {
     "drjobs_expired_leases": ("Leased rows whose lease ran out (their process died or stalled).", ["table"]),
     "drjobs_records": ("Records by status (as in `run.py status`).", ["kind", "status"]),
     "drjobs_live_nodes": ("Engine processes heartbeating.", []),
+    "drjobs_installments_needing_attention": (
+        "Installment records an operator should look at, by reason (checkout_unknown: Digital River does not know "
+        "the record's checkout; subscription_cancelled/suspended: not charged) and status.", ["reason", "status"]),
 }
 
 
@@ -263,6 +268,10 @@ async def _oldest_due(store: Store) -> list[Sample]:
 async def _expired_leases(store: Store) -> list[Sample]:
     return [((table,), float(await store.fetchval("expired_lease_count", table=table)))
             for table in sorted(LEASED_TABLES)]
+
+
+async def _attention(store: Store) -> list[Sample]:
+    return [((row["reason"], row["status"]), float(row["count"])) for row in await store.fetch("status_attention")]
 
 
 async def _records(store: Store) -> list[Sample]:

@@ -53,12 +53,14 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
     counts: dict[str, dict[str, int]] = {}
     for row in await store.fetch("status_counts"):
         counts.setdefault(row["kind"], {})[row["status"]] = row["count"]
+    attention = [{"reason": r["reason"], "status": r["status"], "count": r["count"]}
+                 for r in await store.fetch("status_attention")]
     nodes = [{
         "name": r["name"], "live": r["live"], "started_at": _iso(r["started_at"]),
         "heartbeat_at": _iso(r["heartbeat_at"]), "stopped_at": _iso(r["stopped_at"]), "pid": r["pid"],
         "host": r["host"], "version": r["version"],
     } for r in await store.fetch("status_nodes", settings.node_lost_seconds)]
-    return {"now": _iso(now), "jobs": jobs, "records": counts, "nodes": nodes}
+    return {"now": _iso(now), "jobs": jobs, "records": counts, "attention": attention, "nodes": nodes}
 
 
 def render_text(data: dict[str, Any]) -> str:
@@ -87,6 +89,11 @@ def render_text(data: dict[str, Any]) -> str:
         lines.append("  none")
     for kind, by_status in sorted(data["records"].items()):
         lines.append(f"  {kind:<26} " + "  ".join(f"{s}={n}" for s, n in sorted(by_status.items())))
+    if data.get("attention"):
+        lines += ["", "NEEDS AN OPERATOR"]
+        for row in data["attention"]:
+            lines.append(f"  installments {row['status']:<8} {row['reason']:<24} {row['count']:>8}  "
+                         + ATTENTION.get(row["reason"], ""))
     lines += ["", "ENGINE PROCESSES (last day)"]
     if not data["nodes"]:
         lines.append("  none")
@@ -94,6 +101,14 @@ def render_text(data: dict[str, Any]) -> str:
         state = "live" if node["live"] else ("stopped" if node["stopped_at"] else "lost")
         lines.append(f"  {node['name']:<30} {state:<8} heartbeat {node['heartbeat_at'][:19]}  pid {node['pid']}")
     return "\n".join(lines)
+
+
+ATTENTION = {
+    "checkout_unknown": "Digital River does not know the record's checkout and no order was found; Open ones are "
+                        "looked at again, Failed ones need a check in Digital River, then `retry installment ID`",
+    "subscription_cancelled": "not charged: the subscription was Cancelled after the installment was made",
+    "subscription_suspended": "not charged: the subscription is Suspended; `retry installment ID` once resumed",
+}
 
 
 def _age(seconds: float) -> str:

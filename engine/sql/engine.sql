@@ -137,6 +137,17 @@ SELECT name, started_at, heartbeat_at, stopped_at, pid, host, version,
        (stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)) AS live
   FROM engine_nodes WHERE heartbeat_at > now() - interval '1 day' ORDER BY heartbeat_at DESC;
 
+-- name: status_attention
+-- status and /metrics: installment records an operator should look at, by reason and status: a checkout Digital
+-- River does not know (Open while it is looked at again, Failed after every look), and installments not charged
+-- because their subscription stopped. Reads the small partial index of these codes, not the table.
+SELECT last_error_code AS reason, subscription_job_run_status AS status, count(*) AS count
+  FROM subscription_process_data
+ WHERE last_error_code IN ('checkout_unknown', 'subscription_cancelled', 'subscription_suspended')
+   AND subscription_job_run_status IN ('Open', 'Failed')
+ GROUP BY 1, 2
+ ORDER BY 1, 2;
+
 -- name: status_counts
 -- status: records by status, for every table a job works on.
 SELECT 'subscriptions' AS kind, status, count(*) FROM subscriptions GROUP BY status
