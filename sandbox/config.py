@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # The endpoint names `fault_endpoints` may list.
-ENDPOINTS = ("POST /checkouts", "GET /checkouts/{id}", "POST /orders", "GET /orders", "GET /orders/{id}",
-             "POST /fulfillments")
+ENDPOINTS = ("POST /checkouts", "GET /checkouts/{id}", "POST /checkouts/{id}/sources/{sourceId}", "POST /orders",
+             "GET /orders", "GET /orders/{id}", "POST /fulfillments")
 _SHARES = ("error_rate", "timeout_rate", "throttle_rate", "drop_after_order_rate")
 
 
