@@ -764,3 +764,24 @@ def caught_url(url: str) -> URL:
 def _http_date(timestamp: float) -> str:
     from email.utils import formatdate
     return formatdate(timestamp, usegmt=True)
+
+
+async def test_attach_source_posts_to_the_checkout_and_answers_the_source_id(client: DigitalRiverClient,
+                                                                              mock: DRMock) -> None:
+    mock.post(f"{CHECKOUTS}/chk_1/sources/src_new", status=200,
+              payload={"id": "src_new", "type": "creditCard", "reusable": True, "state": "chargeable"})
+    assert await client.attach_source("chk_1", "src_new") == "src_new"
+    assert len(mock.requests[("POST", caught_url(f"{CHECKOUTS}/chk_1/sources/src_new"))]) == 1
+
+
+async def test_attach_source_to_a_consumed_checkout_is_not_found(client: DigitalRiverClient, mock: DRMock) -> None:
+    mock.post(f"{CHECKOUTS}/chk_used/sources/src_new", status=404,
+              payload=error_json("not_found", "not_found", parameter="id"))
+    with pytest.raises(NotFoundError):
+        await client.attach_source("chk_used", "src_new")
+
+
+async def test_attach_source_answer_without_an_id_is_malformed(client: DigitalRiverClient, mock: DRMock) -> None:
+    mock.post(f"{CHECKOUTS}/chk_1/sources/src_new", status=200, payload={"type": "creditCard"}, repeat=True)
+    with pytest.raises(MalformedResponseError, match="source.id"):
+        await client.attach_source("chk_1", "src_new")
