@@ -1,14 +1,19 @@
-"""Chaos soak: two engine processes drain a backlog while Digital River misbehaves and a driver keeps killing them.
+"""Chaos soak: two engine processes drain a backlog while Digital River misbehaves and a driver keeps killing
+them, stalling their heartbeats and taking their database away.
 
 The sandbox answers 5% of requests with 500s, lets 2% time out, throttles 2% with 429s and drops the connection
-after creating 1% of orders. Every few seconds a random engine process is SIGKILLed and started again. Then the
-faults stop, the time-based backoffs are fast-forwarded (records waiting out an outage are made due now: the
+after creating 1% of orders. Every few seconds the driver does one of: SIGKILL a random engine process and start
+it again; lock a leased record from an outside session for longer than the lease (the worker that holds it lives
+on, late: its heartbeat skips the row, the lease lapses, and its writes must change nothing); or stop
+PostgreSQL (a cluster this test owns) for a few seconds (at most twice), which the engines must ride out. Then
+the faults stop, the time-based backoffs are fast-forwarded (records waiting out an outage are made due now: the
 rules only say when to try again, not that the test must wait an hour), the engines finish and stop, and:
 
 - every installment has exactly one Digital River order, or is Failed / waiting a day for a reason the table of
   billing-rules.md allows (declines, bad data);
 - every fulfillment line was reported at most once and ends Completed or Failed;
-- no record is left claimed; runs of killed processes are marked failed, and no tick ran twice.
+- no record is left claimed; runs of killed processes are marked failed, and no tick ran twice;
+- both engines are still running at the end (an outage never spends their restart budget).
 
 DRJOBS_SOAK_SECONDS sets the chaos phase (default 40; longer soaks by hand).
 """
@@ -22,14 +27,22 @@ import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from engine.store import Store
 from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
+from tests.chaos.test_database_faults import crash, private_server, restart
 from tests.support import EngineProcess, engine_env, run_command
 
+__all__ = ["private_server"]  # the fixture, used by name
 SOAK_SECONDS = float(os.environ.get("DRJOBS_SOAK_SECONDS", "40"))
+LEASE_SECONDS = 5
+# Each stall holds a leased row this long (longer than the lease); each outage keeps PostgreSQL down this long.
+STALL_SECONDS = LEASE_SECONDS + 3
+OUTAGE_SECONDS = 8
+MAX_OUTAGES = 2
 SUBSCRIPTIONS = 600
 # Outcomes the rules allow for an installment without an order (last_error_code values).
 DECLINE_CODES = {"insufficient_funds", "fraud", "decline_limit"}
@@ -61,15 +74,75 @@ async def seed(store: Store) -> None:
             await conn.execute(sql(name), SUBSCRIPTIONS)
 
 
+@pytest.fixture
+async def soak_database(private_server: object) -> AsyncIterator[tuple[str, Store]]:
+    """A database on a PostgreSQL cluster this test owns (so it can stop it), migrated, and a store on it."""
+    admin = private_server.get_uri("postgres")  # type: ignore[attr-defined]
+    conn = await asyncpg.connect(admin)
+    await conn.execute("CREATE DATABASE drjobs_soak")
+    await conn.close()
+    dsn = private_server.get_uri("drjobs_soak")  # type: ignore[attr-defined]
+    store = await Store.connect(dsn, "soak-driver", min_size=1, max_size=4)
+    try:
+        await store.migrate()
+        yield dsn, store
+    finally:
+        await store.close()
+
+
 async def erp(store: Store, stop: asyncio.Event) -> None:
     """An outside system writing fulfillment requests for the installment orders as they appear."""
     while not stop.is_set():
-        await store.execute("demo_fulfillment_requests")
-        await store.execute("demo_line_fulfillment_requests")
+        try:
+            await store.execute("demo_fulfillment_requests")
+            await store.execute("demo_line_fulfillment_requests")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass  # the database is down for a moment: write them next time
         try:
             await asyncio.wait_for(stop.wait(), 2)
         except TimeoutError:
             pass
+
+
+async def stall(dsn: str, stats: Counter[str]) -> None:
+    """An outside session locks one leased record (an installment or an order's fulfillment) for longer than
+    the lease, then lets go: the worker holding it lives on while its lease lapses."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return
+    try:
+        # Records are in flight for moments at a time: look for one for up to 3 seconds.
+        for _ in range(30):
+            async with conn.transaction():
+                for table in ("subscription_process_data", "fulfillments"):
+                    row = await conn.fetchval(
+                        f"SELECT id FROM {table} WHERE locked_by IS NOT NULL AND locked_until > now() "
+                        "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED")
+                    if row is not None:
+                        stats[f"stalled {table}"] += 1
+                        await asyncio.sleep(STALL_SECONDS)
+                        return
+            await asyncio.sleep(0.1)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        pass  # the database went down under the stall
+    finally:
+        await conn.close(timeout=5)
+
+
+async def start_engine(env: dict[str, str], store: Store, started: list[EngineProcess]) -> EngineProcess:
+    """Start a `serve` process and wait until it is in engine_nodes: past its start-up (which needs the
+    database), so an outage from here on is one it must ride out."""
+    engine = await EngineProcess(["serve"], env).start()
+    started.append(engine)
+    assert engine.proc is not None
+
+    async def registered() -> None:
+        while not await store.pool.fetchval("SELECT count(*) FROM engine_nodes WHERE pid = $1 AND stopped_at IS NULL",
+                                            engine.proc.pid):  # type: ignore[union-attr]
+            await asyncio.sleep(0.1)
+    await asyncio.wait_for(registered(), 60)
+    return engine
 
 
 async def fast_forward(store: Store) -> None:
@@ -96,32 +169,50 @@ async def unfinished(store: Store) -> dict[str, int]:
 
 
 @pytest.mark.timeout(600)
-async def test_two_engines_under_faults_and_kills_charge_everyone_once(database_url: str, store: Store,
-                                                                      sandbox: Sandbox) -> None:
+async def test_two_engines_under_faults_kills_stalls_and_outages_charge_everyone_once(
+        soak_database: tuple[str, Store], private_server: object, sandbox: Sandbox) -> None:
+    dsn, store = soak_database
     await seed(store)
     env = engine_env(
-        database_url, DR_API_URL=sandbox.url, DR_TIMEOUT_SECONDS="1", DR_MAX_REQUESTS_PER_SECOND="2000",
-        LEASE_SECONDS="5", SHUTDOWN_GRACE_SECONDS="5", LOG_LEVEL="warning", NODE_LOST_SECONDS="4",
+        dsn, DR_API_URL=sandbox.url, DR_TIMEOUT_SECONDS="1", DR_MAX_REQUESTS_PER_SECOND="2000",
+        LEASE_SECONDS=str(LEASE_SECONDS), SHUTDOWN_GRACE_SECONDS="5", LOG_LEVEL="warning", NODE_LOST_SECONDS="4",
         SUBSCRIPTION_INSTALLMENTS_SCHEDULE="every 1s", RECURRING_PAYMENTS_SCHEDULE="every 1s",
         ORDER_FULFILLMENT_SCHEDULE="every 1s", LINE_ITEM_FULFILLMENT_SCHEDULE="every 1s",
         CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE="50", RECURRING_PAYMENT_BATCH_SIZE="20")
     sandbox.configure(error_rate=0.05, timeout_rate=0.02, timeout_seconds=1.5, throttle_rate=0.02,
                       retry_after_seconds=0.2, drop_after_order_rate=0.01)
     rng = random.Random(7)
-    engines = [await EngineProcess(["serve"], env).start() for _ in range(2)]
+    started: list[EngineProcess] = []  # every process, killed ones too (their log lines count)
+    engines = [await start_engine(env, store, started) for _ in range(2)]
     stop_erp = asyncio.Event()
     erp_task = asyncio.create_task(erp(store, stop_erp), name="erp")
-    kills = 0
+    stats: Counter[str] = Counter()
+    stalls: set[asyncio.Task[None]] = set()
+    kills = outages = 0
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOAK_SECONDS
         while loop.time() < deadline:
             await asyncio.sleep(rng.uniform(2, 5))
+            action = rng.random()
+            if action < 0.12 and outages < MAX_OUTAGES:
+                await asyncio.to_thread(crash, private_server)
+                await asyncio.sleep(OUTAGE_SECONDS)
+                await asyncio.to_thread(restart, private_server)
+                outages += 1
+                continue
+            if action < 0.45:
+                task = asyncio.create_task(stall(dsn, stats), name="stall")
+                stalls.add(task)
+                task.add_done_callback(stalls.discard)
+                continue
             victim = rng.randrange(len(engines))
             engines[victim].kill()
             await engines[victim].wait()
             kills += 1
-            engines[victim] = await EngineProcess(["serve"], env).start()
+            engines[victim] = await start_engine(env, store, started)
+        if stalls:
+            await asyncio.gather(*stalls)
 
         sandbox.configure(error_rate=0.0, timeout_rate=0.0, throttle_rate=0.0, drop_after_order_rate=0.0)
         for _ in range(60):
@@ -131,14 +222,16 @@ async def test_two_engines_under_faults_and_kills_charge_everyone_once(database_
                 break
         stop_erp.set()
         await erp_task
+        alive = [engine.proc is not None and engine.proc.returncode is None for engine in engines]
     finally:
         stop_erp.set()
         for engine in engines:
             if engine.proc and engine.proc.returncode is None:
                 engine.signal(signal.SIGTERM)
         codes = [await engine.wait() for engine in engines]
+    assert alive == [True, True], [e.stderr[-2000:] for e in engines]
     assert codes == [0, 0], [e.stderr[-2000:] for e in engines]
-    assert kills >= 5
+    assert kills >= 2
     left = await unfinished(store)
     assert not left, f"work was left undone after the faults stopped: {left}"
 
@@ -161,6 +254,10 @@ async def test_two_engines_under_faults_and_kills_charge_everyone_once(database_
                        or (rec["last_error_code"] or "").startswith("invalid:"))
             assert allowed, f"record {rec['id']}: {rec['subscription_job_run_status']} {rec['last_error_code']}"
     assert len(ledger.orders) == sum(r["subscription_job_run_status"] == "Successful" for r in records)
+    # Digital River's rule for declined merchant-initiated charges: at most one decline per subscription a day.
+    declined: Counter[str] = Counter(
+        ledger.checkouts[checkout]["items"][0]["subscriptionInfo"]["subscriptionId"] for checkout in ledger.declines)
+    assert not declined or max(declined.values()) == 1, declined.most_common(3)
 
     # Every fulfillment line reported at most once, and finished.
     lines = await store.pool.fetch("SELECT * FROM line_item_fulfillments")
@@ -183,6 +280,8 @@ async def test_two_engines_under_faults_and_kills_charge_everyone_once(database_
     await asyncio.sleep(4)
     code, _, err = await run_command(["drain"], env)
     assert code == 0, err
+    stalled = sum(v for k, v in stats.items() if k.startswith("stalled"))
+    lost = sum(1 for e in started for event in e.events if str(event.get("event", "")).endswith("lease_lost"))
     assert await store.pool.fetchval("SELECT count(*) FROM job_runs WHERE status = 'running'") == 0
     abandoned = await store.pool.fetchval("SELECT count(*) FROM job_runs WHERE error LIKE 'the engine process%'")
     assert abandoned > 0
@@ -191,4 +290,6 @@ async def test_two_engines_under_faults_and_kills_charge_everyone_once(database_
           f"{len(ledger.orders)} orders, {len(lines)} fulfillment lines, {ledger.count_requests()} requests: "
           f"{ledger.count_requests(status=500)} 500s, {ledger.count_requests(status=429)} 429s, "
           f"{ledger.count_requests(status=0)} unanswered, {len(ledger.dropped_orders)} dropped after the order, "
-          f"{abandoned} runs abandoned by killed processes, duplicates: {len(ledger.duplicate_upstream_ids())}")
+          f"{abandoned} runs abandoned by killed processes, {stalled} leased rows locked past their lease "
+          f"({dict(stats)}), {lost} lease_lost lines, {outages} database outages of {OUTAGE_SECONDS}s, "
+          f"duplicates: {len(ledger.duplicate_upstream_ids())}")
