@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class BatchWriter(Generic[I, R]):
@@ -34,6 +39,9 @@ class BatchWriter(Generic[I, R]):
     async def submit(self, item: I) -> R:
         """Write `item` with the next batch and return its result (or raise its error)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        # A caller cancelled while its item is written (shutdown, the run cancelled) no longer reads the result:
+        # read its error here, so a failed write is never reported as "exception was never retrieved".
+        future.add_done_callback(_retrieve)
         self._pending.append((item, future))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush(), name=f"{self.name}:flush")

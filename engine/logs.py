@@ -234,6 +234,32 @@ def configure(log_level: str = "info", log_format: str = "json", app_log_level: 
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib_logging()
+
+
+class _ToStructlog(logging.Handler):
+    """Standard-library log records (asyncpg's pool, aiohttp) as one structured line each, never a traceback on
+    stderr: the pool warns with a whole traceback every time it fails to reconnect during a database outage."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error"] = f"{type(exc).__name__}: {exc}"
+            method = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}.get(
+                record.levelno, "error")
+            getattr(structlog.get_logger(component="library"), method)("library_log", **fields)
+        except Exception:  # a log line must never take the engine down
+            self.handleError(record)
+
+
+def _route_stdlib_logging() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _ToStructlog) for h in root.handlers):
+        root.addHandler(_ToStructlog())
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
 
 
 def get_logger(**initial: Any) -> Any:
