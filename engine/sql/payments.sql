@@ -236,6 +236,12 @@ WITH old AS (
     INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, code, message, dr_checkout_id, amount,
                                   currency, node)
     SELECT rec.id, rec.subscription_id, $7, $5, $6, (SELECT dr_checkout_id FROM old), $10, $11, $12 FROM rec
+     -- One decline of a checkout is one attempt, however many workers heard it (a late worker's
+     -- record_decline_without_lease may have stored it already).
+     WHERE NOT ($7 IN ('soft_decline', 'hard_decline') AND EXISTS (
+               SELECT 1 FROM payment_attempts pa
+                WHERE pa.subscription_id = rec.subscription_id AND pa.outcome IN ('soft_decline', 'hard_decline')
+                  AND pa.dr_checkout_id = (SELECT dr_checkout_id FROM old)))
     RETURNING id
 )
 SELECT subscription_retry_count FROM rec;
@@ -244,8 +250,13 @@ SELECT subscription_retry_count FROM rec;
 -- recurring-payments: Digital River declined a charge for record $1 (checkout $2) but the worker had lost its
 -- lease, so the record was not changed. The decline still happened: it is kept as an attempt ($3 outcome, $4 code,
 -- $5 message, $6 node) so Digital River's once-a-day and four-in-30-days limits see it.
+-- A decline of that checkout already stored (by the worker that holds the record now) is not stored again.
 INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, code, message, dr_checkout_id, node)
-SELECT p.id, p.subscription_id, $3, $4, $5, $2, $6 FROM subscription_process_data p WHERE p.id = $1
+SELECT p.id, p.subscription_id, $3, $4, $5, $2, $6 FROM subscription_process_data p
+ WHERE p.id = $1
+   AND NOT EXISTS (SELECT 1 FROM payment_attempts pa
+                    WHERE pa.subscription_id = p.subscription_id AND pa.outcome IN ('soft_decline', 'hard_decline')
+                      AND pa.dr_checkout_id = $2)
 RETURNING id;
 
 -- name: postpone_record
