@@ -17,7 +17,7 @@ tracking, one after the other. Success: each line `Completed` with the `ful_…`
 Lines that cannot be sent (quantities that are negative, both zero or more than the order item's quantity; no
 Digital River item id; an order item of another order; an order without a Digital River id) are `Failed` with a
 message naming the field, and the order's other lines still go. Every other outcome is as in
-`order_fulfillment` (`send_fulfillment`): already done → `Completed`, 409 `quantity_too_large` / 400 →
+order-fulfillment (engine/fulfillment.py): already done → `Completed`, 409 `quantity_too_large` / 400 →
 `Failed`, transient → `Pending` with backoff until FULFILLMENT_RETRY_LIMIT, 401/403 → the run stops.
 """
 
@@ -28,33 +28,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 
-from actors.order_fulfillment import Sent, dr_message, retry_delay, send_fulfillment
-from engine.digital_river import AuthError, DigitalRiverError
-from engine.jobs import Job, Run
-from engine.logs import get_logger
+from engine.digital_river import AuthError, DigitalRiverError, dr_message
+from engine.fulfillment import Sent, send_fulfillment
+from engine.jobs import FAILED, SUCCEEDED, Job, Outcome, Outcomes, Run, backoff
+from engine.logs import error_text
 from engine.store import LeaseLost, Leases
 
-log = get_logger(component="line_item_fulfillment")
-
-# One structured line per record outcome (and per order state asked of Digital River); the level for each is
-# chosen here and nowhere else.
-OUTCOME_LEVEL = {
-    "line_item_sent": "info",
-    "line_item_already_done": "info",
-    "line_item_failed": "error",
-    "line_item_retrying": "warning",
-    "line_item_key_refused": "error",
-    "line_item_lease_lost": "warning",
-    "line_item_crashed": "error",
-    "order_state_refreshed": "info",
-    "order_state_refresh_failed": "warning",
-}
-SUCCEEDED = frozenset({"line_item_sent", "line_item_already_done"})
-FAILED = frozenset({"line_item_failed", "line_item_retrying", "line_item_crashed"})
 TRACKING = (("tracking_company", "trackingCompany"), ("tracking_number", "trackingNumber"),
             ("tracking_url", "trackingUrl"))
 
@@ -116,6 +99,18 @@ def tracking(line: asyncpg.Record) -> dict[str, str]:
 
 class LineItemFulfillment(Job):
     job_name = "line-item-fulfillment"
+    # One outcome per line (and per order state asked of Digital River).
+    outcomes: ClassVar[Outcomes] = {
+        "line_item_sent": ("info", SUCCEEDED),
+        "line_item_already_done": ("info", SUCCEEDED),
+        "line_item_failed": ("error", FAILED),
+        "line_item_retrying": ("warning", FAILED),
+        "line_item_key_refused": ("error", None),
+        "line_item_lease_lost": ("warning", None),
+        "line_item_crashed": ("error", FAILED),
+        "order_state_refreshed": ("info", None),
+        "order_state_refresh_failed": ("warning", None),
+    }
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_line_items"))
@@ -172,14 +167,11 @@ class LineItemFulfillment(Job):
                 message = dr_message(exc)
                 self.services.app_log.write("WARN", self.job_name, f"order state refresh failed: {message}",
                                             record_id=row["id"], status=exc.status, response=exc.response, exc=exc)
-                self._log("order_state_refresh_failed", started, fields | {"reason": message, "app_logged": True})
+                self.settle(None, Outcome("order_state_refresh_failed", {"reason": message, "app_logged": True}),
+                            started, **fields)
                 return
             await self.store.execute("save_order_state", row["id"], order.state)
-            self._log("order_state_refreshed", started, fields | {"state": order.state})
-
-    def _log(self, event: str, started: float, fields: dict[str, Any]) -> None:
-        self.record_outcome(event)
-        getattr(log, OUTCOME_LEVEL[event])(event, duration_ms=round((time.monotonic() - started) * 1000), **fields)
+            self.settle(None, Outcome("order_state_refreshed", {"state": order.state}), started, **fields)
 
     # -- one order's lines ------------------------------------------------------------------------------------
 
@@ -203,13 +195,12 @@ class LineItemFulfillment(Job):
             verdicts = {i: Verdict("line_item_key_refused", fields={"error": str(exc)}) for i in ids}
             written = set(ids)
         except Exception as exc:  # a bug or a database failure: the leases lapse and the lines come back
-            log.error("line_items_crashed", exc_info=exc, fulfillment_id=fulfillment_id, record_ids=ids)
-            error = f"{type(exc).__name__}: {exc}"
+            self.log.error("line_items_crashed", exc_info=exc, fulfillment_id=fulfillment_id, record_ids=ids)
+            error = error_text(exc)
             verdicts = {i: Verdict("line_item_crashed", fields={"error": error}) for i in ids}
             written = set(ids)
         lines.done(ids)
         orders.done([fulfillment_id])
-        duration_ms = round((time.monotonic() - started) * 1000)
         for line in order_lines:
             verdict = verdicts[line["id"]]
             if line["id"] not in written:
@@ -221,16 +212,10 @@ class LineItemFulfillment(Job):
                     record_id=line["id"], status=verdict.error.status if verdict.error else None,
                     request=verdict.request, response=verdict.error.response if verdict.error else None,
                     exc=verdict.error)
-            if verdict.event in SUCCEEDED:
-                run.succeeded += 1
-            elif verdict.event in FAILED:
-                run.failed += 1
-            self.record_outcome(verdict.event)
-            getattr(log, OUTCOME_LEVEL[verdict.event])(
-                verdict.event, duration_ms=duration_ms, record_id=line["id"], fulfillment_id=fulfillment_id,
-                dr_order_id=line["dr_order_id"], dr_item_id=line["dr_item_id"],
-                fulfill_quantity=line["fulfill_quantity"], cancel_quantity=line["cancel_quantity"],
-                app_logged=verdict.app_level is not None and line["id"] in written, **verdict.fields)
+            self.settle(run, Outcome(verdict.event, verdict.fields), started, record_id=line["id"],
+                        fulfillment_id=fulfillment_id, dr_order_id=line["dr_order_id"], dr_item_id=line["dr_item_id"],
+                        fulfill_quantity=line["fulfill_quantity"], cancel_quantity=line["cancel_quantity"],
+                        app_logged=verdict.app_level is not None and line["id"] in written)
 
     async def _fulfil(self, order_lines: Sequence[asyncpg.Record], orders: Leases, lines: Leases,
                       fulfillment_id: int) -> dict[int, Verdict]:
@@ -274,7 +259,7 @@ class LineItemFulfillment(Job):
             message = f"{message} (failed {attempts} times; FULFILLMENT_RETRY_LIMIT is {limit})"
             return Verdict("line_item_failed", "Failed", 1, message, app_level="ERROR", error=sent.error,
                            request=request, fields={"status": "Failed", "reason": message, "retry_count": attempts})
-        next_attempt = datetime.now(UTC) + retry_delay(attempts)
+        next_attempt = datetime.now(UTC) + backoff(attempts)
         return Verdict("line_item_retrying", "Pending", 1, message, next_attempt_at=next_attempt, app_level="WARN",
                        error=sent.error, request=request,
                        fields={"status": "Pending", "reason": message, "retry_count": attempts,
@@ -300,7 +285,7 @@ class LineItemFulfillment(Job):
                 self.services.metrics.settlement_conflict(self.job_name)
                 conflict = (f"line {now['id']} was already settled with Digital River fulfillment "
                             f"{now['dr_fulfillment_id']}; this worker's call made {mine} as well")
-                log.error("line_item_settlement_conflict", record_id=now["id"], fulfillment_id=fulfillment_id,
+                self.log.error("line_item_settlement_conflict", record_id=now["id"], fulfillment_id=fulfillment_id,
                           dr_fulfillment_id=mine, settled_dr_fulfillment_id=now["dr_fulfillment_id"],
                           reason=conflict)
                 self.services.app_log.write("ERROR", self.job_name, conflict, record_id=now["id"])

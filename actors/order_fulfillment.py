@@ -6,7 +6,7 @@ come: at most FULFILLMENT_QUERY_LIMIT per run, ORDER_FULFILLMENT_CONCURRENCY in 
 `Completed` line-item fulfillments already fulfilled or cancelled. An order with nothing left is `Completed`
 without a call. Success: `Completed` with the `ful_…` id in `dr_fulfillment_id`.
 
-Outcomes, shared with line-item-fulfillment (`send_fulfillment`, `retry_delay`):
+Outcomes, as engine/fulfillment.py reads Digital River's answers (shared with line-item-fulfillment):
 - 201 → `Completed`. 409 `item_fulfilled` / `item_cancelled` / `order_complete` / `order_cancelled` → also
   `Completed`: it was already done, and `message` says so.
 - 409 `quantity_too_large`, 400 and 404 → `Failed` with Digital River's message.
@@ -25,142 +25,17 @@ so one order never has two calls in flight. The fulfillments row's lease is that
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 import asyncpg
 
-from engine.digital_river import (
-    AuthError,
-    BadRequestError,
-    ConflictError,
-    DigitalRiverClient,
-    DigitalRiverError,
-    NotFoundError,
-)
-from engine.failpoints import failpoint
-from engine.jobs import Job, Run
-from engine.logs import get_logger
+from engine.digital_river import AuthError, DigitalRiverError
+from engine.fulfillment import Sent, send_fulfillment
+from engine.jobs import FAILED, SUCCEEDED, BadData, Job, Outcome, Outcomes, Run, backoff
 from engine.store import LeaseLost, Leases
-
-log = get_logger(component="order_fulfillment")
-
-K = TypeVar("K", bound=Hashable)
-
-# 409 codes that mean the change was already made: treated as success.
-DONE_CODES = frozenset({"item_fulfilled", "item_cancelled", "order_complete", "order_cancelled"})
-# 409 codes that no repeat can fix.
-HARD_CONFLICT_CODES = frozenset({"quantity_too_large"})
-RETRY_BACKOFF_MAX = timedelta(hours=1)
-_ITEM_PARAMETER = re.compile(r"^items\[(\d+)\]")
-
-# One structured line per record outcome; the level for each is chosen here and nowhere else.
-OUTCOME_LEVEL = {
-    "order_cancel_sent": "info",
-    "order_cancel_already_done": "info",
-    "order_cancel_nothing_left": "info",
-    "order_cancel_failed": "error",
-    "order_cancel_retrying": "warning",
-    "order_cancel_key_refused": "error",
-    "order_cancel_lease_lost": "warning",
-    "order_cancel_crashed": "error",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared with line_item_fulfillment: one POST /fulfillments and what each answer means for what it carried.
-
-
-@dataclass
-class Sent:
-    """How one entry of a POST /fulfillments ended: `sent`, `done` (already done), `failed` or `retry`."""
-
-    kind: str
-    message: str | None = None
-    fulfillment_id: str | None = None
-    error: DigitalRiverError | None = None
-
-
-def retry_delay(retry_count: int) -> timedelta:
-    """1, 2, 4 … minutes after the 1st, 2nd, 3rd … failed send, at most an hour."""
-    return min(RETRY_BACKOFF_MAX, timedelta(minutes=2 ** min(max(retry_count - 1, 0), 10)))
-
-
-def dr_message(exc: DigitalRiverError) -> str:
-    """Digital River's words for a failed call, with the status, code and parameter."""
-    where = f" (parameter {exc.parameter})" if exc.parameter else ""
-    status = f" {exc.status}" if exc.status else ""
-    return f"Digital River{status} {exc.code or exc.type or 'error'}{where}: {exc.message}"
-
-
-def classify(exc: DigitalRiverError) -> str:
-    """`done`, `failed` or `retry` for an error of POST /fulfillments (AuthError is the caller's to handle)."""
-    if isinstance(exc, ConflictError):
-        if exc.code in DONE_CODES:
-            return "done"
-        return "failed" if exc.code in HARD_CONFLICT_CODES else "retry"
-    if isinstance(exc, (BadRequestError, NotFoundError)):
-        return "failed"
-    return "retry"  # TransientError and anything new
-
-
-def item_index(exc: DigitalRiverError) -> int | None:
-    """The index of the item an error names (`items[2].quantity` → 2), if it names one."""
-    match = _ITEM_PARAMETER.match(exc.parameter or "")
-    return int(match.group(1)) if match else None
-
-
-async def send_fulfillment(dr: DigitalRiverClient, order_id: str, entries: Sequence[tuple[K, dict[str, Any]]],
-                           extra: Mapping[str, Any] | None = None) -> dict[K, Sent]:
-    """POST /fulfillments for `entries` (key, item) of one order; how each ended, by key.
-
-    An error naming one item settles that item and the others are sent again without it; any other answer
-    settles every entry still unsent. AuthError is raised with nothing settled.
-    """
-    results: dict[K, Sent] = {}
-    pending = list(entries)
-    while pending:
-        body = {"orderId": order_id, "items": [item for _, item in pending], **(extra or {})}
-        try:
-            fulfillment = await dr.create_fulfillment(body)
-        except AuthError:
-            raise
-        except DigitalRiverError as exc:
-            kind = classify(exc)
-            message = dr_message(exc)
-            if kind == "done":
-                message = f"already done: {message}"
-            index = item_index(exc)
-            if kind != "retry" and index is not None and index < len(pending) and len(pending) > 1:
-                key, _ = pending.pop(index)
-                results[key] = Sent(kind, message, error=exc)
-                continue
-            for key, _ in pending:
-                results[key] = Sent(kind, message, error=exc)
-            return results
-        failpoint("after_fulfillment_sent")
-        for key, _ in pending:
-            results[key] = Sent("sent", fulfillment_id=fulfillment.id)
-        return results
-    return results
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The job
-
-
-class BadData(ValueError):
-    """The record cannot be sent to Digital River; the message names the field."""
-
-
-@dataclass
-class Outcome:
-    event: str
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
 def cancel_items(rec: asyncpg.Record, items: Sequence[asyncpg.Record]) -> list[tuple[int, dict[str, Any]]]:
@@ -184,6 +59,16 @@ def cancel_items(rec: asyncpg.Record, items: Sequence[asyncpg.Record]) -> list[t
 
 class OrderFulfillment(Job):
     job_name = "order-fulfillment"
+    outcomes: ClassVar[Outcomes] = {
+        "order_cancel_sent": ("info", SUCCEEDED),
+        "order_cancel_already_done": ("info", SUCCEEDED),
+        "order_cancel_nothing_left": ("info", SUCCEEDED),
+        "order_cancel_failed": ("error", FAILED),
+        "order_cancel_retrying": ("warning", FAILED),
+        "order_cancel_key_refused": ("error", None),
+        "order_cancel_lease_lost": ("warning", None),
+        "order_cancel_crashed": ("error", FAILED),
+    }
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_cancelled_orders"))
@@ -208,23 +93,11 @@ class OrderFulfillment(Job):
         started = time.monotonic()
         fields: dict[str, Any] = {"record_id": rec["id"], "order_id": rec["order_id"],
                                   "dr_order_id": rec["dr_order_id"]}
-        try:
-            outcome = await self._cancel(leases, rec, items, leases.token(rec["id"]))
-        except asyncio.CancelledError:
-            raise
-        except LeaseLost as exc:
-            outcome = Outcome("order_cancel_lease_lost", {"error": str(exc)})
-        except Exception as exc:  # a bug or a database failure: the lease lapses and the record comes back
-            outcome = Outcome("order_cancel_crashed", {"error": f"{type(exc).__name__}: {exc}"})
-            log.error("order_cancel_crashed", exc_info=exc, **fields)
+        # A crash (a bug or a database failure) leaves the lease to lapse: the record comes back.
+        outcome = await self.attempt(self._cancel(leases, rec, items, leases.token(rec["id"])), fields=fields,
+                                     lease_lost="order_cancel_lease_lost", crashed="order_cancel_crashed")
         leases.done([rec["id"]])
-        if outcome.event in ("order_cancel_sent", "order_cancel_already_done", "order_cancel_nothing_left"):
-            run.succeeded += 1
-        elif outcome.event in ("order_cancel_failed", "order_cancel_retrying", "order_cancel_crashed"):
-            run.failed += 1
-        self.record_outcome(outcome.event)
-        getattr(log, OUTCOME_LEVEL[outcome.event])(
-            outcome.event, duration_ms=round((time.monotonic() - started) * 1000), **fields, **outcome.fields)
+        self.settle(run, outcome, started, **fields)
 
     async def _cancel(self, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record], token: int) -> Outcome:
         """One cancellation: check, send, and write how it ended (every write under the claim's lease token)."""
@@ -279,7 +152,7 @@ class OrderFulfillment(Job):
             self.services.metrics.settlement_conflict(self.job_name)
             conflict = (f"fulfillments row {rec['id']} was already settled with Digital River fulfillment "
                         f"{now['dr_fulfillment_id']}; this worker's call made {fulfillment_id} as well")
-            log.error("order_cancel_settlement_conflict", record_id=rec["id"], dr_fulfillment_id=fulfillment_id,
+            self.log.error("order_cancel_settlement_conflict", record_id=rec["id"], dr_fulfillment_id=fulfillment_id,
                       settled_dr_fulfillment_id=now["dr_fulfillment_id"], reason=conflict)
             self.services.app_log.write("ERROR", self.job_name, conflict, record_id=rec["id"])
         raise LeaseLost(f"fulfillments row {rec['id']} lease lost before its outcome ({status}) was written")
@@ -300,7 +173,7 @@ class OrderFulfillment(Job):
         attempts = rec["retry_count"] + 1
         exhausted = attempts > self.settings.fulfillment_retry_limit
         status = "Failed" if exhausted else "Pending"
-        next_attempt = datetime.now(UTC) + retry_delay(attempts)
+        next_attempt = datetime.now(UTC) + backoff(attempts)
         if exhausted:
             message = f"{message} (failed {attempts} times; FULFILLMENT_RETRY_LIMIT is " \
                       f"{self.settings.fulfillment_retry_limit})"

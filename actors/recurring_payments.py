@@ -35,10 +35,9 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncpg
 
@@ -51,19 +50,16 @@ from engine.digital_river import (
     NotFoundError,
     Order,
     TransientError,
+    dr_message,
 )
 from engine.failpoints import failpoint
-from engine.jobs import Job, Run, Services
-from engine.logs import get_logger, redact_text
-from engine.money import is_currency
+from engine.jobs import FAILED, SUCCEEDED, BadData, Job, Outcome, Outcomes, Run, Services, backoff
+from engine.money import cents, is_currency
 from engine.store import LeaseLost, Leases
-
-log = get_logger(component="recurring_payments")
 
 DECLINE_PAUSE = timedelta(hours=24)
 DECLINE_WINDOW = timedelta(days=30)
 DECLINES_PER_WINDOW = 4
-OUTAGE_BACKOFF_MAX = timedelta(hours=1)
 # Looks (each a POST /orders answered 404 and both lookups empty, 1, 2, 4 … minutes apart) before a record whose
 # checkout Digital River does not know is Failed `checkout_unknown` for an operator.
 CHECKOUT_LOOKS = 5
@@ -71,50 +67,11 @@ CHECKOUT_LOOKS = 5
 BUSY_WAIT_SECONDS = 0.5
 # Subscription statuses whose installments are not charged any more (Completed only means none are left to make).
 NOT_CHARGED = {"Cancelled": "subscription_cancelled", "Suspended": "subscription_suspended"}
-CENT = Decimal("0.01")
 # Totals are numeric(18,2): a charge this large could not be stored with its tax.
 MAX_CHARGE = Decimal("1e15")
 
-# One structured line per record outcome; the level for each is chosen here and nowhere else.
-OUTCOME_LEVEL = {
-    "installment_charged": "info",
-    "installment_adopted": "info",
-    "installment_deferred": "info",
-    "installment_declined": "warning",
-    "installment_failed": "error",
-    "installment_outage": "warning",
-    "installment_unknown": "warning",
-    "installment_key_refused": "error",
-    "installment_lease_lost": "warning",
-    "installment_not_charged": "warning",
-    "installment_checkout_unknown": "error",
-    "installment_settled_elsewhere": "warning",
-    "installment_settlement_conflict": "error",
-    "installment_crashed": "error",
-}
-
-
 class OutcomeUnknown(Exception):
     """Whether Digital River made an order for this record cannot be told now."""
-
-
-class BadData(ValueError):
-    """The record cannot be sent to Digital River; `field` (also its error code) names what is wrong."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.field = message.split(" ", 1)[0].rstrip(":")
-
-
-@dataclass
-class Outcome:
-    event: str
-    fields: dict[str, Any]
-
-
-def outage_delay(outages: int) -> timedelta:
-    """1, 2, 4 … minutes after consecutive outages, at most an hour."""
-    return min(OUTAGE_BACKOFF_MAX, timedelta(minutes=2 ** min(outages, 10)))
 
 
 def validate(rec: asyncpg.Record) -> None:
@@ -209,7 +166,7 @@ def charged_row(rec: asyncpg.Record, order: Order) -> dict[str, Any]:
         "total_tax": str(order.total_tax), "total_amount": str(order.total_amount),
         "items": [{
             "dr_item_id": item.id, "quantity": item.quantity,
-            "unit_price": str(unit_price if item.quantity == 0 else (item.amount / item.quantity).quantize(CENT)),
+            "unit_price": str(unit_price if item.quantity == 0 else cents(item.amount / item.quantity)),
             "tax_amount": str(item.tax_amount), "state": item.state,
             "billing_agreement_id": item.billing_agreement_id,
         } for item in order.items],
@@ -218,6 +175,22 @@ def charged_row(rec: asyncpg.Record, order: Order) -> dict[str, Any]:
 
 class RecurringPayments(Job):
     job_name = "recurring-payments"
+    outcomes: ClassVar[Outcomes] = {
+        "installment_charged": ("info", SUCCEEDED),
+        "installment_adopted": ("info", SUCCEEDED),
+        "installment_deferred": ("info", None),
+        "installment_declined": ("warning", FAILED),
+        "installment_failed": ("error", FAILED),
+        "installment_outage": ("warning", None),
+        "installment_unknown": ("warning", None),
+        "installment_key_refused": ("error", None),
+        "installment_lease_lost": ("warning", None),
+        "installment_not_charged": ("warning", FAILED),
+        "installment_checkout_unknown": ("error", FAILED),
+        "installment_settled_elsewhere": ("warning", None),
+        "installment_settlement_conflict": ("error", None),
+        "installment_crashed": ("error", FAILED),
+    }
 
     def __init__(self, services: Services) -> None:
         super().__init__(services)
@@ -262,31 +235,13 @@ class RecurringPayments(Job):
         fields: dict[str, Any] = {"record_id": rec["id"], "subscription_id": rec["subscription_id"],
                                   "installment_number": rec["installment_number"]}
         charge = Charge(self, leases, rec)
-        try:
-            outcome = await charge.run()
-        except asyncio.CancelledError:
-            raise
-        except LeaseLost as exc:
-            outcome = Outcome("installment_lease_lost", {"error": str(exc)} | charge.order_fields())
-        except Exception as exc:
-            # A bug, or an answer the store refuses: put the record back with the outage backoff (checkout
-            # kept, so nothing is charged twice). If even that fails, its lease lapses and it comes back.
-            error = redact_text(f"{type(exc).__name__}: {exc}")[:2000]
-            log.error("installment_crashed", exc_info=exc, **fields)
-            try:
-                outcome = await charge.postpone("installment_crashed", "crashed", error, outage=True)
-            except Exception:
-                outcome = Outcome("installment_crashed", {"error": error})
+        # A bug, or an answer the store refuses: the record is put back with the outage backoff (checkout kept, so
+        # nothing is charged twice). If even that fails, its lease lapses and it comes back.
+        outcome = await self.attempt(
+            charge.run(), fields=fields, lease_lost="installment_lease_lost", crashed="installment_crashed",
+            on_crash=lambda error: charge.postpone("installment_crashed", "crashed", error, outage=True))
         leases.done([rec["id"]])
-        if outcome.event in ("installment_charged", "installment_adopted"):
-            run.succeeded += 1
-        elif outcome.event in ("installment_failed", "installment_declined", "installment_crashed",
-                               "installment_not_charged", "installment_checkout_unknown"):
-            run.failed += 1
-        self.record_outcome(outcome.event)
-        getattr(log, OUTCOME_LEVEL[outcome.event])(
-            outcome.event, duration_ms=round((time.monotonic() - started) * 1000), **fields, **outcome.fields)
-
+        self.settle(run, outcome, started, **fields)
 
     def _decline_limit(self, rec: asyncpg.Record) -> tuple[datetime, str] | None:
         """When Digital River's limits on declined merchant-initiated charges let this subscription be charged
@@ -315,11 +270,6 @@ class Charge:
         self.store = job.store
         self.settings = job.settings
         self.app_log = job.services.app_log
-        # The order Digital River made or showed for this record, once known (for the log line if it is lost).
-        self.order: Order | None = None
-
-    def order_fields(self) -> dict[str, Any]:
-        return {} if self.order is None else {"dr_order_id": self.order.id}
 
     async def run(self) -> Outcome:
         """The protocol for one record; returns how it ended."""
@@ -440,7 +390,6 @@ class Charge:
             return await self.charged(found, adopted=True)
         except BadRequestError as exc:
             return await self.failed(exc.code or "bad_request", dr_message(exc), hard=True, error=exc)
-        self.order = order
         failpoint("after_order_created")
         return await self.charged(order, adopted=False)
 
@@ -484,7 +433,6 @@ class Charge:
     # -- writing how it ended -----------------------------------------------------------------------------------
 
     async def charged(self, order: Order, *, adopted: bool) -> Outcome:
-        self.order = order
         item = charged_row(self.rec, order) | {"token": self.token}
         result = await self.job.charges.submit(item)
         waited = 0.0
@@ -510,7 +458,7 @@ class Charge:
             return Outcome("installment_settlement_conflict", fields | {"settled_dr_order_id": settled,
                                                                         "reason": message, "app_logged": True})
         raise LeaseLost(f"record {self.id} lease lost before its order {order.id} was written "
-                        f"({result['result']}); the claim that holds it adopts that order")
+                        f"({result['result']}); the claim that holds it adopts that order", dr_order_id=order.id)
 
     async def failed(self, code: str, message: str, *, hard: bool, decline: bool = False,
                      error: DigitalRiverError | None = None, checkout_id: str | None = None) -> Outcome:
@@ -554,7 +502,7 @@ class Charge:
         """No attempt counted: an outage or unknown outcome (the checkout is kept, so the next attempt looks
         for its order first; backoff 1, 2, 4 … minutes) or a decline limit (until the limit allows)."""
         if until is None:
-            until = datetime.now(UTC) + outage_delay(self.rec["outage_count"])
+            until = datetime.now(UTC) + backoff(self.rec["outage_count"] + 1)
         kept = await self.store.fetchval("postpone_record", self.id, self.token, until, code, message[:2000],
                                          1 if outage else 0, looks)
         if kept is None:
@@ -563,10 +511,3 @@ class Charge:
             self.app_log.write("WARN", self.job.job_name, f"{event}: {message}", record_id=self.id)
         return Outcome(event, {"code": code, "reason": message, "next_attempt_at": until.isoformat(),
                                "app_logged": outage})
-
-
-def dr_message(exc: DigitalRiverError) -> str:
-    """Digital River's words for a failed call, with the status, code and parameter."""
-    where = f" (parameter {exc.parameter})" if exc.parameter else ""
-    status = f" {exc.status}" if exc.status else ""
-    return f"Digital River{status} {exc.code or exc.type or 'error'}{where}: {exc.message}"

@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 
 from engine.jobs import Job, Run, RunRequest
-from engine.logs import get_logger
+from engine.logs import error_text, get_logger
 from engine.store import sql
 
 log = get_logger(component="subscription_installments")
@@ -174,7 +174,7 @@ class SubscriptionInstallments(Job):
                 run.succeeded += len(plans)
             except asyncpg.PostgresError as exc:
                 # One subscription's rows broke the batch statement: write them one by one to find it.
-                log.warning("installment_batch_retried_one_by_one", error=f"{type(exc).__name__}: {exc}")
+                log.warning("installment_batch_retried_one_by_one", error=error_text(exc))
                 made = await self._write_one_by_one(conn, run, plans)
         if made:
             log.info("installments_created", count=made, subscriptions=len(plans))
@@ -208,7 +208,7 @@ class SubscriptionInstallments(Job):
                                     "subscriptions.installment_count is behind its records")
             except asyncpg.PostgresError as exc:
                 run.failed += 1
-                error = f"{type(exc).__name__}: {exc}"
+                error = error_text(exc)
                 log.error("subscription_installment_failed", subscription_id=plan.subscription_id, error=error)
                 await conn.execute(sql("note_subscription_error"), plan.subscription_id, error)
         return made

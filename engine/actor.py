@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
-from engine.logs import get_logger
+from engine.logs import error_text, get_logger
 
 M = TypeVar("M")
 log = get_logger(component="actor")
@@ -164,12 +164,12 @@ class Supervisor:
                 if len(history) > self.max_restarts:
                     self.failed = f"actor {actor.name} crashed {len(history)} times in {self.window_seconds:.0f}s"
                     log.error("actor_restart_budget_spent", actor=actor.name, crashes=len(history),
-                              window_seconds=self.window_seconds, error=f"{type(exc).__name__}: {exc}",
+                              window_seconds=self.window_seconds, error=error_text(exc),
                               exc_info=exc)
                     self.stop.set()
                     return
                 delay = min(self.backoff_max, self.backoff_base * 2 ** (len(history) - 1))
-                log.error("actor_crashed", actor=actor.name, error=f"{type(exc).__name__}: {exc}",
+                log.error("actor_crashed", actor=actor.name, error=error_text(exc),
                           restart_in_seconds=delay, crashes_in_window=len(history), exc_info=exc)
                 try:
                     await asyncio.wait_for(self.stop.wait(), timeout=delay)
@@ -180,7 +180,7 @@ class Supervisor:
         """The database is unreachable: wait (probing with backoff) until it answers again or the engine stops."""
         assert self.recovered is not None
         self.waiting_for_database.add(actor.name)
-        log.warning("actor_waiting_for_database", actor=actor.name, error=f"{type(exc).__name__}: {exc}")
+        log.warning("actor_waiting_for_database", actor=actor.name, error=error_text(exc))
         started = self.clock()
         delay = 0.5
         try:
@@ -216,4 +216,4 @@ class Supervisor:
             try:
                 await asyncio.shield(actor.on_stop())
             except Exception as exc:
-                log.error("actor_stop_failed", actor=actor.name, error=f"{type(exc).__name__}: {exc}")
+                log.error("actor_stop_failed", actor=actor.name, error=error_text(exc))

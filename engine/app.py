@@ -19,7 +19,7 @@ from engine.digital_river import DigitalRiverClient
 from engine.http import Health, HttpServer
 from engine.jobs import Job, Run, Services
 from engine.log_writer import LogWriter
-from engine.logs import AppLogSink, get_logger, install_app_log, redact_text
+from engine.logs import AppLogSink, error_text, get_logger, install_app_log
 from engine.metrics import Metrics
 from engine.node import NodeHeartbeat
 from engine.scheduler import Scheduler
@@ -48,7 +48,7 @@ async def opened_store(settings: Settings, *, migrate: bool = True) -> AsyncIter
 
 def _stopped(event: str, job: str | None, exc: BaseException) -> int:
     """`run`/`drain` cannot go on: one line saying why (no traceback for a database outage), exit code 1."""
-    error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+    error = error_text(exc, 500)
     if is_outage(exc):
         log.error(event, job=job, error=error, reason="the database cannot be reached")
     else:

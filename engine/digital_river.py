@@ -244,6 +244,14 @@ class DigitalRiverError(Exception):
         return f"{type(self).__name__}({str(self)!r})"
 
 
+def dr_message(exc: DigitalRiverError) -> str:
+    """Digital River's words for a failed call, with the status, code and parameter: what a record's message
+    says (`Digital River 409 insufficient_funds: …`)."""
+    where = f" (parameter {exc.parameter})" if exc.parameter else ""
+    status = f" {exc.status}" if exc.status else ""
+    return f"Digital River{status} {exc.code or exc.type or 'error'}{where}: {exc.message}"
+
+
 def _one_line(text: str, limit: int) -> str:
     """`text` redacted, on one printable line, at most `limit` characters."""
     text = redact_text(text)[: limit * 4]

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.logs import get_logger, redact_text
+from engine.logs import error_text, get_logger
 from engine.metrics import DB_ERRORS, Metrics
 from engine.store import Store
 
@@ -62,7 +62,7 @@ class Health:
             await asyncio.wait_for(self.store.fetchval("health_ping"), self.db_timeout)
         except DB_ERRORS as exc:
             error = (f"no answer within {self.db_timeout:g} s" if isinstance(exc, TimeoutError)
-                     else redact_text(f"{type(exc).__name__}: {exc}"))
+                     else error_text(exc))
             return {"ok": False, "error": error}
         return {"ok": True, "ms": round((time.monotonic() - started) * 1000, 1)}
 
@@ -81,7 +81,7 @@ def _call_check(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return check()
     except Exception as exc:  # the engine's callable: a failing check is a not-ready answer, not a 500
-        return {"ok": False, "error": redact_text(f"{type(exc).__name__}: {exc}")}
+        return {"ok": False, "error": error_text(exc)}
 
 
 class HttpServer:

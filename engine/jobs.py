@@ -15,21 +15,49 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
 
 import structlog
 
 from engine.actor import Actor
 from engine.digital_river import AuthError, DigitalRiverClient
-from engine.logs import AppLogSink, get_logger, redact_text
+from engine.logs import AppLogSink, error_text, get_logger
 from engine.metrics import Metrics
 from engine.settings import Settings
-from engine.store import Leases, Store, is_outage
+from engine.store import LeaseLost, Leases, Store, is_outage
 
 log = get_logger(component="jobs")
 # How long a job trusts its last look at job_controls before asking again (pause takes effect within this).
 PAUSE_CHECK_SECONDS = 1.0
+BACKOFF_MAX = timedelta(hours=1)
+# How an outcome counts on its run (`Job.outcomes`).
+SUCCEEDED, FAILED = "succeeded", "failed"
+# A job's outcomes: event → (log level, SUCCEEDED / FAILED / None).
+Outcomes = dict[str, tuple[str, str | None]]
+
+
+def backoff(failures: int) -> timedelta:
+    """How long to wait after the `failures`-th failure in a row (1, 2, 4 … minutes), at most an hour: the one
+    backoff of every record that waits out an outage or a failed send."""
+    return min(BACKOFF_MAX, timedelta(minutes=2 ** min(max(failures - 1, 0), 10)))
+
+
+@dataclass
+class Outcome:
+    """How one unit of work ended: its event (a key of its job's `outcomes`) and the fields of its log line."""
+
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class BadData(ValueError):
+    """A record that cannot be sent to Digital River. The message starts with the column at fault
+    (`products.dr_sku_id is empty …`); `field` is that column, also the record's error code."""
+
+    @property
+    def field(self) -> str:
+        return str(self).split(" ", 1)[0].rstrip(":")
 
 
 # A claim step: (free slots, records still allowed) → None when nothing is claimable, or (records taken,
@@ -76,7 +104,7 @@ class Services:
     store: Store
     app_log: AppLogSink
     stopping: asyncio.Event
-    dr: Any = None  # engine.digital_river.DigitalRiverClient once a job needs it
+    dr: DigitalRiverClient | None = None
     metrics: Metrics = field(default_factory=Metrics)
     jobs: dict[str, Job] = field(default_factory=dict)
     # True under `serve`: jobs may start each other's runs. `run JOB` and `drain` drive every run themselves.
@@ -84,15 +112,21 @@ class Services:
 
 
 class Job(Actor[RunRequest]):
-    """Base for the five jobs. Subclasses implement `run_once` and `due_count`."""
+    """Base for the five jobs. Subclasses implement `run_once` and `due_count`, and list in `outcomes` every way a
+    unit of their work can end: event → (log level, SUCCEEDED / FAILED / None: how it counts on the run). A job
+    runs each unit with `attempt` (a lost lease and a crash become outcomes too) and ends it with `settle` (the
+    count, the metric and one structured line), so a job module says only what happened to its record."""
 
     inbox_size = 4
     # Set by subclasses: the job's name in the contract.
     job_name = ""
+    outcomes: ClassVar[Outcomes] = {}
 
     def __init__(self, services: Services) -> None:
         super().__init__(self.job_name)
         self.services = services
+        # Record outcomes are logged under the job module's name (recurring_payments, order_fulfillment, …).
+        self.log = get_logger(component=self.job_name.replace("-", "_"))
         self.settings = services.settings
         self.store = services.store
         self.concurrency = services.settings.jobs[self.job_name].concurrency
@@ -113,8 +147,7 @@ class Job(Actor[RunRequest]):
         """The process's Digital River client (`run`, `serve` and `drain` always have one)."""
         if self.services.dr is None:
             raise RuntimeError("no Digital River client: DR_API_KEY is not set")
-        client: DigitalRiverClient = self.services.dr
-        return client
+        return self.services.dr
 
     @property
     def paused(self) -> bool:
@@ -185,7 +218,7 @@ class Job(Actor[RunRequest]):
             await asyncio.shield(self._finish(run))
             raise
         except Exception as exc:
-            run.status, run.error = "failed", redact_text(f"{type(exc).__name__}: {exc}")[:2000]
+            run.status, run.error = "failed", error_text(exc)
             if is_outage(exc):
                 # One line, not a traceback: the database went away under the run.
                 log.error("job_run_crashed", error=run.error, reason="database unavailable")
@@ -258,6 +291,38 @@ class Job(Actor[RunRequest]):
     def record_outcome(self, outcome: str) -> None:
         """Count one record's outcome (the event name of its one log line) for /metrics."""
         self.services.metrics.record_outcome(self.job_name, outcome)
+
+    async def attempt(self, work: Awaitable[Outcome], *, lease_lost: str, crashed: str, fields: dict[str, Any],
+                      on_crash: Callable[[str], Awaitable[Outcome]] | None = None) -> Outcome:
+        """Run one unit of work to its outcome. A lost lease (LeaseLost: the worker stopped without writing)
+        becomes the `lease_lost` outcome; anything else raised is logged with its traceback and becomes
+        `on_crash(error)` (putting the record back, say) or, if that fails too, the `crashed` outcome."""
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except LeaseLost as exc:
+            return Outcome(lease_lost, {"error": str(exc), **exc.fields})
+        except Exception as exc:
+            error = error_text(exc)
+            self.log.error(crashed, exc_info=exc, **fields)
+            if on_crash is not None:
+                try:
+                    return await on_crash(error)
+                except Exception:  # the database refuses even that: the lease lapses and the record comes back
+                    pass
+            return Outcome(crashed, {"error": error})
+
+    def settle(self, run: Run | None, outcome: Outcome, started: float, **fields: Any) -> None:
+        """End one unit of work: count it on the run, in /metrics, and log its one line at its level."""
+        level, counts = self.outcomes[outcome.event]
+        if run is not None and counts == SUCCEEDED:
+            run.succeeded += 1
+        elif run is not None and counts == FAILED:
+            run.failed += 1
+        self.record_outcome(outcome.event)
+        getattr(self.log, level)(outcome.event, duration_ms=round((time.monotonic() - started) * 1000), **fields,
+                                 **outcome.fields)
 
     async def _finish(self, run: Run) -> None:
         await self.store.execute("finish_job_run", run.id, run.status, run.claimed, run.succeeded, run.failed,

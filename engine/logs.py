@@ -246,7 +246,7 @@ class _ToStructlog(logging.Handler):
             fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
             if record.exc_info and record.exc_info[1] is not None:
                 exc = record.exc_info[1]
-                fields["error"] = f"{type(exc).__name__}: {exc}"
+                fields["error"] = error_text(exc)
             method = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}.get(
                 record.levelno, "error")
             getattr(structlog.get_logger(component="library"), method)("library_log", **fields)
@@ -260,6 +260,12 @@ def _route_stdlib_logging() -> None:
         root.addHandler(_ToStructlog())
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
+
+
+def error_text(exc: BaseException, limit: int = 2000) -> str:
+    """An exception as one line for a log field, a table or a message: `Type: message`, secrets removed, cut at
+    `limit` characters."""
+    return redact_text(f"{type(exc).__name__}: {exc}")[:limit]
 
 
 def get_logger(**initial: Any) -> Any:

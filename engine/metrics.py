@@ -45,7 +45,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from engine.logs import get_logger, redact_text
+from engine.logs import error_text, get_logger
 from engine.node import LOST_AFTER_SECONDS
 from engine.store import LEASED_TABLES
 
@@ -252,7 +252,7 @@ def _source_family(name: str, documentation: str, label: str, source: Source | N
     try:
         values = source()
     except Exception as exc:  # the engine's callable: a bug there must not take /metrics down
-        log.warning("metrics_source_failed", metric=name, error=f"{type(exc).__name__}: {exc}")
+        log.warning("metrics_source_failed", metric=name, error=error_text(exc))
         return
     family = GaugeMetricFamily(name, documentation, labels=[label])
     for key, value in sorted(values.items()):
@@ -283,4 +283,4 @@ async def _records(store: Store) -> list[Sample]:
 def _describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:g} s"
-    return redact_text(f"{type(exc).__name__}: {exc}")
+    return error_text(exc)

@@ -171,7 +171,12 @@ def is_outage(exc: BaseException) -> bool:
 
 
 class LeaseLost(Exception):
-    """This node no longer holds the lease of a row it was working on: it must stop without writing."""
+    """This node no longer holds the lease of a row it was working on: it must stop without writing. `fields`
+    go into the record's log line (the Digital River order it holds, say)."""
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 class Leases:

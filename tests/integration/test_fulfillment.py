@@ -10,32 +10,27 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import pytest
 
-from actors.line_item_fulfillment import OUTCOME_LEVEL as LINE_EVENTS
-from actors.order_fulfillment import OUTCOME_LEVEL as ORDER_EVENTS
+from actors.line_item_fulfillment import LineItemFulfillment
+from actors.order_fulfillment import OrderFulfillment
 from engine.store import Store
 from sandbox import model
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
+from tests.db import open_store
 from tests.integration import engines
 from tests.integration.factories import fulfillment_order
-from tests.support import engine_env, run_command
+from tests.support import run_command, sandbox_env, sandbox_fixture
 
 LINES = "line-item-fulfillment"
 ORDERS = "order-fulfillment"
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=5)) as sb:
-        yield sb
-
+sandbox = sandbox_fixture(seed=5)
 
 # The client still retries transient failures, without the waits.
 QUICK_RETRIES = (0.001, 30.0)
@@ -93,7 +88,7 @@ async def app_logs(store: Store, job: str, record_id: int) -> list[str]:
     the copies of outcome log lines that the structlog forwarder makes when a process configured it)."""
     rows = await store.pool.fetch("SELECT logging_level, message FROM application_logs WHERE module_name = $1 "
                                   "AND record_id = $2 ORDER BY id", job, str(record_id))
-    events = (*LINE_EVENTS, *ORDER_EVENTS)
+    events = (*LineItemFulfillment.outcomes, *OrderFulfillment.outcomes)
     return [r["logging_level"] for r in rows if r["message"].split(" ", 1)[0] not in events]
 
 
@@ -449,12 +444,8 @@ async def test_two_engines_on_one_backlog_send_each_order_once(database_url: str
     for order in cancelled:
         await seed(store, order, [], dr_order_state="cancelled")
     sandbox.configure(latency_ms=20)
-    stores = [await Store.connect(database_url, f"engine-{name}", min_size=1, max_size=4) for name in "ab"]
-    try:
-        codes = await asyncio.gather(*(drain(s, sandbox) for s in stores))
-    finally:
-        for s in stores:
-            await s.close()
+    async with open_store(database_url, "engine-a") as a, open_store(database_url, "engine-b") as b:
+        codes = await asyncio.gather(drain(a, sandbox), drain(b, sandbox))
     assert codes == [0, 0]
     assert posts(sandbox) == posts(sandbox, 201) == len(orders) + len(cancelled)
     for order in orders + cancelled:
@@ -478,7 +469,7 @@ async def test_kill_between_the_call_and_the_write_ends_completed_by_an_already_
         ful, _ = await seed(store, order, [{"item": 0, "fulfill_quantity": 1}, {"item": 1, "fulfill_quantity": 2}])
     else:
         ful, _ = await seed(store, order, [], dr_order_state="cancelled")
-    env = engine_env(database_url, DR_API_URL=sandbox.url, LEASE_SECONDS="5", DR_MAX_REQUESTS_PER_SECOND="500")
+    env = sandbox_env(database_url, sandbox)
     code, _, err = await run_command(["run", job], env | {"DRJOBS_FAILPOINTS": "after_fulfillment_sent"}, timeout=90)
     assert code == -signal.SIGKILL, f"the failpoint was never reached: {err}"
     assert posts(sandbox, 201) == 1

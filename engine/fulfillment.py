@@ -1,0 +1,101 @@
+"""One `POST /fulfillments` and what each answer means for what it carried: the mechanics both fulfillment jobs
+(order-fulfillment, line-item-fulfillment) share.
+
+- 201 → every entry `sent`, with the `ful_…` id.
+- 409 `item_fulfilled` / `item_cancelled` / `order_complete` / `order_cancelled` → `done`: it was already done.
+- 409 `quantity_too_large`, 400 and 404 → `failed`.
+- Transient failures (after the client's own retries), and conflicts nobody listed → `retry`.
+- 401/403 → AuthError is raised with nothing settled: the caller's run stops claiming.
+
+Digital River answers one error per request even when several items are wrong, and applies nothing. An error
+that names an item (`items[2].itemId`) settles that item alone; the rest is sent again at once, by the same
+caller, so one order never has two calls in flight.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.digital_river import (
+    AuthError,
+    BadRequestError,
+    ConflictError,
+    DigitalRiverClient,
+    DigitalRiverError,
+    NotFoundError,
+    dr_message,
+)
+from engine.failpoints import failpoint
+
+K = TypeVar("K", bound=Hashable)
+
+# 409 codes that mean the change was already made: treated as success.
+DONE_CODES = frozenset({"item_fulfilled", "item_cancelled", "order_complete", "order_cancelled"})
+# 409 codes that no repeat can fix.
+HARD_CONFLICT_CODES = frozenset({"quantity_too_large"})
+_ITEM_PARAMETER = re.compile(r"^items\[(\d+)\]")
+
+
+@dataclass
+class Sent:
+    """How one entry of a POST /fulfillments ended: `sent`, `done` (already done), `failed` or `retry`."""
+
+    kind: str
+    message: str | None = None
+    fulfillment_id: str | None = None
+    error: DigitalRiverError | None = None
+
+
+def classify(exc: DigitalRiverError) -> str:
+    """`done`, `failed` or `retry` for an error of POST /fulfillments (AuthError is the caller's to handle)."""
+    if isinstance(exc, ConflictError):
+        if exc.code in DONE_CODES:
+            return "done"
+        return "failed" if exc.code in HARD_CONFLICT_CODES else "retry"
+    if isinstance(exc, (BadRequestError, NotFoundError)):
+        return "failed"
+    return "retry"  # TransientError and anything new
+
+
+def item_index(exc: DigitalRiverError) -> int | None:
+    """The index of the item an error names (`items[2].quantity` → 2), if it names one."""
+    match = _ITEM_PARAMETER.match(exc.parameter or "")
+    return int(match.group(1)) if match else None
+
+
+async def send_fulfillment(dr: DigitalRiverClient, order_id: str, entries: Sequence[tuple[K, dict[str, Any]]],
+                           extra: Mapping[str, Any] | None = None) -> dict[K, Sent]:
+    """POST /fulfillments for `entries` (key, item) of one order; how each ended, by key.
+
+    An error naming one item settles that item and the others are sent again without it; any other answer
+    settles every entry still unsent. AuthError is raised with nothing settled.
+    """
+    results: dict[K, Sent] = {}
+    pending = list(entries)
+    while pending:
+        body = {"orderId": order_id, "items": [item for _, item in pending], **(extra or {})}
+        try:
+            fulfillment = await dr.create_fulfillment(body)
+        except AuthError:
+            raise
+        except DigitalRiverError as exc:
+            kind = classify(exc)
+            message = dr_message(exc)
+            if kind == "done":
+                message = f"already done: {message}"
+            index = item_index(exc)
+            if kind != "retry" and index is not None and index < len(pending) and len(pending) > 1:
+                key, _ = pending.pop(index)
+                results[key] = Sent(kind, message, error=exc)
+                continue
+            for key, _ in pending:
+                results[key] = Sent(kind, message, error=exc)
+            return results
+        failpoint("after_fulfillment_sent")
+        for key, _ in pending:
+            results[key] = Sent("sent", fulfillment_id=fulfillment.id)
+        return results
+    return results
