@@ -96,7 +96,7 @@ async def _main(command: Command, settings: Settings) -> int:
             print(status.render_json(data) if command.json else status.render_text(data))
             return 0
     if command.name == "demo":
-        from sandbox.demo import demo
+        from engine.demo import demo
 
         return await demo(command.options, build_jobs)
     if command.name == "run" and command.job not in JOB_CLASSES:
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sandbox_main(command.options)
     if command.name == "demo":
-        from sandbox.demo import DemoUsageError, parse_options
+        from engine.demo import DemoUsageError, parse_options
 
         try:
             parse_options(command.options)

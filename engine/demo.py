@@ -17,7 +17,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 import asyncpg
 
@@ -26,9 +27,13 @@ from engine.database import open_database
 from engine.jobs import Job
 from engine.logs import get_logger
 from engine.settings import JOBS, Settings, load
-from engine.store import Store, sql
+from engine.store import Store, load_queries
 from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
+
+# The demo's own statements (seeding a book, writing an ERP's fulfillment requests, the summary), kept beside it and
+# out of engine/sql/, which holds only what production runs.
+DEMO_SQL = load_queries([Path(__file__).with_name("demo.sql")])
 
 log = get_logger(component="demo")
 DEMO_DATABASE = "drjobs_demo"
@@ -136,10 +141,20 @@ async def _fresh_database(admin_dsn: str) -> None:
 async def seed(store: Store, subscriptions: int) -> None:
     """The demo's book of accounts, payments, acquisition orders and subscriptions."""
     async with store.pool.acquire() as conn, conn.transaction():
-        await conn.execute(sql("demo_products"))
+        await conn.execute(DEMO_SQL["demo_products"])
         for name in ("demo_accounts", "demo_stored_payments", "demo_acquisition_orders", "demo_acquisition_items",
                      "demo_subscriptions"):
-            await conn.execute(sql(name), subscriptions)
+            await conn.execute(DEMO_SQL[name], subscriptions)
+
+
+async def write_fulfillment_requests(store: Store) -> None:
+    """What an ERP writes once installment orders exist: a fulfillment request per order, and its lines."""
+    await store.pool.execute(DEMO_SQL["demo_fulfillment_requests"])
+    await store.pool.execute(DEMO_SQL["demo_line_fulfillment_requests"])
+
+
+async def _fetch(store: Store, name: str) -> list[Any]:
+    return list(await store.pool.fetch(DEMO_SQL[name]))
 
 
 async def run_to_completion(job: Job, progress: Progress) -> None:
@@ -186,8 +201,7 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
                         if job is None:
                             continue
                         if name == "order-fulfillment":
-                            await store.execute("demo_fulfillment_requests")
-                            await store.execute("demo_line_fulfillment_requests")
+                            await write_fulfillment_requests(store)
                         t0 = clock()
                         await run_to_completion(job, progress)
                         timings[name] = clock() - t0
@@ -211,7 +225,7 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
 async def summarize(store: Store, sandbox: Sandbox, timings: dict[str, float], elapsed: float) -> str:
     """The summary table: installments made, charged, declined, failed and why, fulfillments, rates."""
     lines = ["SUMMARY", ""]
-    by_status = {r["status"]: r for r in await store.fetch("demo_summary_records")}
+    by_status = {r["status"]: r for r in await _fetch(store, "demo_summary_records")}
     made = sum(r["records"] for r in by_status.values())
     charged = by_status.get("Successful")
     waiting = by_status.get("Open")
@@ -222,13 +236,13 @@ async def summarize(store: Store, sandbox: Sandbox, timings: dict[str, float], e
     lines.append(f"  declined, retry in a day     {waiting['retried'] if waiting else 0}")
     lines.append(f"  waiting for a later attempt  {(waiting['records'] - waiting['retried']) if waiting else 0}")
     lines.append(f"  failed                       {failed['records'] if failed else 0}")
-    failures = await store.fetch("demo_summary_failures")
+    failures = await _fetch(store, "demo_summary_failures")
     if failures:
         lines += ["", "  WHY RECORDS FAILED OR WAIT"]
         for row in failures:
             example = (row["example"] or "")[:80]
             lines.append(f"  {row['records']:>6}  {row['status']:<7} {row['code']:<36} {example}")
-    fulfillments = await store.fetch("demo_summary_fulfillments")
+    fulfillments = await _fetch(store, "demo_summary_fulfillments")
     if fulfillments:
         lines += ["", "  FULFILLMENTS"]
         for row in fulfillments:

@@ -1,5 +1,5 @@
 -- `python run.py demo`: a realistic book written the way outside systems would write it, and the summary.
--- Loaded once by engine/store.py with every other file of engine/sql/; each statement sits under `-- name:`
+-- Loaded by engine/demo.py, apart from the production statements of engine/sql/; each statement sits under `-- name:`
 -- with a one-line purpose. Parameters are $n only. Rows are spread deterministically by their number i.
 
 -- name: demo_products
