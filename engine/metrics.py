@@ -261,8 +261,14 @@ def _source_family(name: str, documentation: str, label: str, source: Source | N
 
 
 async def _oldest_due(store: Store) -> list[Sample]:
-    ages = {row["job"]: row["age"] for row in await store.fetch("metrics_oldest_due")}
+    ages = {row["job"]: row["age"] for row in await oldest_due(store)}
     return [((job,), max(0.0, ages.get(job) or 0.0)) for job in DUE_JOBS]
+
+
+async def oldest_due(store: Store) -> list[asyncpg.Record]:
+    """Per job, the age in seconds of its oldest due record (`metrics_oldest_due`; also for `status`)."""
+    zones = [row["time_zone"] for row in await store.fetch("account_time_zones")]
+    return await store.fetch("metrics_oldest_due", zones)
 
 
 async def _expired_leases(store: Store) -> list[Sample]:

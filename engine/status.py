@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from engine.metrics import oldest_due as metrics_oldest_due
 from engine.settings import JOBS, Settings
 from engine.store import Store
 
@@ -19,7 +20,7 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
     now = now or datetime.now(UTC)
     last_runs = {r["job"]: r for r in await store.fetch("status_last_runs")}
     paused = {r["job"]: r for r in await store.fetch("paused_jobs")}
-    oldest_due = {r["job"]: r["age"] for r in await store.fetch("metrics_oldest_due")}
+    oldest_due = {r["job"]: r["age"] for r in await metrics_oldest_due(store)}
     jobs = []
     for name in JOBS:
         schedule = settings.jobs[name].schedule

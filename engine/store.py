@@ -1,7 +1,8 @@
 """The PostgreSQL store: one asyncpg pool, the named queries, migrations, and the claim primitive.
 
 Every statement lives in `engine/sql/*.sql` (one file per area) under a name; code runs them with
-`store.fetch("name", …)` and friends. Claiming is the same for every job (`Leases`):
+`store.fetch("name", …)` and friends. A condition several statements share (each job's "due" rule, used by its
+claim, its drain count and /metrics) is written once as a `-- fragment:` and used as `{{name}}`. Claiming is the same for every job (`Leases`):
 
 - `claim(query, limit, *args)` runs a named claim statement, which selects due rows `FOR UPDATE SKIP LOCKED`,
   stamps `locked_by`/`locked_until` and returns them. It runs on its own (autocommit), so the claim is
@@ -37,29 +38,51 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 LEASED_TABLES = frozenset({"subscription_process_data", "fulfillments", "line_item_fulfillments"})
 
 
+# `{{fragment}}` or `{{fragment zones=$2}}` in a statement: the named block (a condition written once, like a job's
+# "due" rule) in parentheses, its `:zones` placeholders given that statement's parameter numbers.
+_FRAGMENT = re.compile(r"\{\{(\w+)((?:\s+\w+=\$\d+)*)\s*\}\}")
+
+
 def load_queries(paths: list[Path] | None = None) -> dict[str, str]:
-    """Parse the `-- name: x` blocks of every SQL file into {name: sql}; comment lines are dropped."""
-    queries: dict[str, str] = {}
+    """Parse the `-- name: x` blocks of every SQL file into {name: sql}, comment lines dropped, with every
+    `{{fragment}}` filled in from the `-- fragment: x` blocks (conditions, not statements: not returned)."""
+    blocks: dict[str, str] = {}
+    fragments: set[str] = set()
     for path in paths if paths is not None else sorted(SQL_DIR.glob("*.sql")):
-        _load_file(path, queries)
-    return queries
+        _load_file(path, blocks, fragments)
+    return {name: _expand(text, blocks, fragments) for name, text in blocks.items() if name not in fragments}
 
 
-def _load_file(path: Path, queries: dict[str, str]) -> None:
+def _expand(text: str, blocks: dict[str, str], fragments: set[str]) -> str:
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in fragments:
+            raise ValueError(f"SQL fragment {name!r} is not defined")
+        fragment = blocks[name]
+        for binding in match.group(2).split():
+            placeholder, parameter = binding.split("=")
+            fragment = re.sub(rf":{placeholder}\b", parameter, fragment)
+        return f"({fragment})"
+    return _FRAGMENT.sub(fill, text)
+
+
+def _load_file(path: Path, blocks: dict[str, str], fragments: set[str]) -> None:
     name: str | None = None
     lines: list[str] = []
     for line in path.read_text().splitlines():
-        match = re.match(r"--\s*name:\s*(\S+)\s*$", line)
+        match = re.match(r"--\s*(name|fragment):\s*(\S+)\s*$", line)
         if match:
             if name:
-                queries[name] = "\n".join(lines).strip().rstrip(";")
-            name, lines = match.group(1), []
-            if name in queries:
+                blocks[name] = "\n".join(lines).strip().rstrip(";")
+            name, lines = match.group(2), []
+            if name in blocks:
                 raise ValueError(f"query {name!r} is defined twice (again in {path.name})")
+            if match.group(1) == "fragment":
+                fragments.add(name)
         elif name and not line.lstrip().startswith("--"):
             lines.append(line)
     if name:
-        queries[name] = "\n".join(lines).strip().rstrip(";")
+        blocks[name] = "\n".join(lines).strip().rstrip(";")
 
 
 QUERIES = load_queries()

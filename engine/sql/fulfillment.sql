@@ -9,15 +9,30 @@
 -- is the fulfillments row's `dr_order_state`, or the orders row's when the fulfillments row has none; likewise
 -- its Digital River id.
 
+-- fragment: cancelled_order_due
+-- order-fulfillment: the rule for a due record `f` of a cancelled order `o`, written once for the claim, drain's
+-- count and /metrics.
+f.efn_status IN ('Open', 'Pending') AND f.next_attempt_at <= now()
+AND coalesce(f.dr_order_state, o.dr_order_state) = 'cancelled'
+
+-- fragment: line_item_due
+-- line-item-fulfillment: the rule for a due line `l` (its order must also be sendable: `line_item_order_sendable`).
+l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
+
+-- fragment: line_item_order_sendable
+-- line-item-fulfillment: whether the order (`f`, `o`) of due lines can be sent: Digital River accepted it, or it
+-- has no Digital River id (its lines are failed). Lines of orders not accepted yet are waiting, not due.
+coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
+OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
+OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL
+
 -- name: claim_cancelled_orders
 -- order-fulfillment: lease due Open/Pending records of cancelled Digital River orders, oldest due first.
 WITH due AS (
     SELECT f.id
       FROM fulfillments f
       JOIN orders o ON o.id = f.order_id
-     WHERE f.efn_status IN ('Open', 'Pending')
-       AND f.next_attempt_at <= now()
-       AND coalesce(f.dr_order_state, o.dr_order_state) = 'cancelled'
+     WHERE {{cancelled_order_due}}
        AND (f.locked_until IS NULL OR f.locked_until < now())
        AND f.id <> ALL($4::bigint[])
      ORDER BY f.next_attempt_at, f.id
@@ -36,8 +51,7 @@ RETURNING t.id, t.lease_token;
 SELECT count(*)
   FROM fulfillments f
   JOIN orders o ON o.id = f.order_id
- WHERE f.efn_status IN ('Open', 'Pending') AND f.next_attempt_at <= now()
-   AND coalesce(f.dr_order_state, o.dr_order_state) = 'cancelled';
+ WHERE {{cancelled_order_due}};
 
 -- name: cancel_order_details
 -- order-fulfillment: the claimed records $1 with their Digital River order id.
@@ -116,12 +130,9 @@ UPDATE fulfillments SET dr_order_state = $2 WHERE id = $1;
 WITH candidates AS (
     SELECT l.fulfillment_id, l.next_attempt_at
       FROM line_item_fulfillments l
-     WHERE l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
+     WHERE {{line_item_due}}
        AND (l.locked_until IS NULL OR l.locked_until < now())
-       AND (SELECT (f.locked_until IS NULL OR f.locked_until < now())
-                   AND (coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
-                        OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
-                        OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL)
+       AND (SELECT (f.locked_until IS NULL OR f.locked_until < now()) AND {{line_item_order_sendable}}
               FROM fulfillments f JOIN orders o ON o.id = f.order_id
              WHERE f.id = l.fulfillment_id)
      ORDER BY l.next_attempt_at, l.id
@@ -179,10 +190,7 @@ SELECT count(*)
   FROM line_item_fulfillments l
   JOIN fulfillments f ON f.id = l.fulfillment_id
   JOIN orders o ON o.id = f.order_id
- WHERE l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
-   AND (coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
-        OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
-        OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL);
+ WHERE {{line_item_due}} AND {{line_item_order_sendable}};
 
 -- name: line_item_details
 -- line-item-fulfillment: everything the claimed lines $1 need: their order item (quantity, Digital River id,

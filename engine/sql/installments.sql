@@ -8,32 +8,34 @@
 SELECT DISTINCT a.time_zone FROM accounts a
  WHERE a.time_zone IN (SELECT name FROM pg_timezone_names);
 
+-- fragment: subscription_due
+-- subscription-installments: the rule for a due subscription `s` (with its account `a`), written once for the
+-- claim, drain's count and /metrics: Active, installments left, and its run date on or before today in the
+-- account's zone (`:zones`: the zones known to be valid; any other zone counts as UTC here and the job suspends
+-- the subscription with a message). The first date test lets an index range scan do the work.
+s.status = 'Active' AND s.installment_count_remaining > 0
+AND s.installment_next_run_date <= (now() AT TIME ZONE 'UTC')::date + 1
+AND s.installment_next_run_date <= (now() AT TIME ZONE
+        CASE WHEN a.time_zone = ANY(:zones::text[]) THEN a.time_zone ELSE 'UTC' END)::date
+
 -- name: claim_due_subscriptions
 -- subscription-installments: lock up to $1 due subscriptions for this transaction, oldest run date first,
--- leaving out those this run took already ($3).
--- Due means the run date is on or before today in the account's zone ($2: the zones known to be valid; any
--- other zone counts as UTC here and the job suspends the subscription with a message).
+-- leaving out those this run took already ($3). $2: the valid zones (`subscription_due`).
 SELECT s.*, a.time_zone
   FROM subscriptions s
   LEFT JOIN accounts a ON a.id = s.account_id
- WHERE s.status = 'Active' AND s.installment_count_remaining > 0
-   AND s.installment_next_run_date <= (now() AT TIME ZONE 'UTC')::date + 1
-   AND s.installment_next_run_date <= (now() AT TIME ZONE
-           CASE WHEN a.time_zone = ANY($2::text[]) THEN a.time_zone ELSE 'UTC' END)::date
+ WHERE {{subscription_due zones=$2}}
    AND s.id <> ALL($3::bigint[])
  ORDER BY s.installment_next_run_date, s.id
  LIMIT $1
    FOR UPDATE OF s SKIP LOCKED;
 
 -- name: count_due_subscriptions
--- subscription-installments: how many subscriptions are due now (for drain).
+-- subscription-installments: how many subscriptions are due now (for drain). $1: the valid zones.
 SELECT count(*)
   FROM subscriptions s
   LEFT JOIN accounts a ON a.id = s.account_id
- WHERE s.status = 'Active' AND s.installment_count_remaining > 0
-   AND s.installment_next_run_date <= (now() AT TIME ZONE 'UTC')::date + 1
-   AND s.installment_next_run_date <= (now() AT TIME ZONE
-           CASE WHEN a.time_zone = ANY($1::text[]) THEN a.time_zone ELSE 'UTC' END)::date;
+ WHERE {{subscription_due zones=$1}};
 
 -- name: insert_installments
 -- subscription-installments: for each ($1 subscription, $2 installment number, $3 run date) one Open-DR cart, its

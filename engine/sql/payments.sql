@@ -3,6 +3,15 @@
 -- with a one-line purpose. Parameters are $n only. `{table}` appears only in the lease statements and is
 -- filled from the fixed list of leased tables in store.py, never from input.
 
+-- fragment: payment_record_due
+-- recurring-payments: the rule for a due installment record `p`, written once for the claim, drain's count and
+-- /metrics: Open, unprocessed, its next attempt has come, and no earlier installment of its subscription is Open
+-- (installments of one subscription are charged one after another).
+p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed AND p.next_attempt_at <= now()
+AND NOT EXISTS (SELECT 1 FROM subscription_process_data e
+                 WHERE e.subscription_id = p.subscription_id AND e.subscription_job_run_status = 'Open'
+                   AND e.installment_number < p.installment_number)
+
 -- name: claim_payment_records
 -- recurring-payments: lease due Open records, oldest installment date first. Only the lowest Open installment
 -- of each subscription is eligible, so two installments of one subscription are never in flight at once. Rows this
@@ -11,15 +20,9 @@
 WITH due AS (
     SELECT p.id
       FROM subscription_process_data p
-     WHERE p.subscription_job_run_status = 'Open'
-       AND NOT p.is_recurring_payment_processed
-       AND p.next_attempt_at <= now()
+     WHERE {{payment_record_due}}
        AND (p.locked_until IS NULL OR p.locked_until < now())
        AND p.id <> ALL($4::bigint[])
-       AND NOT EXISTS (SELECT 1 FROM subscription_process_data e
-                        WHERE e.subscription_id = p.subscription_id
-                          AND e.subscription_job_run_status = 'Open'
-                          AND e.installment_number < p.installment_number)
      ORDER BY p.installment_run_date, p.id
      LIMIT $2
        FOR UPDATE OF p SKIP LOCKED
@@ -34,13 +37,7 @@ RETURNING t.*;
 -- name: count_due_payment_records
 -- recurring-payments: records due now (leased or not), for drain: the same rule as the claim, so a record
 -- waiting behind an earlier installment of its subscription is not due.
-SELECT count(*) FROM subscription_process_data p
- WHERE p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed
-   AND p.next_attempt_at <= now()
-   AND NOT EXISTS (SELECT 1 FROM subscription_process_data e
-                    WHERE e.subscription_id = p.subscription_id
-                      AND e.subscription_job_run_status = 'Open'
-                      AND e.installment_number < p.installment_number);
+SELECT count(*) FROM subscription_process_data p WHERE {{payment_record_due}};
 
 -- name: payment_record_details
 -- recurring-payments: everything one charge needs for the claimed records $1, with the subscription's recent

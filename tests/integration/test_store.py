@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from engine.store import QUERIES, Leases, Store, load_queries, sql
+from tests.db import open_store
 from tests.integration.factories import process_records, subscription
 from tests.support import ROOT
 
@@ -127,11 +128,8 @@ async def test_heartbeat_reports_a_lease_taken_over_by_another_node(database_url
     await mine.claim("claim_payment_records", 1)
     # This node stalled past its lease and another node claimed the row.
     await store.pool.execute("UPDATE subscription_process_data SET locked_until = now() - interval '1 second'")
-    other_store = await Store.connect(database_url, "other-node", min_size=1, max_size=1)
-    try:
+    async with open_store(database_url, "other-node", max_size=1) as other_store:
         taken = await Leases(other_store, "subscription_process_data", 30).claim("claim_payment_records", 1)
-    finally:
-        await other_store.close()
     assert [r["id"] for r in taken] == [row_id]
     await mine.extend()
     assert mine.lost == {row_id}
@@ -174,3 +172,18 @@ async def test_rows_of_a_killed_process_are_claimable_once_the_lease_expires(dat
     claimed = await survivor.claim("claim_payment_records", 100)
     assert len(claimed) == 5
     assert {r["locked_by"] for r in claimed} == {"test-node"}
+
+
+def test_fragments_are_filled_into_statements_with_their_parameters(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "q.sql"
+    path.write_text("-- fragment: due\nx.zone = ANY(:zones) AND x.at <= now()\n"
+                    "-- name: count\nSELECT count(*) FROM x WHERE {{due zones=$2}} AND x.id > $1;\n")
+    assert load_queries([path]) == {"count": "SELECT count(*) FROM x WHERE (x.zone = ANY($2) AND x.at <= now()) "
+                                             "AND x.id > $1"}
+
+
+def test_an_undefined_fragment_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "q.sql"
+    path.write_text("-- name: count\nSELECT count(*) FROM x WHERE {{nowhere}};\n")
+    with pytest.raises(ValueError, match="fragment 'nowhere' is not defined"):
+        load_queries([path])
