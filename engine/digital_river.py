@@ -86,7 +86,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
@@ -96,8 +96,10 @@ from yarl import URL
 
 from engine import __version__
 from engine.logs import AppLogSink, redact, redact_text, register_secrets
+from engine.money import cents
 
 if TYPE_CHECKING:
+    from engine.metrics import Metrics
     from engine.settings import Settings
 
 __all__ = [
@@ -120,11 +122,13 @@ __all__ = [
     "TokenBucket",
     "TransientError",
     "decline_is_soft",
+    "dr_message",
     "parse_checkout",
     "parse_fulfillment",
     "parse_order",
     "parse_order_list",
     "parse_retry_after",
+    "parse_source_id",
 ]
 
 T = TypeVar("T")
@@ -153,7 +157,6 @@ MAX_STR_CHARS = 1000
 MAX_ID_CHARS = 255
 MAX_AMOUNT = Decimal("9999999999999999.99")  # numeric(18,2), after PostgreSQL rounds to the cent
 MAX_QUANTITY = 2**31 - 1
-CENT = Decimal("0.01")
 # An error body larger than this (or nested deeper, or holding what PostgreSQL's jsonb refuses: \u0000 and
 # surrogate escapes) is kept for the application log as a text excerpt rather than as the parsed body.
 MAX_LOGGED_BODY_BYTES = 16_384
@@ -448,7 +451,7 @@ def _to_decimal(value: Any) -> Decimal | None:
         except (InvalidOperation, ValueError):
             return None
         if not result.is_finite() or abs(result) >= 10**16 or \
-                abs(result.quantize(CENT, ROUND_HALF_UP)) > MAX_AMOUNT:
+                abs(cents(result)) > MAX_AMOUNT:
             return None
         exponent = result.as_tuple().exponent
         if isinstance(exponent, int) and exponent < -6:  # 1E-999999 is a number PostgreSQL will not read
@@ -759,7 +762,7 @@ class DigitalRiverClient:
         self._urls: dict[str, URL] = {}
         self._session: aiohttp.ClientSession | None = None
         # The engine's Metrics (engine.metrics), when it has one: every answer's endpoint, status and latency.
-        self.metrics: Any = None
+        self.metrics: Metrics | None = None
         # Whether the last answer was a 401/403: /readyz reports it; any 2xx clears it (a rotated key recovers).
         self.key_refused = False
         self._log: Any = None

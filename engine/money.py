@@ -19,5 +19,9 @@ def is_currency(code: str | None) -> bool:
     return code is not None and code.strip().upper() in CURRENCIES
 
 
+CENT = Decimal("0.01")
+
+
 def cents(value: Decimal) -> Decimal:
-    return value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    """`value` rounded to the cent, half up (as Digital River rounds): the one rounding rule for money here."""
+    return value.quantize(CENT, rounding=ROUND_HALF_UP)

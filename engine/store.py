@@ -2,7 +2,9 @@
 
 Every statement lives in `engine/sql/*.sql` (one file per area) under a name; code runs them with
 `store.fetch("name", …)` and friends. A condition several statements share (each job's "due" rule, used by its
-claim, its drain count and /metrics) is written once as a `-- fragment:` and used as `{{name}}`. Claiming is the same for every job (`Leases`):
+claim, its drain count and /metrics) is written once as a `-- fragment:` and used as `{{name}}`.
+
+Claiming is the same for every job (`Leases`):
 
 - `claim(query, limit, *args)` runs a named claim statement, which selects due rows `FOR UPDATE SKIP LOCKED`,
   stamps `locked_by`/`locked_until` and returns them. It runs on its own (autocommit), so the claim is
