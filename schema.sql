@@ -1,7 +1,7 @@
 -- drjobs store. Applied by `python run.py migrate` (and by `serve` on start); every statement is idempotent,
 -- so applying it again is harmless. Later changes are appended as `ALTER TABLE … ADD COLUMN IF NOT EXISTS`.
 --
--- Conventions (CONTRACT.md): every table has an identity `id`, `created_at` and `updated_at`; money is
+-- Conventions (docs/contract.md): every table has an identity `id`, `created_at` and `updated_at`; money is
 -- numeric(18,2) with a char(3) currency beside it; every column beyond the contract's has a default.
 -- Columns the engine needs to do its work but that outside systems may leave empty are nullable: the engine
 -- fails such a record with a message naming the column instead of the database refusing the row.

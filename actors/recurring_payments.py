@@ -3,7 +3,7 @@
 Takes `Open`, unprocessed records whose `next_attempt_at` has come, ordered by installment run date: at most
 RECURRING_PAYMENT_PROCESS_QUERY_LIMIT per run, RECURRING_PAYMENT_BATCH_SIZE per claim, and
 RECURRING_PAYMENTS_CONCURRENCY in flight. Only the lowest open installment of a subscription can be claimed, so
-two installments of one subscription are never charged at once. For each record (billing-rules.md):
+two installments of one subscription are never charged at once. For each record (docs/billing-rules.md):
 
 1. An order already on the record: only the local writes are finished.
 2. The record's data is checked before any call; bad data fails it with a message naming the field.
@@ -16,7 +16,7 @@ two installments of one subscription are never charged at once. For each record 
    `checkout_unknown` for an operator: never a second checkout while an order might exist.
 5. Otherwise create the checkout (upstreamId = the record's) and commit its id before submitting the order.
 6. `POST /orders`: 201 → the order, its items, the cart closed and the record `Successful`, in one
-   transaction. 409 decline, 400, timeouts and outages go where the table in billing-rules.md says.
+   transaction. 409 decline, 400, timeouts and outages go where the table in docs/billing-rules.md says.
 
 The data is checked (step 2), the subscription must still be `Active` and Digital River's decline limits must
 allow a charge (step 3) only once step 4 has shown that no order exists: whatever changed since, a record that
@@ -117,7 +117,7 @@ def _address(value: str | None, column: str) -> dict[str, Any] | None:
 
 
 def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
-    """The `POST /checkouts` body for one installment (digital-river.md)."""
+    """The `POST /checkouts` body for one installment (docs/digital-river.md)."""
     item: dict[str, Any] = {
         "price": float(rec["unit_price"]),
         "quantity": rec["quantity"],

@@ -1,7 +1,7 @@
 """Group commit: many concurrent callers' writes of one kind, sent as one statement.
 
 Each in-flight record used to cost its own round trip and transaction for every write (about 0.3 ms of
-PostgreSQL CPU each, performance-notes.md). A `BatchWriter` lets callers `await writer.submit(item)` as before,
+PostgreSQL CPU each, docs/performance.md). A `BatchWriter` lets callers `await writer.submit(item)` as before,
 but writes whatever has queued up meanwhile in one call of `write_many(items)`: no timer and no added wait
 (while one batch is being written the next one gathers). Each caller gets its own item's result.
 

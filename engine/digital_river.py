@@ -135,7 +135,7 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
-# Decline codes on merchant-initiated charges (digital-river.md, billing-rules.md). Codes are compared after
+# Decline codes on merchant-initiated charges (docs/digital-river.md, docs/billing-rules.md). Codes are compared after
 # lower-casing and turning '-' into '_', since Digital River spells some with hyphens (`failed-request`).
 SOFT_DECLINE_CODES = frozenset({
     "insufficient_funds", "do_not_honor", "card_expired", "expired_card", "issuer_unavailable", "no_response",

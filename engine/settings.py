@@ -1,6 +1,6 @@
 """Environment variables → typed, validated settings.
 
-Every variable of CONTRACT.md is read here and nowhere else. `load()` checks them all before anything starts;
+Every variable of docs/contract.md is read here and nowhere else. `load()` checks them all before anything starts;
 the first bad one raises `SettingsError`, whose message is the single line the command prints before it exits
 with status 2: the variable, the value it had (cut to 100 characters; a URL's user and password masked), and
 what is allowed. The API key's value is never repeated. Numbers are ASCII digits as an operator types them

@@ -117,7 +117,7 @@ class Store:
         pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, init=_init_connection,
             # The engine never leaves session state behind, so skip the reset query on every release
-            # (performance-notes.md: 19–29% faster single-row pipelines).
+            # (docs/performance.md: 19–29% faster single-row pipelines).
             reset=lambda conn: asyncio.sleep(0),
             server_settings={"application_name": f"drjobs:{node}"[:63]},
             command_timeout=120,
