@@ -372,8 +372,12 @@ class Charge:
         try:
             order = await self.job.dr.create_order(checkout_id)
         except DeclinedError as exc:
-            return await self.failed(exc.code or "declined", dr_message(exc), hard=not exc.soft, decline=True,
-                                     error=exc, checkout_id=checkout_id)
+            message = dr_message(exc)
+            if not exc.classified:
+                message = (f"{message} (decline code {exc.code!r} is not in Digital River's table for merchant-"
+                           "initiated charges: treated as soft, within the once-a-day and four-in-30-days limits)")
+            return await self.failed(exc.code or "declined", message, hard=not exc.soft, decline=True, error=exc,
+                                     checkout_id=checkout_id)
         except NotFoundError:
             # The checkout already became an order (an earlier attempt's answer was lost), or Digital River no
             # longer knows it: find out which.

@@ -121,6 +121,7 @@ __all__ = [
     "OrderItem",
     "TokenBucket",
     "TransientError",
+    "decline_is_classified",
     "decline_is_soft",
     "dr_message",
     "parse_checkout",
@@ -135,16 +136,21 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
-# Decline codes on merchant-initiated charges (docs/digital-river.md, docs/billing-rules.md). Codes are compared after
-# lower-casing and turning '-' into '_', since Digital River spells some with hyphens (`failed-request`).
+# Digital River's table of decline codes for merchant-initiated charges, exactly as its guide gives it
+# (DigitalRiver/GitBook `payments/authorization-declines.md`, "Decline codes for merchant-initiated
+# transactions"; docs/digital-river.md). Soft: may be retried, at most once a day and four times in 30 days per
+# subscription. Hard: never retried. Any other code is unclassified: treated as soft within the same limits, and
+# the record's message names it. Codes are compared after lower-casing and turning '-' into '_', since Digital
+# River spells some with hyphens (`failed-request`).
 SOFT_DECLINE_CODES = frozenset({
-    "insufficient_funds", "do_not_honor", "card_expired", "expired_card", "issuer_unavailable", "no_response",
-    "limit_exceeded", "try_again_later", "processing_error", "failed_request",
+    "card_expired", "card_limit_exceeded", "card_velocity_exceeded", "do_not_honor", "insufficient_funds",
+    "issuer_unavailable", "limit_exceeded", "mid_limit_exceeded", "no_response", "pin_try_exceeded",
 })
 HARD_DECLINE_CODES = frozenset({
-    "declined", "fraud", "fraudulent", "account_closed", "stop_recurring", "lost_stolen_card", "lost_card",
-    "stolen_card", "pickup_card", "invalid_card_number", "invalid_account", "restricted_card",
-    "revocation_of_authorization", "revocation_of_all_authorizations",
+    "account_closed", "card_type_block", "declined", "fraud", "fraud_block", "invalid_address", "invalid_amount",
+    "invalid_card_bin", "invalid_card_number", "invalid_currency", "invalid_expiration_date", "invalid_pin",
+    "invalid_security_code", "invalid_transaction_type", "issuer_invalid_card", "issuer_not_found",
+    "lost_stolen_card", "restricted_card", "stop_recurring", "voice_authorization_required",
 })
 
 DEFAULT_RETRY_AFTER_429 = 1.0
@@ -169,10 +175,16 @@ RATE_HEADROOM = 0.98
 
 
 def decline_is_soft(code: str | None) -> bool:
-    """Whether a 409 decline code on POST /orders may be retried later. Unknown codes count as soft."""
+    """Whether a 409 decline code on POST /orders may be retried later: every code but Digital River's hard ones
+    (unclassified codes too, within the same limits)."""
     if not code:
         return True
     return _normal_code(code) not in HARD_DECLINE_CODES
+
+
+def decline_is_classified(code: str | None) -> bool:
+    """Whether Digital River's table for merchant-initiated charges lists the code (as soft or as hard)."""
+    return bool(code) and _normal_code(code or "") in SOFT_DECLINE_CODES | HARD_DECLINE_CODES
 
 
 def _normal_code(code: str) -> str:
@@ -277,6 +289,8 @@ class DeclinedError(DigitalRiverError):
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.soft = decline_is_soft(self.code)
+        # False for a code Digital River's table does not list: soft within the limits, and said so.
+        self.classified = decline_is_classified(self.code)
         self.kind = ErrorKind.SOFT_DECLINE if self.soft else ErrorKind.HARD_DECLINE
 
 
