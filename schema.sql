@@ -342,6 +342,10 @@ ALTER TABLE line_item_fulfillments ADD COLUMN IF NOT EXISTS lease_token bigint;
 ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS checkout_looks integer NOT NULL DEFAULT 0;
 -- The Digital River source the saved checkout charges (a replaced card is attached to it before it is submitted).
 ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS dr_checkout_source_id text;
+-- The SKU group of a product sold without a Digital River SKU: Digital River requires `skuGroupId` (with
+-- `countryOfOrigin` and `name`) in a checkout item's `productDetails` (GitBook
+-- product-management/using-product-details.md); the group carries the tax code and ECCN.
+ALTER TABLE products ADD COLUMN IF NOT EXISTS sku_group_id text;
 -- Installment records an operator should look at (`status_attention`).
 CREATE INDEX IF NOT EXISTS subscription_process_data_attention ON subscription_process_data (last_error_code)
     WHERE last_error_code IN ('checkout_unknown', 'subscription_cancelled', 'subscription_suspended')

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -88,8 +89,17 @@ def validate(rec: asyncpg.Record) -> None:
         raise BadData("accounts.dr_customer_id is empty")
     if rec["product_found"] is None:
         raise BadData("product_id: the record and its subscription have no product")
-    if not (rec["dr_sku_id"] or "").strip() and not ((rec["product_name"] or "").strip() and rec["tax_code"]):
-        raise BadData("products.dr_sku_id is empty and products.name/tax_code do not give product details")
+    if not (rec["dr_sku_id"] or "").strip():
+        # Without a SKU the item carries productDetails, which Digital River requires to have skuGroupId,
+        # countryOfOrigin and name (GitBook product-management/using-product-details.md).
+        for column, value in (("products.sku_group_id", rec["sku_group_id"]), ("products.name", rec["product_name"]),
+                              ("products.country_of_origin", rec["country_of_origin"])):
+            if not (value or "").strip():
+                raise BadData(f"products.dr_sku_id is empty, and {column} is empty too: a product without a Digital "
+                              "River SKU is sent as productDetails, which needs skuGroupId, name and countryOfOrigin")
+        if not re.fullmatch(r"[A-Z]{2}", rec["country_of_origin"].strip()):
+            raise BadData(f"products.country_of_origin {rec['country_of_origin']!r} is not an ISO 3166 alpha-2 "
+                          "country code")
     if rec["quantity"] is None or rec["quantity"] <= 0:
         raise BadData(f"cart_items.quantity must be positive, got {rec['quantity']}")
     if rec["unit_price"] is None or rec["unit_price"] <= 0:
@@ -131,12 +141,10 @@ def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
     if rec["dr_sku_id"]:
         item["skuId"] = rec["dr_sku_id"]
     else:
-        details: dict[str, Any] = {"name": rec["product_name"], "taxCode": rec["tax_code"]}
-        if rec["country_of_origin"]:
-            details["countryOfOrigin"] = rec["country_of_origin"]
-        if rec["eccn"]:
-            details["eccn"] = rec["eccn"]
-        item["productDetails"] = details
+        # productDetails as Digital River takes it: our product id, the SKU group (which carries the tax code and
+        # ECCN: those are SKU fields, not product-details fields), name and country of origin.
+        item["productDetails"] = {"id": rec["sku"] or str(rec["product_id"]), "skuGroupId": rec["sku_group_id"].strip(),
+                                  "name": rec["product_name"], "countryOfOrigin": rec["country_of_origin"].strip()}
     body: dict[str, Any] = {
         "currency": rec["currency"].strip().upper(),
         "customerId": rec["dr_customer_id"],

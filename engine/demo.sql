@@ -3,16 +3,17 @@
 -- with a one-line purpose. Parameters are $n only. Rows are spread deterministically by their number i.
 
 -- name: demo_products
--- demo: eight products; one has neither a Digital River SKU nor product details (bad data).
-INSERT INTO products (sku, name, dr_sku_id, tax_code)
-VALUES ('WID-BASIC', 'Widget Basic plan', 'sku_widget_basic', '4512.1'),
-       ('WID-PRO', 'Widget Pro plan', 'sku_widget_pro', '4512.1'),
-       ('GAD-M', 'Gadget monthly box', 'sku_gadget_box', '4512.2'),
-       ('SUP-247', 'Support 24/7', 'sku_support', '4512.3'),
-       ('STO-1T', 'Storage 1 TB', 'sku_storage_1t', '4512.1'),
-       ('LIC-SEAT', 'Licence seat', NULL, '4512.4'),
-       ('TRN-ANN', 'Training, annual', 'sku_training', '4512.5'),
-       ('LEG-ADD', 'Legacy add-on', NULL, NULL);
+-- demo: eight products; one is sold as product details (no Digital River SKU, a SKU group instead), one has
+-- neither a Digital River SKU nor product details (bad data).
+INSERT INTO products (sku, name, dr_sku_id, tax_code, sku_group_id, country_of_origin)
+VALUES ('WID-BASIC', 'Widget Basic plan', 'sku_widget_basic', '4512.1', NULL, NULL),
+       ('WID-PRO', 'Widget Pro plan', 'sku_widget_pro', '4512.1', NULL, NULL),
+       ('GAD-M', 'Gadget monthly box', 'sku_gadget_box', '4512.2', NULL, NULL),
+       ('SUP-247', 'Support 24/7', 'sku_support', '4512.3', NULL, NULL),
+       ('STO-1T', 'Storage 1 TB', 'sku_storage_1t', '4512.1', NULL, NULL),
+       ('LIC-SEAT', 'Licence seat', NULL, '4512.4', 'software-licences', 'US'),
+       ('TRN-ANN', 'Training, annual', 'sku_training', '4512.5', NULL, NULL),
+       ('LEG-ADD', 'Legacy add-on', NULL, NULL, NULL, NULL);
 
 -- name: demo_accounts
 -- demo: $1 accounts over seven time zones; every 97th has no Digital River customer id.

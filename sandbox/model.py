@@ -258,6 +258,30 @@ def build_checkout(body: Any) -> dict[str, Any]:
     return checkout
 
 
+# What Digital River takes in an item's productDetails (GitBook product-management/using-product-details.md).
+# taxCode, eccn and hsCode are SKU fields, not product-details fields: the SKU group carries them.
+PRODUCT_DETAILS_FIELDS = frozenset({
+    "id", "skuGroupId", "name", "description", "url", "countryOfOrigin", "image", "weight", "weightUnit",
+    "partNumber", "itemBreadcrumb",
+})
+
+
+def _product_details(details: dict[str, Any], name: str) -> None:
+    """Refuse productDetails as Digital River does: skuGroupId and countryOfOrigin missing are 400
+    missing_parameter (with Digital River's own messages), a country that is not alpha-2 is invalid, name is
+    required, and SKU-only fields are not product-details fields."""
+    _known(details, PRODUCT_DETAILS_FIELDS, f"{name}.")
+    if details.get("skuGroupId") is None:
+        raise bad_request("missing_parameter", "skuGroupId", "An item of type sku is missing a skuGroupId parameter.")
+    _string(details, "skuGroupId", f"{name}.skuGroupId", required=True)
+    if details.get("countryOfOrigin") is None:
+        raise bad_request("missing_parameter", "countryOfOrigin", "must not be null")
+    country = details["countryOfOrigin"]
+    if not isinstance(country, str) or len(country) != 2 or not country.isascii() or not country.isupper():
+        raise bad_request("invalid_parameter", "countryOfOrigin", f"'{country}' is not a valid Country of Origin.")
+    _string(details, "name", f"{name}.name", required=True)
+
+
 def _checkout_item(raw: Any, name: str, rate: Decimal) -> dict[str, Any]:
     item = _object(raw, name)
     _known(item, ITEM_FIELDS, f"{name}.")
@@ -267,7 +291,7 @@ def _checkout_item(raw: Any, name: str, rate: Decimal) -> dict[str, Any]:
         raise bad_request("missing_parameter", f"{name}.skuId", f"'{name}.skuId' or '{name}.productDetails' "
                           "is required.")
     if details is not None:
-        _object(details, f"{name}.productDetails")
+        _product_details(_object(details, f"{name}.productDetails"), f"{name}.productDetails")
     if sku_id is not None and sku_id.startswith(INVALID_SKU_PREFIX):
         raise bad_request("invalid_parameter", f"{name}.skuId", f"SKU '{sku_id}' not found.")
     if "quantity" not in item:

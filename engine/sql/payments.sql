@@ -54,8 +54,8 @@ SELECT p.id, p.lease_token, p.subscription_id, p.installment_number, p.installme
        coalesce(ci.unit_price, s.unit_price) AS unit_price,
        coalesce(ci.dr_billing_agreement_id, s.dr_billing_agreement_id) AS billing_agreement_id,
        a.id AS account_id, a.dr_customer_id, a.email, a.bill_to AS account_bill_to,
-       pr.id AS product_found, pr.sku, pr.name AS product_name, pr.dr_sku_id, pr.tax_code, pr.country_of_origin,
-       pr.eccn,
+       pr.id AS product_found, pr.sku, pr.name AS product_name, pr.dr_sku_id, pr.sku_group_id,
+       pr.country_of_origin,
        sp.id AS payment_found, sp.dr_source_id, sp.is_active AS payment_active,
        po.ship_to, po.bill_to AS order_bill_to,
        d.last_decline_at, d.declines_30d, d.oldest_decline_30d
