@@ -2,7 +2,13 @@
 (order-fulfillment, line-item-fulfillment) share.
 
 - 201 → every entry `sent`, with the `ful_…` id.
-- 409 `item_fulfilled` / `item_cancelled` / `order_complete` / `order_cancelled` → `done`: it was already done.
+- 409 `order_complete` / `order_cancelled` → every entry `done`: the whole order is settled.
+- 409 `item_fulfilled` / `item_cancelled` → `done` for the one item it names, and only that one: Digital River
+  names it in `parameter` (`items[2].itemId`) or, as it answers in practice, in the message ("Resource '<id>' is
+  already fulfilled", with `parameter` `itemId`; Digital River's Lightning connector,
+  `DRB2B_FulfillmentService.updateLineItemFulfillmentRecsForFailedFulFulfillment`, matches the item id in the
+  message the same way). The other entries are sent again. When no entry can be told, none is settled: every
+  entry is `retry` (never `done` for a line Digital River did not capture).
 - 409 `quantity_too_large`, 400 and 404 → `failed`.
 - Transient failures (after the client's own retries), and conflicts nobody listed → `retry`.
 - 401/403 → AuthError is raised with nothing settled: the caller's run stops claiming.
@@ -32,8 +38,12 @@ from engine.failpoints import failpoint
 
 K = TypeVar("K", bound=Hashable)
 
-# 409 codes that mean the change was already made: treated as success.
-DONE_CODES = frozenset({"item_fulfilled", "item_cancelled", "order_complete", "order_cancelled"})
+# 409 codes that mean the change was already made: treated as success. The order codes settle every entry of the
+# request; the item codes only the entry they name (DigitalRiver/GitBook fulfillments; Digital River's Lightning
+# connector, DRB2B_Constants.Fulfillment FULFILLMENT_ORDER_SUCCESS_CODES / FULFILLMENT_ORDER_ITEM_SUCCESS_CODES).
+ORDER_DONE_CODES = frozenset({"order_complete", "order_cancelled"})
+ITEM_DONE_CODES = frozenset({"item_fulfilled", "item_cancelled"})
+DONE_CODES = ORDER_DONE_CODES | ITEM_DONE_CODES
 # 409 codes that no repeat can fix.
 HARD_CONFLICT_CODES = frozenset({"quantity_too_large"})
 _ITEM_PARAMETER = re.compile(r"^items\[(\d+)\]")
@@ -60,10 +70,15 @@ def classify(exc: DigitalRiverError) -> str:
     return "retry"  # TransientError and anything new
 
 
-def item_index(exc: DigitalRiverError) -> int | None:
-    """The index of the item an error names (`items[2].quantity` → 2), if it names one."""
+def item_index(exc: DigitalRiverError, item_ids: Sequence[str] = ()) -> int | None:
+    """The index of the item an error names: by its parameter (`items[2].quantity` → 2), or else the one entry
+    whose Digital River item id (`item_ids`, in request order) stands as a whole word in the message."""
     match = _ITEM_PARAMETER.match(exc.parameter or "")
-    return int(match.group(1)) if match else None
+    if match:
+        return int(match.group(1))
+    named = [i for i, item_id in enumerate(item_ids)
+             if item_id and re.search(rf"(?<![\w-]){re.escape(item_id)}(?![\w-])", exc.message or "")]
+    return named[0] if len(named) == 1 else None
 
 
 async def send_fulfillment(dr: DigitalRiverClient, order_id: str, entries: Sequence[tuple[K, dict[str, Any]]],
@@ -86,8 +101,20 @@ async def send_fulfillment(dr: DigitalRiverClient, order_id: str, entries: Seque
             message = dr_message(exc)
             if kind == "done":
                 message = f"already done: {message}"
-            index = item_index(exc)
-            if kind != "retry" and index is not None and index < len(pending) and len(pending) > 1:
+            index = item_index(exc, [str(item.get("itemId") or "") for _, item in pending])
+            if index is not None and not 0 <= index < len(pending):
+                index = None
+            if exc.code in ITEM_DONE_CODES:
+                if index is None:
+                    # Done for some item we cannot tell: settle none, send them all again (one attempt counted).
+                    for key, _ in pending:
+                        results[key] = Sent("retry", f"{message} (the item it names is not one of this request's, "
+                                                     "so none is settled)", error=exc)
+                    return results
+                key, _ = pending.pop(index)
+                results[key] = Sent("done", message, error=exc)
+                continue
+            if kind != "retry" and index is not None and len(pending) > 1:
                 key, _ = pending.pop(index)
                 results[key] = Sent(kind, message, error=exc)
                 continue

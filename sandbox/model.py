@@ -402,9 +402,10 @@ def apply_fulfillment(body: Any, ledger: Ledger) -> dict[str, Any]:
     if order is None:
         raise not_found(f"Order '{order_id}' not found.", "orderId")
     if order["state"] == "complete":
-        raise conflict("order_complete", f"Order '{order_id}' is complete.")
+        # Digital River's words and parameter (as its Lightning connector's tests record them).
+        raise conflict("order_complete", f"Resource '{order_id}' is already complete.", "orderId")
     if order["state"] == "cancelled":
-        raise conflict("order_cancelled", f"Order '{order_id}' is cancelled.")
+        raise conflict("order_cancelled", f"Resource '{order_id}' is already cancelled.", "orderId")
 
     by_sku = {item.get("skuId"): item["id"] for item in order["items"] if item.get("skuId")}
     wanted: dict[str, list[int]] = {}  # item id → [quantity, cancelQuantity], summed over repeated entries
@@ -462,8 +463,10 @@ def apply_fulfillment(body: Any, ledger: Ledger) -> dict[str, Any]:
 def _check_quantities(progress: ItemProgress, item_id: str, requested: int, name: str) -> None:
     if progress.remaining == 0:
         if progress.cancelled == progress.quantity:
-            raise conflict("item_cancelled", f"Item '{item_id}' is already cancelled.", f"{name}.itemId")
-        raise conflict("item_fulfilled", f"Item '{item_id}' is already fulfilled.", f"{name}.itemId")
+            raise conflict("item_cancelled", f"Resource '{item_id}' is already cancelled.", "itemId")
+        # Digital River names the item in the message, with `parameter` "itemId" (not its index in the request):
+        # the answer Digital River's Lightning connector is written against (DRB2B_FulfillmentServiceTest).
+        raise conflict("item_fulfilled", f"Resource '{item_id}' is already fulfilled.", "itemId")
     if requested > progress.remaining:
         raise conflict("quantity_too_large", f"Item '{item_id}' has {progress.remaining} left; {requested} "
                        "requested.", f"{name}.quantity")
