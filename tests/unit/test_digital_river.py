@@ -389,8 +389,18 @@ async def test_soft_decline_on_order_creation(client: DigitalRiverClient, mock: 
     assert caught.value.code == code
 
 
-@pytest.mark.parametrize("code", ["declined", "fraud", "account_closed", "stop_recurring", "lost_stolen_card",
-                                  "invalid_card_number", "Stop-Recurring"])
+# Digital River's hard codes for merchant-initiated charges (GitBook payments/authorization-declines.md).
+DR_HARD_CODES = ["account_closed", "card_type_block", "declined", "fraud", "fraud_block", "invalid_address",
+                 "invalid_amount", "invalid_card_bin", "invalid_card_number", "invalid_currency",
+                 "invalid_expiration_date", "invalid_pin", "invalid_security_code", "invalid_transaction_type",
+                 "issuer_invalid_card", "issuer_not_found", "lost_stolen_card", "restricted_card", "stop_recurring",
+                 "voice_authorization_required"]
+DR_SOFT_CODES = ["card_expired", "card_limit_exceeded", "card_velocity_exceeded", "do_not_honor",
+                 "insufficient_funds", "issuer_unavailable", "limit_exceeded", "mid_limit_exceeded", "no_response",
+                 "pin_try_exceeded"]
+
+
+@pytest.mark.parametrize("code", [*DR_HARD_CODES, "Stop-Recurring"])
 async def test_hard_decline_on_order_creation(client: DigitalRiverClient, mock: DRMock, code: str) -> None:
     mock.post(ORDERS, status=409, payload=error_json("conflict", code))
     with pytest.raises(DeclinedError) as caught:
@@ -404,7 +414,17 @@ async def test_unknown_decline_code_is_soft(client: DigitalRiverClient, mock: DR
     with pytest.raises(DeclinedError) as caught:
         await client.create_order("chk_1")
     assert caught.value.soft is True
+    assert caught.value.classified is False
     assert decline_is_soft("something_new_from_dr") and decline_is_soft(None)
+
+
+@pytest.mark.parametrize("code", DR_SOFT_CODES)
+async def test_digital_rivers_soft_codes_are_soft_and_classified(client: DigitalRiverClient, mock: DRMock,
+                                                                 code: str) -> None:
+    mock.post(ORDERS, status=409, payload=error_json("conflict", code))
+    with pytest.raises(DeclinedError) as caught:
+        await client.create_order("chk_1")
+    assert (caught.value.soft, caught.value.classified) == (True, True)
 
 
 async def test_conflict_outside_order_creation_is_conflict_with_code(client: DigitalRiverClient,
@@ -783,5 +803,5 @@ async def test_attach_source_to_a_consumed_checkout_is_not_found(client: Digital
 
 async def test_attach_source_answer_without_an_id_is_malformed(client: DigitalRiverClient, mock: DRMock) -> None:
     mock.post(f"{CHECKOUTS}/chk_1/sources/src_new", status=200, payload={"type": "creditCard"}, repeat=True)
-    with pytest.raises(MalformedResponseError, match="source.id"):
+    with pytest.raises(MalformedResponseError, match=r"source\.id"):
         await client.attach_source("chk_1", "src_new")
