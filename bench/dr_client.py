@@ -17,7 +17,6 @@ import asyncio
 import logging
 import os
 import platform
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ import structlog
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import free_port, wait_for_sandbox  # noqa: E402
 from engine.digital_river import DigitalRiverClient  # noqa: E402
 from sandbox.server import Sandbox, SandboxConfig  # noqa: E402
 
@@ -77,24 +77,14 @@ async def sandbox_in_process(latency_ms: int) -> AsyncIterator[tuple[str, Callab
 
 @asynccontextmanager
 async def sandbox_process(latency_ms: int) -> AsyncIterator[tuple[str, Callable[[int], Awaitable[None]]]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sandbox", "--port", str(port), "--latency-ms", str(latency_ms),
         cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(100):
-                try:
-                    async with http.get(f"{url}/_sandbox/config") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
-            else:
-                raise RuntimeError("the sandbox process did not start")
+            await wait_for_sandbox(http, url)
 
             async def set_latency(ms: int) -> None:
                 async with http.post(f"{url}/_sandbox/config", json={"latency_ms": ms,

@@ -29,16 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import structlog
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, run_engine, with_database  # noqa: E402
-from engine.database import open_database  # noqa: E402
+from bench.common import (  # noqa: E402
+    database_server,
+    engine_env,
+    fetch_values,
+    free_port,
+    fresh_database,
+    run_engine,
+    wait_for_sandbox,
+)
 from engine.digital_river import DigitalRiverClient  # noqa: E402
-from engine.store import Store  # noqa: E402
 
 KEY = "sk_test_bench"
 QUANTITIES = (2, 1, 3)
@@ -124,24 +129,6 @@ async def dr_orders(url: str, n: int) -> list[tuple[str, str, str, str]]:
     return made
 
 
-async def fresh_database(server_dsn: str, name: str, orders: list[tuple[str, str, str, str]]) -> str:
-    conn = await asyncpg.connect(server_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = with_database(server_dsn, name)
-    store = await Store.connect(dsn, "bench", min_size=1, max_size=2)
-    try:
-        await store.migrate()
-        await store.pool.execute(SEED, *(list(column) for column in zip(*orders, strict=True)))
-        await store.pool.execute("ANALYZE")
-    finally:
-        await store.close()
-    return dsn
-
-
 async def scenario(name: str, n: int, latency_ms: int, server_dsn: str) -> Result:
     spec = SCENARIOS[name]
     port = free_port()
@@ -152,23 +139,15 @@ async def scenario(name: str, n: int, latency_ms: int, server_dsn: str) -> Resul
     url = f"http://127.0.0.1:{port}"
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
     try:
-        for _ in range(100):
-            try:
-                async with http.get(url + "/_sandbox/config") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
+        await wait_for_sandbox(http, url)
         orders = await dr_orders(url, n)
-        dsn = await fresh_database(server_dsn, "drjobs_bench_fulfillment", orders)
+        columns = [list(column) for column in zip(*orders, strict=True)]
+        dsn = await fresh_database(server_dsn, "drjobs_bench_fulfillment", (SEED, *columns), ("ANALYZE",))
         async with http.post(url + "/_sandbox/config", json={"latency_ms": latency_ms}) as response:
             response.raise_for_status()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DR_", "DATABASE_URL"))}
-        env.update({
-            "DATABASE_URL": dsn, "DR_API_URL": url, "DR_API_KEY": KEY, "DR_MAX_REQUESTS_PER_SECOND": "100000",
-            "LINE_ITEM_FULFILLMENT_CONCURRENCY": str(spec["concurrency"]),
-            "FULFILLMENT_QUERY_LIMIT": str(spec["limit"]), "LOG_LEVEL": "warning",
-        })
+        env = engine_env(dsn, url, KEY, DR_MAX_REQUESTS_PER_SECOND="100000",
+                         LINE_ITEM_FULFILLMENT_CONCURRENCY=str(spec["concurrency"]),
+                         FULFILLMENT_QUERY_LIMIT=str(spec["limit"]))
         wall, cpu, rss = await asyncio.to_thread(run_engine, ["drain"], env)
         async with http.get(url + "/_sandbox/ledger") as response:
             ledger = json.loads(await response.read())
@@ -180,14 +159,10 @@ async def scenario(name: str, n: int, latency_ms: int, server_dsn: str) -> Resul
     posts = sum(c for (method, path, _), c in requests.items() if (method, path) == ("POST", "fulfillments"))
     gets = sum(c for (method, path, _), c in requests.items() if (method, path) == ("GET", "orders"))
     per_order = Counter(f["orderId"] for f in ledger["fulfillments"])
-    conn = await asyncpg.connect(dsn)
-    try:
-        completed = await conn.fetchval("SELECT count(*) FROM line_item_fulfillments WHERE efn_status = 'Completed'")
-        job_seconds = await conn.fetchval(
-            "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM job_runs "
-            "WHERE job = 'line-item-fulfillment' AND claimed > 0")
-    finally:
-        await conn.close()
+    completed, job_seconds = await fetch_values(
+        dsn, "SELECT count(*) FROM line_item_fulfillments WHERE efn_status = 'Completed'",
+        "SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM job_runs "
+        "WHERE job = 'line-item-fulfillment' AND claimed > 0")
     return Result(name, int(spec["concurrency"]), int(spec["limit"]), n, wall, float(job_seconds), posts, gets,
                   completed, sum(1 for c in per_order.values() if c > 1), cpu, rss, latency_ms)
 
@@ -200,12 +175,7 @@ async def main() -> None:
     args = parser.parse_args()
     # The order-making client's per-request DEBUG lines would only fill the screen.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    server_dsn = os.environ.get("BENCH_DATABASE_URL")
-    database = None
-    if not server_dsn:
-        database = await open_database(None, str(ROOT / ".data" / "bench"))
-        server_dsn = database.server.get_uri("postgres")
-    try:
+    async with database_server() as server_dsn:
         print(f"# line-item-fulfillment: {args.n:,} orders × 3 lines, sandbox latency {args.latency_ms} ms, "
               f"{os.cpu_count()} CPUs\n")
         print("| scenario | concurrency | query limit | orders | seconds | orders/s | orders/s (runs) | bound | "
@@ -217,9 +187,6 @@ async def main() -> None:
             if result.completed_lines != 3 * args.n:
                 print(f"  note: {result.completed_lines} of {3 * args.n} lines Completed", flush=True)
             print(f"  POST /fulfillments {result.posts}, GET /orders {result.gets}", flush=True)
-    finally:
-        if database is not None:
-            await database.close()
 
 
 if __name__ == "__main__":

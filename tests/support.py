@@ -1,4 +1,5 @@
-"""Running `python run.py …` as a real subprocess in tests, and reading its JSON log lines."""
+"""Running `python run.py …` as a real subprocess in tests, the environments it runs in, reading its JSON log
+lines and asking its HTTP endpoints; and the local Digital River (the sandbox) for a test."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+
 from engine.settings import JOBS, env_prefix
+from sandbox.config import SandboxConfig
+from sandbox.server import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk_test_drjobs_Secret_Tests_0123456789"
@@ -37,6 +44,43 @@ def engine_env(database_url: str | None, **overrides: str) -> dict[str, str]:
         env["DATABASE_URL"] = database_url
     env.update(overrides)
     return env
+
+
+def sandbox_env(database_url: str | None, sandbox: Sandbox, **overrides: str) -> dict[str, str]:
+    """`engine_env` for a process that charges through `sandbox`: 5-second leases (a killed process's records
+    come back soon) and 500 requests a second to Digital River; `overrides` win."""
+    return engine_env(database_url, **({"DR_API_URL": sandbox.url, "LEASE_SECONDS": "5",
+                                        "DR_MAX_REQUESTS_PER_SECOND": "500"} | overrides))
+
+
+def serving_env(database_url: str | None, sandbox: Sandbox, **overrides: str) -> dict[str, str]:
+    """`sandbox_env` for a `serve` that charges a backlog by itself: both installment jobs scheduled every
+    second, 4 payments in flight, 1,000 requests a second; `overrides` win."""
+    return sandbox_env(database_url, sandbox, **({
+        "SUBSCRIPTION_INSTALLMENTS_SCHEDULE": "every 1s", "RECURRING_PAYMENTS_SCHEDULE": "every 1s",
+        "RECURRING_PAYMENTS_CONCURRENCY": "4", "DR_MAX_REQUESTS_PER_SECOND": "1000"} | overrides))
+
+
+def sandbox_fixture(**config: Any) -> Any:
+    """A `sandbox` fixture for a test module, `sandbox = sandbox_fixture(seed=…)`: a local Digital River with
+    this SandboxConfig, new for each test."""
+    @pytest.fixture
+    async def sandbox() -> AsyncIterator[Sandbox]:
+        async with Sandbox(SandboxConfig(**config)) as sb:
+            yield sb
+    return sandbox
+
+
+async def readyz(port: int) -> tuple[int, dict[str, Any]]:
+    """An engine's GET /readyz on `port`: (status, body)."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/readyz") as response:
+        return response.status, await response.json()
+
+
+async def healthz(port: int) -> int:
+    """An engine's GET /healthz on `port`: its status."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/healthz") as response:
+        return response.status
 
 
 class EngineProcess:

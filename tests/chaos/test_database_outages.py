@@ -13,21 +13,16 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
-import aiohttp
-import asyncpg
 import pytest
 
-from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
-from tests.chaos.test_database_faults import crash, private_server, readyz, restart
+from tests.db import connection, crash, create_database, open_store, restart, status_counts, wait_settled
 from tests.integration.factories import due_subscription
-from tests.support import EngineProcess, engine_env, run_command
-
-__all__ = ["private_server"]  # a fixture: imported so pytest finds it in this module
+from tests.ledger_checks import assert_charged_once
+from tests.support import EngineProcess, healthz, readyz, run_command, sandbox_fixture, serving_env
 
 SUBSCRIPTIONS = 150
 OUTAGE_SECONDS = 90.0
@@ -35,94 +30,34 @@ DATABASE_DOWN = "the database cannot be reached"
 # Hard declines: records that end Failed with an ERROR application_logs row the charge writes itself.
 DECLINE_SOURCE = "src_hard_decline_fraud"
 
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=7, latency_ms=20)) as sb:
-        yield sb
-
-
-def engine_for(dsn: str, sandbox: Sandbox, **overrides: str) -> dict[str, str]:
-    settings = {"DR_API_URL": sandbox.url, "LEASE_SECONDS": "5", "LOG_LEVEL": "info",
-                "SUBSCRIPTION_INSTALLMENTS_SCHEDULE": "every 1s", "RECURRING_PAYMENTS_SCHEDULE": "every 1s",
-                "RECURRING_PAYMENTS_CONCURRENCY": "4", "DR_MAX_REQUESTS_PER_SECOND": "1000"}
-    return engine_env(dsn, **(settings | overrides))
+sandbox = sandbox_fixture(seed=7, latency_ms=20)
 
 
 async def seeded_database(server: Any, name: str, *, declines: Collection[int] = ()) -> tuple[str, list[int]]:
     """A fresh, migrated database on `server` with SUBSCRIPTIONS due subscriptions; the ones whose index is in
     `declines` pay with a hard-declining source. Returns (dsn, ids of the declining subscriptions)."""
-    conn = await asyncpg.connect(server.get_uri("postgres"))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = server.get_uri(name)
-    store = await Store.connect(dsn, "seed", min_size=1, max_size=2)
+    dsn = await create_database(server.get_uri("postgres"), name)
     declining = []
-    try:
-        await store.migrate()
+    async with open_store(dsn, "seed", max_size=2) as store:
         for index in range(SUBSCRIPTIONS):
             if index in declines:
                 declining.append(await due_subscription(store, source=DECLINE_SOURCE))
             else:
                 await due_subscription(store)
-    finally:
-        await store.close()
     return dsn, declining
 
 
-async def counts(dsn: str) -> dict[str, int]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT subscription_job_run_status AS s, count(*) AS n "
-                                "FROM subscription_process_data GROUP BY 1")
-    finally:
-        await conn.close()
-    return {r["s"]: r["n"] for r in rows}
-
-
-async def wait_settled(dsn: str, successful: int, failed: int = 0, timeout: float = 200) -> float:
-    """Wait until `successful` installments are Successful and `failed` Failed; returns the seconds it took."""
-    started = time.monotonic()
-    last: dict[str, int] = {}
-
-    async def poll() -> None:
-        nonlocal last
-        while True:
-            try:
-                last = await counts(dsn)
-                if last.get("Successful", 0) == successful and last.get("Failed", 0) == failed:
-                    return
-            except (OSError, asyncpg.PostgresError):
-                pass
-            await asyncio.sleep(0.5)
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"not settled within {timeout:.0f}s: {last}") from None
-    return time.monotonic() - started
-
-
-async def assert_charged_once(dsn: str, sandbox: Sandbox, declining_subscriptions: Sequence[int] = ()) -> None:
-    """One sandbox order per charged record, the one the record names; none for a declined record."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        records = await conn.fetch("SELECT id, subscription_id, upstream_id, dr_order_id, subscription_job_run_status "
-                                   "FROM subscription_process_data")
-    finally:
-        await conn.close()
-    assert len(records) == SUBSCRIPTIONS
-    assert sandbox.ledger.duplicate_upstream_ids() == {}
+async def assert_charged_once_but_declines(dsn: str, sandbox: Sandbox, declining_subscriptions: Sequence[int] = ()
+                                           ) -> None:
+    """One sandbox order per charged record, the one the record names; none for a declined record, which is
+    Failed."""
+    records = await assert_charged_once(dsn, sandbox, records=SUBSCRIPTIONS,
+                                        successful=SUBSCRIPTIONS - len(declining_subscriptions))
     for rec in records:
-        orders = [o["id"] for o in sandbox.ledger.orders_for_upstream(rec["upstream_id"])]
         if rec["subscription_id"] in declining_subscriptions:
-            assert rec["subscription_job_run_status"] == "Failed" and orders == [] and rec["dr_order_id"] is None, \
-                dict(rec)
+            assert rec["subscription_job_run_status"] == "Failed" and rec["dr_order_id"] is None, rec
         else:
-            assert rec["subscription_job_run_status"] == "Successful", dict(rec)
-            assert orders == [rec["dr_order_id"]], dict(rec)
-    assert len(sandbox.ledger.orders) == SUBSCRIPTIONS - len(declining_subscriptions)
+            assert rec["subscription_job_run_status"] == "Successful", rec
 
 
 async def poll_readyz(port: int, want: int, timeout: float = 20) -> dict[str, Any]:
@@ -134,11 +69,6 @@ async def poll_readyz(port: int, want: int, timeout: float = 20) -> dict[str, An
             assert status == want, body
             return body
         await asyncio.sleep(0.5)
-
-
-async def healthz(port: int) -> int:
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/healthz") as response:
-        return response.status
 
 
 def forwarded_warnings(engine: EngineProcess) -> Counter[str]:
@@ -153,7 +83,7 @@ def forwarded_warnings(engine: EngineProcess) -> Counter[str]:
 async def test_serve_rides_out_a_90_second_outage(private_server: Any, sandbox: Sandbox) -> None:
     declines = set(range(3, SUBSCRIPTIONS, 17))  # 9 records, spread over the run (before, during, after)
     dsn, declining = await seeded_database(private_server, "drjobs_outage_90", declines=declines)
-    env = engine_for(dsn, sandbox, APP_LOG_LEVEL="WARN")
+    env = serving_env(dsn, sandbox, APP_LOG_LEVEL="WARN")
     begun = time.monotonic()
     async with EngineProcess(["serve"], env) as engine:
         [listening] = await engine.wait_for("http_listening")
@@ -188,7 +118,7 @@ async def test_serve_rides_out_a_90_second_outage(private_server: Any, sandbox: 
           f"resumed={len(engine.find('actor_resumed_after_outage'))} "
           f"log_write_failed={len(engine.find('application_log_write_failed'))}")
 
-    await assert_charged_once(dsn, sandbox, declining)
+    await assert_charged_once_but_declines(dsn, sandbox, declining)
     assert not engine.find("actor_restart_budget_spent")
     assert engine.find("actor_waiting_for_database")
     assert engine.find("actor_resumed_after_outage")
@@ -197,13 +127,10 @@ async def test_serve_rides_out_a_90_second_outage(private_server: Any, sandbox: 
     # The application log kept what it could not write while the database was down.
     assert engine.find("application_log_write_failed")
 
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connection(dsn) as conn:
         declined_records = {str(r["id"]) for r in await conn.fetch(
             "SELECT id FROM subscription_process_data WHERE subscription_id = ANY($1::bigint[])", declining)}
         rows = await conn.fetch("SELECT record_id, logging_level, message FROM application_logs")
-    finally:
-        await conn.close()
 
     # Every hard decline logged one installment_failed line and wrote one ERROR row, none lost to the outage.
     failed_lines = Counter(str(e["record_id"]) for e in engine.find("installment_failed"))
@@ -223,7 +150,7 @@ async def test_serve_rides_out_a_90_second_outage(private_server: Any, sandbox: 
 async def test_serve_survives_two_short_outages_in_a_row(private_server: Any, sandbox: Sandbox) -> None:
     dsn, _ = await seeded_database(private_server, "drjobs_outage_twice")
     begun = time.monotonic()
-    async with EngineProcess(["serve"], engine_for(dsn, sandbox)) as engine:
+    async with EngineProcess(["serve"], serving_env(dsn, sandbox)) as engine:
         [listening] = await engine.wait_for("http_listening")
         await engine.wait_for("installment_charged", count=20, timeout=90)
         for outage in range(2):
@@ -243,13 +170,13 @@ async def test_serve_survives_two_short_outages_in_a_row(private_server: Any, sa
           f"actor_crashed={len(engine.find('actor_crashed'))}")
     assert not engine.find("actor_restart_budget_spent")
     assert engine.find("actor_waiting_for_database")
-    await assert_charged_once(dsn, sandbox)
+    await assert_charged_once_but_declines(dsn, sandbox)
 
 
 @pytest.mark.timeout(400)
 async def test_drain_stops_with_one_line_when_the_database_goes(private_server: Any, sandbox: Sandbox) -> None:
     dsn, _ = await seeded_database(private_server, "drjobs_outage_drain")
-    env = engine_for(dsn, sandbox, SUBSCRIPTION_INSTALLMENTS_SCHEDULE="off", RECURRING_PAYMENTS_SCHEDULE="off")
+    env = serving_env(dsn, sandbox, SUBSCRIPTION_INSTALLMENTS_SCHEDULE="off", RECURRING_PAYMENTS_SCHEDULE="off")
     async with EngineProcess(["drain"], env) as engine:
         await engine.wait_for("installment_charged", count=20, timeout=90)
         await asyncio.to_thread(crash, private_server)
@@ -271,7 +198,7 @@ async def test_drain_stops_with_one_line_when_the_database_goes(private_server: 
     print(f"[drain] second drain exited {code} after {time.monotonic() - started:.1f}s")
     assert code == 0, err[-3000:] + out[-3000:]
     assert "Traceback" not in err
-    assert (await counts(dsn)) == {"Successful": SUBSCRIPTIONS}
-    await assert_charged_once(dsn, sandbox)
+    assert (await status_counts(dsn)) == {"Successful": SUBSCRIPTIONS}
+    await assert_charged_once_but_declines(dsn, sandbox)
     # Last, so everything above is checked first: the first drain said why in one line and printed no traceback.
     assert "Traceback" not in engine.stderr, engine.stderr[-6000:]

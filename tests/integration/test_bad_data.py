@@ -16,7 +16,6 @@ same drain:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
@@ -26,20 +25,17 @@ import pytest
 
 from actors.subscription_installments import MAX_CATCH_UP
 from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
 from tests.integration.engines import drain, engine_on
 from tests.integration.factories import due_subscription
 from tests.integration.test_pipeline import records
+from tests.support import sandbox_fixture
 
 # A drain that does not finish within this is a fault of its own (a run crashing again and again), not a wait.
 DRAIN_SECONDS = 20
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=7)) as sb:
-        yield sb
+sandbox = sandbox_fixture(seed=7)
 
 
 @dataclass(frozen=True)
@@ -68,6 +64,13 @@ FAILED_RECORDS = {
     "no_product": Bad({"product_id": None}, field="product_id"),
     "sku_null_without_tax_code": Bad({"product": {"dr_sku_id": None, "tax_code": None}}, field="products.dr_sku_id"),
     "sku_null_without_name": Bad({"product": {"dr_sku_id": None, "name": None}}, field="products.dr_sku_id"),
+    # Digital River requires skuGroupId and countryOfOrigin in productDetails (using-product-details.md).
+    "sku_null_without_sku_group": Bad({"product": {"dr_sku_id": None, "country_of_origin": "US"}},
+                                      field="products.sku_group_id"),
+    "sku_null_without_country": Bad({"product": {"dr_sku_id": None, "sku_group_id": "widgets"}},
+                                    field="products.country_of_origin"),
+    "sku_null_with_a_bad_country": Bad({"product": {"dr_sku_id": None, "sku_group_id": "widgets",
+                                                    "country_of_origin": "u1"}}, field="products.country_of_origin"),
     "sku_blank_without_details": Bad({"product": {"dr_sku_id": "", "name": " ", "tax_code": None}},
                                      field="products.dr_sku_id"),
     "quantity_zero": Bad({"quantity": 0}, field="cart_items.quantity"),
@@ -231,7 +234,7 @@ ODD_BUT_VALID_TEXT = {
     "right_to_left_and_emoji": {"account": {"dr_customer_id": "cus_\u202eevil🚀", "name": "שלום"}},
     "very_long_email": {"account": {"email": "a" * 10_000 + "@example.com"}},
     "sku_less_product_with_control_characters": {"product": {"dr_sku_id": None, "name": "Widget\n\t'); --",
-                                                             "tax_code": "4512.1"}},
+                                                             "sku_group_id": "widgets", "country_of_origin": "US"}},
 }
 
 

@@ -13,38 +13,27 @@ the next drain runs in-process (tests/integration/engines.py) so the sandbox's l
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from actors.recurring_payments import CHECKOUT_LOOKS
 from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
 from tests.integration.engines import drain, run_job
 from tests.integration.factories import due_subscription
-from tests.support import engine_env, run_command
+from tests.support import engine_env, run_command, sandbox_env, sandbox_fixture
 
 SPD = "subscription_process_data"
 OLD_SOURCE = "src_card_ok"
 NEW_SOURCE = "src_card_replaced_visa_4242"
 
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=23)) as sb:
-        yield sb
-
-
-def env_for(database_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]:
-    return engine_env(database_url, DR_API_URL=sandbox.url, LEASE_SECONDS="5", DR_MAX_REQUESTS_PER_SECOND="500",
-                      **extra)
+sandbox = sandbox_fixture(seed=23)
 
 
 async def killed_at(database_url: str, sandbox: Sandbox, step: str) -> None:
     """A real `drain` that SIGKILLs itself at `step` (its leases are left to run out: see `lease_ran_out`)."""
-    code, _, err = await run_command(["drain"], env_for(database_url, sandbox, DRJOBS_FAILPOINTS=step), timeout=90)
+    code, _, err = await run_command(["drain"], sandbox_env(database_url, sandbox, DRJOBS_FAILPOINTS=step), timeout=90)
     assert code == -signal.SIGKILL, f"the failpoint {step} was never reached: {err}"
 
 

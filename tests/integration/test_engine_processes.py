@@ -143,19 +143,14 @@ async def test_status_shows_records_by_status_oldest_due_age_and_live_nodes(data
 
 
 async def test_status_json_is_only_json_even_when_it_applies_the_schema(pg_server_dsn: str) -> None:
-    import asyncpg
-
-    from tests.conftest import with_database
+    from tests.db import admin, drop_database, with_database
 
     name = "drjobs_status_fresh"
-    conn = await asyncpg.connect(pg_server_dsn)
+    await admin(pg_server_dsn, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await conn.execute(f'CREATE DATABASE "{name}"')
         code, out, err = await run_command(["status", "--json"], engine_env(with_database(pg_server_dsn, name)))
     finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
+        await drop_database(pg_server_dsn, name)
     assert code == 0, err
     assert [j["job"] for j in json.loads(out)["jobs"]] == list(JOBS)  # the log went to stderr
     assert "schema_applied" in err

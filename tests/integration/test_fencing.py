@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import pytest
 
 from engine.store import LeaseLost, Leases, Store
+from tests.db import open_store, rows_locked_elsewhere
 from tests.integration.factories import fulfillment_order, process_records, subscription
 
 SPD = "subscription_process_data"
@@ -26,11 +26,8 @@ LEASE = 60.0
 @pytest.fixture
 async def other_store(database_url: str) -> AsyncIterator[Store]:
     """A second engine process ("node B"), on its own pool."""
-    s = await Store.connect(database_url, "other-node", min_size=1, max_size=2)
-    try:
+    async with open_store(database_url, "other-node", max_size=2) as s:
         yield s
-    finally:
-        await s.close()
 
 
 async def records(store: Store, count: int) -> list[int]:
@@ -133,32 +130,22 @@ async def test_the_heartbeat_does_not_wait_on_a_row_locked_by_another_session(da
                              "interval '3 seconds' WHERE id = $1", locked_id)
     free_before = (await row(store, free_id))["locked_until"]
 
-    locker = await asyncpg.connect(database_url)
-    try:
-        tx = locker.transaction()
-        await tx.start()
-        try:
-            await locker.execute("SELECT id FROM subscription_process_data WHERE id = $1 FOR UPDATE", locked_id)
+    async with rows_locked_elsewhere(database_url, SPD, locked_id):
+        await asyncio.wait_for(leases.extend(), 5)
+        free_after = (await row(store, free_id))["locked_until"]
+        assert (free_after - free_before).total_seconds() > 500
+        assert leases.lost == set()  # locked elsewhere but its lease has not run out: still ours
+        leases.check(locked_id)
 
-            await asyncio.wait_for(leases.extend(), 5)
-            free_after = (await row(store, free_id))["locked_until"]
-            assert (free_after - free_before).total_seconds() > 500
-            assert leases.lost == set()  # locked elsewhere but its lease has not run out: still ours
+        # Still locked by the other session, and now its lease has run out: the next beat reports it lost.
+        while await store.pool.fetchval("SELECT locked_until > clock_timestamp() FROM subscription_process_data "
+                                        "WHERE id = $1", locked_id):
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(leases.extend(), 5)
+        assert leases.lost == {locked_id}
+        with pytest.raises(LeaseLost):
             leases.check(locked_id)
-
-            # Still locked by the other session, and now its lease has run out: the next beat reports it lost.
-            while await store.pool.fetchval("SELECT locked_until > clock_timestamp() FROM subscription_process_data "
-                                            "WHERE id = $1", locked_id):
-                await asyncio.sleep(0.1)
-            await asyncio.wait_for(leases.extend(), 5)
-            assert leases.lost == {locked_id}
-            with pytest.raises(LeaseLost):
-                leases.check(locked_id)
-            leases.check(free_id)
-        finally:
-            await tx.rollback()
-    finally:
-        await locker.close()
+        leases.check(free_id)
     still = await store.pool.fetchval("SELECT locked_until < clock_timestamp() FROM subscription_process_data "
                                       "WHERE id = $1", locked_id)
     assert still is True
@@ -280,15 +267,10 @@ async def test_save_checkouts_skips_a_row_locked_by_another_session(database_url
     locked_id, free_id = await records(store, 2)
     leases = Leases(store, SPD, int(LEASE))
     await leases.claim("claim_payment_records", 2)
-    locker = await asyncpg.connect(database_url)
-    try:
-        async with locker.transaction():
-            await locker.execute("SELECT id FROM subscription_process_data WHERE id = $1 FOR UPDATE", locked_id)
-            results = await asyncio.wait_for(
-                save_checkouts(store, [locked_id, free_id], [leases.token(locked_id), leases.token(free_id)],
-                               ["chk_locked", "chk_free"]), 5)
-    finally:
-        await locker.close()
+    async with rows_locked_elsewhere(database_url, SPD, locked_id):
+        results = await asyncio.wait_for(
+            save_checkouts(store, [locked_id, free_id], [leases.token(locked_id), leases.token(free_id)],
+                           ["chk_locked", "chk_free"]), 5)
     assert results == {locked_id: "busy", free_id: "saved"}
     assert (await row(store, locked_id))["dr_checkout_id"] is None
     assert (await row(store, free_id))["dr_checkout_id"] == "chk_free"

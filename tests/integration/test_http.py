@@ -21,6 +21,7 @@ from engine import settings
 from engine.http import Health, HttpServer
 from engine.metrics import Metrics
 from engine.store import Store
+from tests.db import admin
 from tests.integration.factories import due_subscription, process_records
 
 ACTORS = {"node": True, "log-writer": True, "recurring-payments": True}
@@ -122,11 +123,7 @@ async def test_readyz_is_503_naming_the_database_when_it_was_dropped(serve: Serv
     # No connection held, so the store meets the dropped database on its next query.
     store = await Store.connect(database_url, "test-node", min_size=0, max_size=1)
     try:
-        admin = await asyncpg.connect(pg_server_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE "{urlsplit(database_url).path.lstrip("/")}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await admin(pg_server_dsn, f'DROP DATABASE "{urlsplit(database_url).path.lstrip("/")}" WITH (FORCE)')
         server = await serve(World().health(store))
         status, body = await get(server, "/readyz")
         assert (status, body["failing"]) == (503, ["database"])

@@ -23,14 +23,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import asyncpg
 import pytest
 
 from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
+from tests.db import other_session
 from tests.integration.factories import due_subscription
-from tests.support import EngineProcess, engine_env
+from tests.ledger_checks import assert_charged_once, declines_by_subscription
+from tests.support import EngineProcess, sandbox_env, sandbox_fixture
 
 LEASE_SECONDS = 5
 # Longer than the lease: whatever the engine was doing with a held row, its lease has run out before the lock goes.
@@ -51,15 +51,12 @@ DECLINER = ("EXISTS (SELECT 1 FROM subscriptions s JOIN stored_payments sp ON sp
             f"WHERE s.id = p.subscription_id AND sp.dr_source_id = '{DECLINING_SOURCE}')")
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=23)) as sb:
-        yield sb
+sandbox = sandbox_fixture(seed=23)
 
 
 def env_for(database_url: str, sandbox: Sandbox, node: str, **extra: str) -> dict[str, str]:
-    return engine_env(database_url, DR_API_URL=sandbox.url, LEASE_SECONDS=str(LEASE_SECONDS),
-                      DR_MAX_REQUESTS_PER_SECOND="500", NODE_NAME=node, RECURRING_PAYMENTS_CONCURRENCY="8", **extra)
+    return sandbox_env(database_url, sandbox, LEASE_SECONDS=str(LEASE_SECONDS), NODE_NAME=node,
+                       RECURRING_PAYMENTS_CONCURRENCY="8", **extra)
 
 
 @asynccontextmanager
@@ -67,31 +64,23 @@ async def rows_held(database_url: str, wanted: Sequence[str], timeout: float = 3
                     ) -> AsyncIterator[list[dict[str, Any]]]:
     """What a stuck session does to the engine: in one transaction, lock one in-flight record per condition in
     `wanted` (SQL on `p`) as soon as one is in flight; yield the rows as they were when locked; roll back."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
-            locked: list[dict[str, Any]] = []
-            pending = list(wanted)
-            deadline = time.monotonic() + timeout
-            while pending and time.monotonic() < deadline:
-                for condition in list(pending):
-                    # FOR UPDATE re-checks the conditions on the row it locks: it is in flight when taken.
-                    row = await conn.fetchrow(
-                        f"{IN_FLIGHT} AND ({condition}) AND p.id <> ALL($1::bigint[]) "
-                        "ORDER BY p.id LIMIT 1 FOR UPDATE OF p SKIP LOCKED", [r["id"] for r in locked])
-                    if row is not None:
-                        locked.append(dict(row))
-                        pending.remove(condition)
-                if pending:
-                    await asyncio.sleep(0.01)
-            assert not pending, f"no record in flight matched {pending} within {timeout}s (locked: {locked})"
-            yield locked
-        finally:
-            await transaction.rollback()
-    finally:
-        await conn.close()
+    async with other_session(database_url) as conn:
+        locked: list[dict[str, Any]] = []
+        pending = list(wanted)
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for condition in list(pending):
+                # FOR UPDATE re-checks the conditions on the row it locks: it is in flight when taken.
+                row = await conn.fetchrow(
+                    f"{IN_FLIGHT} AND ({condition}) AND p.id <> ALL($1::bigint[]) "
+                    "ORDER BY p.id LIMIT 1 FOR UPDATE OF p SKIP LOCKED", [r["id"] for r in locked])
+                if row is not None:
+                    locked.append(dict(row))
+                    pending.remove(condition)
+            if pending:
+                await asyncio.sleep(0.01)
+        assert not pending, f"no record in flight matched {pending} within {timeout}s (locked: {locked})"
+        yield locked
 
 
 def taken_over_mid_flight(sandbox: Sandbox) -> bool:
@@ -143,38 +132,6 @@ def no_alarms(engines: Sequence[EngineProcess]) -> None:
             assert engine.find(event) == [], (engine.env["NODE_NAME"], engine.find(event))
 
 
-def declines_by_subscription(sandbox: Sandbox) -> Counter[str]:
-    """Declines Digital River answered, counted by the subscription the declined checkout charged."""
-    counts: Counter[str] = Counter()
-    for checkout_id in sandbox.ledger.declines:
-        for item in sandbox.ledger.checkouts[checkout_id]["items"]:
-            counts[item["subscriptionInfo"]["subscriptionId"]] += 1
-    return counts
-
-
-async def assert_at_most_one_order_per_record(store: Store, sandbox: Sandbox, *, successful: int) -> list[Any]:
-    """Exactly one Digital River order for each Successful record (the one the record names), none for any other,
-    nothing else in the ledger, and the store agreeing. Returns the records."""
-    ledger = sandbox.ledger
-    recs = await store.pool.fetch(
-        "SELECT id, subscription_id, upstream_id, subscription_job_run_status AS status, dr_order_id "
-        "FROM subscription_process_data ORDER BY id")
-    assert ledger.duplicate_upstream_ids() == {}
-    assert {c: ids for c, ids in ledger.orders_by_checkout.items() if len(ids) > 1} == {}
-    for rec in recs:
-        orders = [o["id"] for o in ledger.orders_for_upstream(rec["upstream_id"])]
-        if rec["status"] == "Successful":
-            assert orders == [rec["dr_order_id"]], dict(rec)
-        else:
-            assert orders == [], f"record {rec['id']} is {rec['status']} but Digital River made {orders} for it"
-    assert sum(r["status"] == "Successful" for r in recs) == successful, Counter(r["status"] for r in recs)
-    assert len(ledger.orders) == successful
-    assert await store.pool.fetchval(
-        "SELECT count(*) FROM orders WHERE dr_order_source = 'Subscription—Installment'") == successful
-    assert await store.pool.fetchval("SELECT count(*) FROM payment_attempts WHERE outcome = 'charged'") == successful
-    return list(recs)
-
-
 @pytest.mark.timeout(90)
 async def test_rows_locked_past_their_lease_under_one_engine_are_charged_once(
         database_url: str, store: Store, sandbox: Sandbox) -> None:
@@ -190,7 +147,7 @@ async def test_rows_locked_past_their_lease_under_one_engine_are_charged_once(
         await finish(engines)
     await drain_leftovers(database_url, sandbox, store, engines)
     no_alarms(engines)
-    await assert_at_most_one_order_per_record(store, sandbox, successful=40)
+    await assert_charged_once(store, sandbox, records=40, successful=40)
     assert {h["locked_by"] for h in held} == {"solo"}
 
 
@@ -216,7 +173,7 @@ async def test_rows_locked_past_their_lease_under_two_engines_are_charged_once(
         await finish(engines)
     await drain_leftovers(database_url, sandbox, store, engines)
     no_alarms(engines)
-    await assert_at_most_one_order_per_record(store, sandbox, successful=60)
+    await assert_charged_once(store, sandbox, records=60, successful=60)
     assert {h["locked_by"] for h in held} == {"first"}
 
 
@@ -240,9 +197,10 @@ async def test_declining_cards_locked_past_their_lease_are_declined_once(
     # The declined records wait their day (Open); made due again now, Digital River's once-a-day limit still holds.
     assert await drain_leftovers(database_url, sandbox, store, engines) >= len(declining)
     no_alarms(engines)
-    recs = await assert_at_most_one_order_per_record(store, sandbox, successful=30)
+    recs = await assert_charged_once(store, sandbox, records=45, successful=30)
     for rec in recs:
-        assert rec["status"] == ("Open" if str(rec["subscription_id"]) in declining else "Successful"), dict(rec)
+        assert rec["subscription_job_run_status"] == ("Open" if str(rec["subscription_id"]) in declining
+                                                      else "Successful"), rec
     assert declines_by_subscription(sandbox) == Counter({s: 1 for s in declining})
     # Nor was a declined checkout submitted again: Digital River answered one decline per declining card ...
     assert sandbox.ledger.count_requests("POST", "/orders", 409) == len(declining)
@@ -316,7 +274,7 @@ async def test_a_frozen_engine_whose_records_were_taken_over_charges_nobody_twic
         await finish(engines)
     await drain_leftovers(database_url, sandbox, store, engines)
     no_alarms(engines)
-    await assert_at_most_one_order_per_record(store, sandbox, successful=24)
+    await assert_charged_once(store, sandbox, records=24, successful=24)
     # The frozen engine found out it had lost them, and settled none of the records it had in flight.
     assert frozen.find("lease_lost") or frozen.find("installment_lease_lost"), frozen.events[-20:]
     late = [(e["event"], e["record_id"]) for e in frozen.events
@@ -346,8 +304,8 @@ async def test_a_frozen_engine_whose_declined_cards_were_taken_over_records_each
         await finish(engines)
     await drain_leftovers(database_url, sandbox, store, engines)
     no_alarms(engines)
-    recs = await assert_at_most_one_order_per_record(store, sandbox, successful=0)
-    assert {r["status"] for r in recs} == {"Open"}
+    recs = await assert_charged_once(store, sandbox, records=16, successful=0)
+    assert {r["subscription_job_run_status"] for r in recs} == {"Open"}
     assert declines_by_subscription(sandbox) == Counter({s: 1 for s in declining})
     attempts = await store.pool.fetch(
         "SELECT subscription_id, count(*) AS n, array_agg(node ORDER BY id) AS nodes FROM payment_attempts "

@@ -9,42 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 
 import pytest
 
 from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
 from tests.integration.factories import due_subscription
-from tests.support import EngineProcess, engine_env, run_command
+from tests.ledger_checks import assert_charged_once
+from tests.support import EngineProcess, run_command, sandbox_env, sandbox_fixture
 
 STEPS = ["after_claim", "after_checkout_created", "after_checkout_saved", "after_order_created",
          "after_order_saved"]
 
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=11)) as sb:
-        yield sb
-
-
-def env_for(database_url: str, sandbox: Sandbox, **extra: str) -> dict[str, str]:
-    return engine_env(database_url, DR_API_URL=sandbox.url, LEASE_SECONDS="5", DR_MAX_REQUESTS_PER_SECOND="500",
-                      **extra)
-
-
-async def assert_charged_once(store: Store, sandbox: Sandbox, expected: int) -> None:
-    recs = await store.pool.fetch("SELECT * FROM subscription_process_data ORDER BY id")
-    assert len(recs) == expected
-    assert [r["subscription_job_run_status"] for r in recs] == ["Successful"] * expected
-    for rec in recs:
-        [order] = sandbox.ledger.orders_for_upstream(rec["upstream_id"])
-        assert rec["dr_order_id"] == order["id"]
-    assert len(sandbox.ledger.orders) == expected
-    assert await store.pool.fetchval("SELECT count(*) FROM orders WHERE dr_order_source = 'Subscription—Installment'") \
-        == expected
-    assert await store.pool.fetchval("SELECT count(*) FROM payment_attempts WHERE outcome = 'charged'") == expected
+sandbox = sandbox_fixture(seed=11)
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -52,11 +29,11 @@ async def test_kill_between_steps_leaves_exactly_one_order_per_installment(
         database_url: str, store: Store, sandbox: Sandbox, step: str) -> None:
     for _ in range(3):
         await due_subscription(store)
-    code, _, err = await run_command(["drain"], env_for(database_url, sandbox, DRJOBS_FAILPOINTS=step), timeout=90)
+    code, _, err = await run_command(["drain"], sandbox_env(database_url, sandbox, DRJOBS_FAILPOINTS=step), timeout=90)
     assert code == -signal.SIGKILL, f"the failpoint {step} was never reached: {err}"
-    code, _, err = await run_command(["drain"], env_for(database_url, sandbox), timeout=90)
+    code, _, err = await run_command(["drain"], sandbox_env(database_url, sandbox), timeout=90)
     assert code == 0, err
-    await assert_charged_once(store, sandbox, 3)
+    await assert_charged_once(store, sandbox, records=3, successful=3)
 
 
 async def test_kill_in_the_middle_of_a_busy_run_charges_nobody_twice(database_url: str, store: Store,
@@ -64,13 +41,13 @@ async def test_kill_in_the_middle_of_a_busy_run_charges_nobody_twice(database_ur
     for _ in range(60):
         await due_subscription(store)
     sandbox.configure(latency_ms=20)
-    async with EngineProcess(["drain"], env_for(database_url, sandbox)) as engine:
+    async with EngineProcess(["drain"], sandbox_env(database_url, sandbox)) as engine:
         await engine.wait_for("installment_charged", count=10, timeout=60)
         engine.kill()
         assert await engine.wait() == -signal.SIGKILL
-    code, _, err = await run_command(["drain"], env_for(database_url, sandbox), timeout=90)
+    code, _, err = await run_command(["drain"], sandbox_env(database_url, sandbox), timeout=90)
     assert code == 0, err
-    await assert_charged_once(store, sandbox, 60)
+    await assert_charged_once(store, sandbox, records=60, successful=60)
 
 
 async def test_two_engines_draining_one_backlog_charge_each_installment_once(database_url: str, store: Store,
@@ -82,9 +59,9 @@ async def test_two_engines_draining_one_backlog_charge_each_installment_once(dat
     sandbox.configure(latency_ms=100)
     env = {"RECURRING_PAYMENTS_CONCURRENCY": "8"}
     results = await asyncio.gather(*(run_command(
-        ["drain"], env_for(database_url, sandbox, NODE_NAME=f"drainer-{i}", **env), timeout=120) for i in range(2)))
+        ["drain"], sandbox_env(database_url, sandbox, NODE_NAME=f"drainer-{i}", **env), timeout=120) for i in range(2)))
     assert [code for code, _, _ in results] == [0, 0], [err for _, _, err in results]
-    await assert_charged_once(store, sandbox, 120)
+    await assert_charged_once(store, sandbox, records=120, successful=120)
     nodes = {r["node"] for r in await store.pool.fetch("SELECT node FROM payment_attempts")}
     assert nodes == {"drainer-0", "drainer-1"}
 
@@ -92,7 +69,7 @@ async def test_two_engines_draining_one_backlog_charge_each_installment_once(dat
 async def test_serve_wakes_payments_right_after_installments(database_url: str, store: Store,
                                                             sandbox: Sandbox) -> None:
     await due_subscription(store)
-    env = env_for(database_url, sandbox, SUBSCRIPTION_INSTALLMENTS_SCHEDULE="every 1s")  # payments stay off
+    env = sandbox_env(database_url, sandbox, SUBSCRIPTION_INSTALLMENTS_SCHEDULE="every 1s")  # payments stay off
     async with EngineProcess(["serve"], env) as engine:
         [charged] = await engine.wait_for("installment_charged", timeout=60)
         engine.signal(signal.SIGTERM)
@@ -100,4 +77,4 @@ async def test_serve_wakes_payments_right_after_installments(database_url: str, 
     assert charged["job"] == "recurring-payments"
     runs = await store.pool.fetch("SELECT trigger FROM job_runs WHERE job = 'recurring-payments'")
     assert {r["trigger"] for r in runs} == {"message"}
-    await assert_charged_once(store, sandbox, 1)
+    await assert_charged_once(store, sandbox, records=1, successful=1)

@@ -7,7 +7,6 @@ of billing-rules.md is driven here through the sandbox's scripted behaviours.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,17 +14,12 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
 from tests.integration.engines import drain, engine_on, run_job
 from tests.integration.factories import due_subscription
-from tests.support import TEST_KEY
+from tests.support import TEST_KEY, sandbox_fixture
 
-
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=7)) as sb:
-        yield sb
+sandbox = sandbox_fixture(seed=7)
 
 
 async def records(store: Store, subscription_id: int | None = None) -> list[dict[str, Any]]:

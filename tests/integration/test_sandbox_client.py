@@ -22,15 +22,13 @@ from engine.digital_river import (
     TransientError,
 )
 from engine.logs import AppLogSink
-from sandbox.server import Sandbox, SandboxConfig, config_from_args
+from sandbox.server import Sandbox, config_from_args
+from tests.support import sandbox_fixture
 
 KEY = "sk_test_integration_0123456789"
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(seed=7)) as sb:
-        yield sb
+sandbox = sandbox_fixture(seed=7)
 
 
 def make_client(sb: Sandbox, **kwargs: Any) -> DigitalRiverClient:
@@ -138,10 +136,30 @@ async def test_checkout_validation_answers_400_naming_the_parameter(client: Digi
 
 async def test_checkout_with_product_details_instead_of_sku_is_accepted(client: DigitalRiverClient) -> None:
     body = checkout_body()
-    body["items"] = [{"productDetails": {"name": "Widget", "skuGroupId": "g1"}, "price": 5.0, "quantity": 2}]
+    body["items"] = [{"productDetails": {"id": "WID-1", "name": "Widget", "skuGroupId": "g1", "countryOfOrigin": "US"},
+                      "price": 5.0, "quantity": 2}]
     checkout = await client.create_checkout(body)
     assert checkout.items[0].sku_id is None
     assert checkout.subtotal == Decimal("10")
+
+
+@pytest.mark.parametrize(("details", "code", "parameter"), [
+    # Digital River's own answers (GitBook product-management/using-product-details.md).
+    ({"name": "Widget", "countryOfOrigin": "US"}, "missing_parameter", "skuGroupId"),
+    ({"name": "Widget", "skuGroupId": "g1"}, "missing_parameter", "countryOfOrigin"),
+    ({"name": "Widget", "skuGroupId": "g1", "countryOfOrigin": "USA"}, "invalid_parameter", "countryOfOrigin"),
+    # taxCode and eccn are SKU fields, not product-details fields.
+    ({"name": "Widget", "skuGroupId": "g1", "countryOfOrigin": "US", "taxCode": "4512.1"}, "invalid_parameter",
+     "items[0].productDetails.taxCode"),
+    ({"skuGroupId": "g1", "countryOfOrigin": "US"}, "missing_parameter", "items[0].productDetails.name"),
+])
+async def test_product_details_are_refused_as_digital_river_refuses_them(
+        client: DigitalRiverClient, details: dict[str, str], code: str, parameter: str) -> None:
+    body = checkout_body()
+    body["items"] = [{"productDetails": details, "price": 5.0, "quantity": 1}]
+    with pytest.raises(BadRequestError) as caught:
+        await client.create_checkout(body)
+    assert (caught.value.status, caught.value.code, caught.value.parameter) == (400, code, parameter)
 
 
 # -- orders ------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from engine.logs import install_app_log
 from engine.scheduler import Scheduler
 from engine.settings import load
 from engine.store import Store
+from tests.db import open_store
 
 
 def engine_for(store: Store) -> Engine:
@@ -64,8 +65,7 @@ async def test_a_busy_job_skips_the_tick_instead_of_queueing_without_bound(store
 
 async def test_a_tick_is_run_by_one_process_only(database_url: str, store: Store) -> None:
     first, second = engine_for(store), None
-    other_store = await Store.connect(database_url, "other-node", min_size=1, max_size=2)
-    try:
+    async with open_store(database_url, "other-node", max_size=2) as other_store:
         second = engine_for(other_store)
         fire = datetime(2026, 11, 21, 0, 0, tzinfo=UTC)
         done = [asyncio.get_running_loop().create_future() for _ in range(2)]
@@ -74,8 +74,6 @@ async def test_a_tick_is_run_by_one_process_only(database_url: str, store: Store
             second.jobs["log-cleanup"].handle(RunRequest(fire, "schedule", done[1])),
         )
         results = [d.result() for d in done]
-    finally:
-        await other_store.close()
     assert sorted(r is None for r in results) == [False, True]
     rows = await store.pool.fetch("SELECT node, status FROM job_runs WHERE job = 'log-cleanup'")
     assert len(rows) == 1 and rows[0]["status"] == "succeeded"

@@ -11,25 +11,18 @@ HTTP surface elsewhere.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-
-import pytest
 
 from engine.store import Store
-from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
 from tests.integration.factories import due_subscription
-from tests.support import engine_env, run_command
+from tests.support import engine_env, run_command, sandbox_fixture
 
 KEY = "sk_test_CANARY_secret_7f3e9a1c5b2d4e6f"
 WRONG_KEY = "sk_test_CANARY_refused_0a9b8c7d6e5f"
 MARKS = ("CANARY", KEY, WRONG_KEY, KEY[8:], WRONG_KEY[8:])
 
 
-@pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    async with Sandbox(SandboxConfig(api_key=KEY, seed=3)) as sb:
-        yield sb
+sandbox = sandbox_fixture(api_key=KEY, seed=3)
 
 
 def env_for(database_url: str, sandbox: Sandbox, key: str = KEY) -> dict[str, str]:
