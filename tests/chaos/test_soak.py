@@ -10,7 +10,7 @@ the faults stop, the time-based backoffs are fast-forwarded (records waiting out
 rules only say when to try again, not that the test must wait an hour), the engines finish and stop, and:
 
 - every installment has exactly one Digital River order, or is Failed / waiting a day for a reason the table of
-  billing-rules.md allows (declines, bad data);
+  docs/billing-rules.md allows (declines, bad data);
 - every fulfillment line was reported at most once and ends Completed or Failed;
 - no record is left claimed; runs of killed processes are marked failed, and no tick ran twice;
 - both engines are still running at the end (an outage never spends their restart budget).

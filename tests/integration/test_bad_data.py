@@ -4,7 +4,7 @@ in-process engine against the local sandbox.
 Every kind of bad row ends in its own way, and the good subscription beside it is charged exactly once in the
 same drain:
 - a record that cannot be charged is `Failed` at once, its message naming the field, never sent to Digital
-  River when our own checks can tell (billing-rules.md, "bad data"), or refused by Digital River's 400 naming
+  River when our own checks can tell (docs/billing-rules.md, "bad data"), or refused by Digital River's 400 naming
   its parameter when only Digital River can tell;
 - a subscription that cannot be scheduled is `Suspended`, its message naming the field;
 - a row the schema refuses never gets in (a CHECK, a type, NOT NULL);
@@ -289,7 +289,7 @@ async def test_next_run_date_in_the_far_past_catches_up_oldest_first_and_complet
 
 
 async def test_subscription_without_next_run_date_is_never_due(store: Store, sandbox: Sandbox) -> None:
-    """Due means a next run date on or before today (CONTRACT.md); without one a subscription is not due."""
+    """Due means a next run date on or before today (docs/contract.md); without one a subscription is not due."""
     undated = await due_subscription(store, installment_next_run_date=None, installment_anchor_date=None)
     good_sub = await due_subscription(store)
     assert await drained(store, sandbox) == 0

@@ -1,7 +1,7 @@
 """Bad settings: every variable of engine/settings.py with wrong types, out-of-range numbers, bad cron and bad
 names, the way an operator gets them wrong.
 
-CONTRACT.md: a bad setting is one clear line on stderr naming what is wrong and what is allowed, exit 2, and
+docs/contract.md: a bad setting is one clear line on stderr naming what is wrong and what is allowed, exit 2, and
 nothing written. A sample of every variable goes through a real `python run.py serve` (and `run`, `drain`);
 the many more values behind them go through `engine.settings.load`, which is what those commands call first.
 """

@@ -1,7 +1,7 @@
 """The installment pipeline against the local Digital River sandbox and a real PostgreSQL.
 
 subscription-installments makes the records, recurring-payments charges them; every row of the failure table
-of billing-rules.md is driven here through the sandbox's scripted behaviours.
+of docs/billing-rules.md is driven here through the sandbox's scripted behaviours.
 """
 
 from __future__ import annotations

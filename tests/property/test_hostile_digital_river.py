@@ -9,7 +9,7 @@ the API key echoed back, bodies dripped a byte at a time past the client's timeo
 - a call ends in a parsed answer the store can hold, or in one `DigitalRiverError` subclass chosen by the
   status, whose `str()` is one short printable line without the API key; never another exception, never a hang;
 - what the client hands the application log is storable and holds no key;
-- a record charged through such a server ends as billing-rules.md allows (Open and waiting, Failed with a
+- a record charged through such a server ends as docs/billing-rules.md allows (Open and waiting, Failed with a
   readable message, or Successful with exactly one order), and the drain finishes.
 """
 
@@ -768,7 +768,7 @@ async def test_a_hostile_order_answer_leaves_the_record_as_the_billing_rules_all
 
 async def test_refused_key_on_a_hostile_server_ends_the_drain_instead_of_spinning(
         server: HostileServer, store: Store) -> None:
-    """401 on POST /orders: the run stops claiming and leaves the record as it was (billing-rules.md). drain
+    """401 on POST /orders: the run stops claiming and leaves the record as it was (docs/billing-rules.md). drain
     must then return (1, a crashed run), not take the same record again and again."""
     fake = FakeDigitalRiver(Answer(401, b'{"type":"unauthorized","errors":[{"code":"unauthorized"}]}'), False, None)
     server.script(fake.routes())
@@ -788,7 +788,7 @@ async def test_refused_key_on_a_hostile_server_ends_the_drain_instead_of_spinnin
 async def test_an_order_lookup_refused_after_a_lost_answer_keeps_the_record_open(
         server: HostileServer, store: Store, lookup_status: int) -> None:
     """POST /orders made the order but its answer was lost (a 502), and the lookup that follows is refused with
-    a 4xx: the outcome is unknown, so the record stays Open with its checkout (billing-rules.md, "unknown"),
+    a 4xx: the outcome is unknown, so the record stays Open with its checkout (docs/billing-rules.md, "unknown"),
     never Failed while Digital River holds its order."""
     lookup = Answer(lookup_status, b'{"type":"bad_request","errors":[{"code":"invalid_parameter"}]}')
     fake = FakeDigitalRiver(Answer(502, b"<html>Bad Gateway</html>", "text/html"), True, lookup)
