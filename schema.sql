@@ -346,6 +346,10 @@ ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS dr_checkout_sourc
 -- `countryOfOrigin` and `name`) in a checkout item's `productDetails` (GitBook
 -- product-management/using-product-details.md); the group carries the tax code and ECCN.
 ALTER TABLE products ADD COLUMN IF NOT EXISTS sku_group_id text;
+-- The fraud review state and the payment charge's state Digital River answered for an order (Order.fraudState,
+-- payment.charges[0].state).
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS dr_fraud_state text;
+ALTER TABLE orders ADD COLUMN IF NOT EXISTS dr_charge_state text;
 -- Installment records an operator should look at (`status_attention`).
 CREATE INDEX IF NOT EXISTS subscription_process_data_attention ON subscription_process_data (last_error_code)
     WHERE last_error_code IN ('checkout_unknown', 'subscription_cancelled', 'subscription_suspended')

@@ -170,7 +170,8 @@ def charged_row(rec: asyncpg.Record, order: Order) -> dict[str, Any]:
     unit_price = rec["unit_price"] or Decimal(0)
     return {
         "record_id": rec["id"], "dr_order_id": order.id, "dr_checkout_id": order.checkout_id or rec["dr_checkout_id"],
-        "state": order.state, "currency": order.currency.upper(), "subtotal": str(order.subtotal),
+        "state": order.state, "fraud_state": order.fraud_state, "charge_state": order.charge_state,
+        "currency": order.currency.upper(), "subtotal": str(order.subtotal),
         "total_tax": str(order.total_tax), "total_amount": str(order.total_amount),
         "items": [{
             "dr_item_id": item.id, "quantity": item.quantity,

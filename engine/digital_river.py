@@ -388,6 +388,11 @@ class Order:
     total_amount: Decimal
     items: tuple[OrderItem, ...]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # The fraud review state (`fraudState`) and the state of the order's first payment charge
+    # (`payment.charges[0].state`: pending, capturable, processing, complete, cancelled, failed). Digital River's
+    # Order and Charge models (DigitalRiver/digital-river-php docs/Model/Order.md, Charge.md). None when absent.
+    fraud_state: str | None = None
+    charge_state: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,7 +594,17 @@ def parse_order(body: Any, where: str = "") -> Order:
         total_amount=_req_money(body, "totalAmount", f"{where}totalAmount"),
         items=tuple(items),
         raw=body,
+        fraud_state=_opt_str(body, "fraudState"),
+        charge_state=_first_charge_state(body),
     )
+
+
+def _first_charge_state(body: Mapping[str, Any]) -> str | None:
+    payment = body.get("payment")
+    charges = payment.get("charges") if isinstance(payment, dict) else None
+    if isinstance(charges, list) and charges and isinstance(charges[0], dict):
+        return _opt_str(charges[0], "state")
+    return None
 
 
 def parse_source_id(body: Any) -> str:

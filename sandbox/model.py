@@ -375,7 +375,15 @@ def build_order(checkout: dict[str, Any], state: str) -> dict[str, Any]:
         "stateTransitions": {state: created},
         "fraudState": "in_review" if state == "in_review" else "passed",
         "items": items,
+        # One charge on the checkout's source (Digital River's Payments/Charge models): capturable once the order
+        # is accepted, pending before. The sandbox does not move it on captures.
+        "payment": {"sources": checkout.get("payment", {}).get("sources", []), "charges": [{
+            "id": new_id("chg_"), "createdTime": created, "currency": checkout["currency"],
+            "amount": checkout["totalAmount"], "state": "capturable" if state == "accepted" else "pending",
+            "orderId": None, "sourceId": checkout.get("sourceId"), "captured": False, "refunded": False,
+            "type": checkout.get("chargeType", "customer_initiated"), "liveMode": False}]},
     })
+    order["payment"]["charges"][0]["orderId"] = order["id"]
     return order
 
 

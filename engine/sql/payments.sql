@@ -130,7 +130,7 @@ RETURNING id;
 
 -- name: finish_charged
 -- recurring-payments: for each charged record in $2 (jsonb [{record_id, token, dr_order_id, dr_checkout_id,
--- state, currency, subtotal, total_tax, total_amount, items: [{dr_item_id, quantity, unit_price, tax_amount,
+-- state, fraud_state, charge_state, currency, subtotal, total_tax, total_amount, items: [{dr_item_id, quantity, unit_price, tax_amount,
 -- state, billing_agreement_id}]}]), in one transaction: the installment's order and items, the cart closed, the
 -- attempt, and the record Successful and processed, only under the claim's lease token (fencing) and never on
 -- a record already processed. Never waits on a row another session has locked. $1 is this node, for the attempt
@@ -139,8 +139,9 @@ RETURNING id;
 WITH input AS (
     SELECT *
       FROM jsonb_to_recordset($2::jsonb) AS u(record_id bigint, token bigint, dr_order_id text, dr_checkout_id text,
-                                              state text, currency text, subtotal numeric, total_tax numeric,
-                                              total_amount numeric, items jsonb)
+                                              state text, fraud_state text, charge_state text, currency text,
+                                              subtotal numeric, total_tax numeric, total_amount numeric,
+                                              items jsonb)
 ), locked AS (
     SELECT p.id, p.lease_token, p.is_recurring_payment_processed AS processed, p.dr_order_id
       FROM subscription_process_data p
@@ -154,13 +155,16 @@ WITH input AS (
       JOIN subscription_process_data p ON p.id = input.record_id
       JOIN subscriptions s ON s.id = p.subscription_id
 ), ord AS (
-    INSERT INTO orders (account_id, parent_order_id, dr_order_id, dr_checkout_id, dr_order_state, dr_order_source,
-                        currency, subtotal, total_tax, total_amount, ship_to, bill_to)
-    SELECT rec.account_id, rec.parent_order_id, rec.dr_order_id, rec.dr_checkout_id, rec.state,
-           'Subscription—Installment', rec.currency, rec.subtotal, rec.total_tax, rec.total_amount, po.ship_to,
-           po.bill_to
+    INSERT INTO orders (account_id, parent_order_id, dr_order_id, dr_checkout_id, dr_order_state, dr_fraud_state,
+                        dr_charge_state, dr_order_source, currency, subtotal, total_tax, total_amount, ship_to,
+                        bill_to)
+    SELECT rec.account_id, rec.parent_order_id, rec.dr_order_id, rec.dr_checkout_id, rec.state, rec.fraud_state,
+           rec.charge_state, 'Subscription—Installment', rec.currency, rec.subtotal, rec.total_tax, rec.total_amount,
+           po.ship_to, po.bill_to
       FROM rec LEFT JOIN orders po ON po.id = rec.parent_order_id
-    ON CONFLICT (dr_order_id) DO UPDATE SET dr_order_state = EXCLUDED.dr_order_state
+    ON CONFLICT (dr_order_id) DO UPDATE SET dr_order_state = EXCLUDED.dr_order_state,
+                                            dr_fraud_state = EXCLUDED.dr_fraud_state,
+                                            dr_charge_state = EXCLUDED.dr_charge_state
     RETURNING id, dr_order_id
 ), items AS (
     INSERT INTO order_items (order_id, product_id, quantity, unit_price, tax_amount, dr_order_item_id,
