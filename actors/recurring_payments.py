@@ -113,8 +113,10 @@ def validate(rec: asyncpg.Record) -> None:
         raise BadData("cart_items.dr_billing_agreement_id is empty: no billing agreement to charge against")
 
 
-def _address(value: str | None, column: str) -> dict[str, Any] | None:
-    """A ship-to or bill-to as Digital River takes it: a JSON object whose `address`, if any, is an object."""
+def _address(value: str | None, column: str, *, billing: bool = False) -> dict[str, Any] | None:
+    """A ship-to or bill-to as Digital River takes it: a JSON object whose `address`, if any, is an object. A
+    bill-to must have one: Digital River's Billing requires `address` (its Shipping does not;
+    DigitalRiver/digital-river-php docs/Model/Billing.md and Shipping.md)."""
     if not value:
         return None
     try:
@@ -123,6 +125,8 @@ def _address(value: str | None, column: str) -> dict[str, Any] | None:
         raise BadData(f"{column} is not valid JSON") from None
     if not isinstance(parsed, dict) or not isinstance(parsed.get("address", {}), dict):
         raise BadData(f"{column} must be a JSON object with an object `address`, got {value[:80]!r}")
+    if billing and not parsed.get("address"):
+        raise BadData(f"{column} has no `address`: Digital River requires billTo.address, got {value[:80]!r}")
     return parsed
 
 
@@ -157,7 +161,8 @@ def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
     if rec["email"]:
         body["email"] = rec["email"]
     ship_to = _address(rec["ship_to"], "orders.ship_to")
-    bill_to = _address(rec["order_bill_to"], "orders.bill_to") or _address(rec["account_bill_to"], "accounts.bill_to")
+    bill_to = (_address(rec["order_bill_to"], "orders.bill_to", billing=True)
+               or _address(rec["account_bill_to"], "accounts.bill_to", billing=True))
     if ship_to:
         body["shipTo"] = ship_to
     if bill_to:

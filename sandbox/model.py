@@ -162,6 +162,9 @@ def _country(body: dict[str, Any], key: str) -> str | None:
     party = _object(party, key)
     address = party.get("address")
     if address is None:
+        if key == "billTo":
+            # Billing.address is required (DigitalRiver/digital-river-php docs/Model/Billing.md); Shipping's is not.
+            raise bad_request("missing_parameter", "billTo.address", "'billTo.address' is required.")
         return None
     address = _object(address, f"{key}.address")
     country = _string(address, "country", f"{key}.address.country")

@@ -91,6 +91,9 @@ FAILED_RECORDS = {
     "sku_unknown": Bad({"product": {"dr_sku_id": "sku_invalid_retired"}}, field="skuId", sent=True),
     "bill_to_not_an_object": Bad(sql=(ACCOUNT.format("bill_to = '\"Main Street 1, Springfield\"'"),),
                                  field="accounts.bill_to"),
+    # Digital River's Billing requires an address (digital-river-php docs/Model/Billing.md).
+    "bill_to_without_an_address": Bad(sql=(ACCOUNT.format("bill_to = '{\"name\": \"Acme\"}'"),),
+                                      field="accounts.bill_to"),
     "ship_to_country_not_iso": Bad(sql=(PARENT_ORDER.format(
         "ship_to = '{\"address\": {\"country\": \"Germany\", \"line1\": \"Unter den Linden 1\"}}'"),),
         field="shipTo.address.country", sent=True),

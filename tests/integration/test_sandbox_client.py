@@ -511,3 +511,13 @@ def test_command_line_flags_become_a_config() -> None:
     assert (config.latency_ms, config.latency_max_ms, config.error_rate, config.rate_limit, config.seed) == (
         50.0, 80.0, 0.1, 25.0, 3)
     assert config.fault_endpoints == ("POST /orders", "GET /orders")
+
+
+async def test_a_bill_to_without_an_address_is_refused_as_digital_river_refuses_it(client: DigitalRiverClient) -> None:
+    # Billing.address is required in Digital River's models (digital-river-php docs/Model/Billing.md).
+    body = checkout_body()
+    body["billTo"] = {"name": "Acme", "email": "billing@acme.example"}
+    with pytest.raises(BadRequestError) as caught:
+        await client.create_checkout(body)
+    assert (caught.value.status, caught.value.code, caught.value.parameter) == (400, "missing_parameter",
+                                                                                "billTo.address")
