@@ -354,3 +354,15 @@ ALTER TABLE orders ADD COLUMN IF NOT EXISTS dr_charge_state text;
 CREATE INDEX IF NOT EXISTS subscription_process_data_attention ON subscription_process_data (last_error_code)
     WHERE last_error_code IN ('checkout_unknown', 'subscription_cancelled', 'subscription_suspended')
       AND subscription_job_run_status IN ('Open', 'Failed');
+-- A 429 from Digital River, shared by every engine process on this database that uses the same key: Digital
+-- River refuses every call with that key until Retry-After has passed. `key_id` is the first 16 hex digits of
+-- the key's SHA-256, never the key.
+CREATE TABLE IF NOT EXISTS dr_rate_pauses (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    key_id          text NOT NULL UNIQUE,
+    paused_until    timestamptz NOT NULL
+);
+CREATE OR REPLACE TRIGGER dr_rate_pauses_touch BEFORE UPDATE ON dr_rate_pauses
+    FOR EACH ROW EXECUTE FUNCTION drjobs_touch_updated_at();

@@ -22,6 +22,7 @@ from engine.log_writer import LogWriter
 from engine.logs import AppLogSink, error_text, get_logger, install_app_log
 from engine.metrics import Metrics
 from engine.node import NodeHeartbeat
+from engine.rate_pauses import RatePauses
 from engine.scheduler import Scheduler
 from engine.settings import JOBS, Settings
 from engine.store import Store, is_outage
@@ -70,6 +71,10 @@ class Engine:
         if dr is not None:
             dr.metrics = self.metrics
         self.dr = dr
+        # A 429 met here pauses every engine on this database using the key, and theirs pause this one.
+        self.rate_pauses = RatePauses(store, dr) if dr is not None else None
+        if dr is not None and self.rate_pauses is not None:
+            dr.on_rate_limited = self.rate_pauses.publish
         self.services = Services(settings, store, self.app_log, self.stop, dr=dr, metrics=self.metrics)
         self.jobs = build_jobs(self.services)
         self.services.jobs = self.jobs
@@ -85,6 +90,8 @@ class Engine:
 
     def _supervisor(self, with_scheduler: bool) -> Supervisor:
         actors: list[Actor[Any]] = [self.node, self.log_writer, *self.jobs.values()]
+        if self.rate_pauses is not None:
+            actors.append(self.rate_pauses)
         if with_scheduler:
             schedules = {name: job.schedule for name, job in self.settings.jobs.items()}
             actors.append(Scheduler(self.jobs, schedules, self.store))

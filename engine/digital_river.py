@@ -58,10 +58,13 @@ over). create_order is never repeated: a second POST could charge twice, so the 
 
 Rate: every request, retries included, first takes a token from one bucket shared by all callers of the
 client. Its rate is DR_MAX_REQUESTS_PER_SECOND divided by the number of live engine processes
-(`set_share`, called from the node heartbeat). A 429 pauses every request of the client until its
-`Retry-After` (1 s when absent) has passed, because Digital River refuses everything before that time anyway;
-the pause is at most `backoff_max`, so a Retry-After of a year cannot freeze the process. `Retry-After` is read
-as delta-seconds (digits, optionally a fraction) or an HTTP date; anything else ("-1", "1e3", "inf") is absent.
+(`set_share`, called from the node heartbeat). A 429 pauses every request of the client until its whole
+`Retry-After` (1 s when absent) has passed, because Digital River refuses every call with that key before that
+time (its example is 120 s). The pause is capped only at RETRY_AFTER_CAP_SECONDS (an hour), so a Retry-After of
+a year cannot freeze the process for good. `on_rate_limited(seconds)` tells the engine, which shares the pause
+with every other process on the database using the same key (engine/rate_pauses.py); `pause_for` applies a pause
+another process met. `Retry-After` is read as delta-seconds (digits, optionally a fraction) or an HTTP date;
+anything else ("-1", "1e3", "inf") is absent.
 
 Logging: each failed call writes ONE `application_logs` row after its retries are spent (not one per attempt),
 level ERROR, module `digital-river`, message `dr_request_failed`, with the status, the request
@@ -76,6 +79,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import enum
+import hashlib
 import json
 import math
 import random
@@ -154,6 +158,9 @@ HARD_DECLINE_CODES = frozenset({
 })
 
 DEFAULT_RETRY_AFTER_429 = 1.0
+# The longest pause a 429 imposes: Retry-After is honoured in full up to an hour (Digital River's example is
+# 120 s); anything longer is taken as an hour, after which the next 429 pauses again.
+RETRY_AFTER_CAP_SECONDS = 3600.0
 # What an answer may carry and still be kept. Digital River's words go into error messages, codes and log rows:
 # they are kept on one line and cut to these lengths. Ids and states longer than MAX_ID_CHARS are not ids (and
 # would not fit a btree index); amounts must fit numeric(18,2) and quantities an integer column.
@@ -795,6 +802,10 @@ class DigitalRiverClient:
         # Whether the last answer was a 401/403: /readyz reports it; any 2xx clears it (a rotated key recovers).
         self.key_refused = False
         self._log: Any = None
+        # Called with the pause in seconds whenever Digital River answers 429 (the engine shares it).
+        self.on_rate_limited: Callable[[float], Any] | None = None
+        # Names the key in a shared pause without being the key: the first 16 hex digits of its SHA-256.
+        self.key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
     @classmethod
     def from_settings(cls, settings: Settings, app_log: AppLogSink | None = None) -> DigitalRiverClient:
@@ -841,6 +852,10 @@ class DigitalRiverClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def pause_for(self, seconds: float) -> None:
+        """Hold every request for `seconds` (a 429 another process met with this key), at most an hour."""
+        self.bucket.pause(min(max(0.0, seconds), RETRY_AFTER_CAP_SECONDS))
 
     def set_share(self, live_nodes: int) -> None:
         """Use 1/`live_nodes` of the cluster's DR_MAX_REQUESTS_PER_SECOND (called from the node heartbeat)."""
@@ -1028,6 +1043,8 @@ class DigitalRiverClient:
             response = _excerpt(raw)
         else:
             message = f"HTTP {status}" + ("" if raw else " with an empty body")
+            # A JSON answer that is not an object (a number, NaN, a list) is kept only as the log can store it.
+            response = None if response is None else _loggable(response, raw)
         kwargs: dict[str, Any] = {"status": status, "error_type": error_type, "code": code,
                                   "parameter": parameter, "path": path, "response": response}
         if status == 429:
@@ -1036,9 +1053,13 @@ class DigitalRiverClient:
             self.stats.rate_limited += 1
             if self.metrics is not None:
                 self.metrics.rate_limited()
-            # Every caller waits out the pause, so it is bounded: a Retry-After of a year (or of 1e300) must not
-            # freeze the process. Past backoff_max the records' own backoff takes over.
-            self.bucket.pause(min(pause, self.backoff_max))
+            # Every caller of every process on this key waits out the whole pause (Digital River refuses all of
+            # their calls until then), capped only at an hour. A call whose wait would pass backoff_max is not
+            # retried: its record's own backoff takes over.
+            pause = min(pause, RETRY_AFTER_CAP_SECONDS)
+            self.bucket.pause(pause)
+            if self.on_rate_limited is not None:
+                self.on_rate_limited(pause)
             return TransientError(message, retry_after=pause, **kwargs)
         if status == 408 or status >= 500:
             return TransientError(message, retry_after=parse_retry_after(retry_after_header), **kwargs)

@@ -79,12 +79,12 @@ class SandboxState:
         self._window_start = self._blocked_until = -math.inf
 
     def refused_for(self, now: float) -> float | None:
-        """Seconds the caller must wait under the rate limit, or None if this request may pass."""
+        """Seconds the caller must wait under the rate limit (or a block), or None if this request may pass."""
+        if now < self._blocked_until:
+            return self._blocked_until - now
         limit = self.config.rate_limit
         if limit is None:
             return None
-        if now < self._blocked_until:
-            return self._blocked_until - now
         if now - self._window_start >= 1.0:
             self._window_start, self._window_count = now, 0
         self._window_count += 1
@@ -92,6 +92,11 @@ class SandboxState:
             self._blocked_until = now + self.config.retry_after_seconds
             return self.config.retry_after_seconds
         return None
+
+    def block(self, seconds: float, now: float) -> None:
+        """Refuse every request for `seconds` from `now` with 429 and the time left as Retry-After, as Digital
+        River refuses every call with a key that went over its limit until its Retry-After has passed."""
+        self._blocked_until = max(self._blocked_until, now + seconds)
 
     def retry_after_header(self, seconds: float) -> str:
         # Digital River sends whole seconds; a fractional setting (for fast tests) is sent as it is.
@@ -432,6 +437,10 @@ class Sandbox:
         if self._runner is None:
             raise RuntimeError("the sandbox is not started")
         return f"http://{self.host}:{self.port}"
+
+    def block(self, seconds: float) -> None:
+        """Refuse every request for `seconds` from now (429 with the time left as Retry-After)."""
+        self.state.block(seconds, asyncio.get_running_loop().time())
 
     def configure(self, **changes: Any) -> SandboxConfig:
         """Change settings live, as `POST /_sandbox/config` does."""

@@ -63,6 +63,25 @@ UPDATE {table} t
 -- Rows claimed by someone whose lease ran out (its process died or stalled): claimable again.
 SELECT count(*) FROM {table} WHERE locked_by IS NOT NULL AND locked_until < now();
 
+-- name: share_rate_pause
+-- A 429 for key $1: Digital River refuses its calls for $2 seconds from now. Keeps the later of this and any
+-- pause already known, and tells every listening engine (channel drjobs_dr_pause, payload "<key_id> <seconds>").
+WITH kept AS (
+    INSERT INTO dr_rate_pauses (key_id, paused_until)
+    VALUES ($1, clock_timestamp() + make_interval(secs => $2))
+    ON CONFLICT (key_id) DO UPDATE SET paused_until = greatest(dr_rate_pauses.paused_until, EXCLUDED.paused_until)
+    RETURNING key_id, paused_until
+)
+SELECT pg_notify('drjobs_dr_pause',
+                 key_id || ' ' || extract(epoch FROM paused_until - clock_timestamp())::float8::text)
+  FROM kept;
+
+-- name: rate_pause_left
+-- Seconds left of key $1's shared pause (nothing when none is running), by the database's clock so the engines'
+-- own clocks do not matter.
+SELECT extract(epoch FROM paused_until - clock_timestamp())::float8
+  FROM dr_rate_pauses WHERE key_id = $1 AND paused_until > clock_timestamp();
+
 -- name: insert_job_run
 -- Take one tick of a job: exactly one process gets the row for (job, fire_time); the others get nothing.
 INSERT INTO job_runs (job, fire_time, trigger, node)

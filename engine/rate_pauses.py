@@ -1,0 +1,95 @@
+"""A 429 met by one engine process, shared with every other process on the database that uses the same key.
+
+Digital River refuses every call with a key until the `Retry-After` of a 429 has passed (its example is 120 s),
+so a second process sending meanwhile only walks into the same wall. When the client meets a 429 it calls
+`offer(seconds)`; this actor writes the pause into `dr_rate_pauses` (the later of it and any pause already
+known) and sends `NOTIFY drjobs_dr_pause`. Every engine LISTENs on one connection of its own and pauses its
+client at once; it also reads the table when it starts and every few seconds, so a process started during a
+pause, or one whose notification was lost to a reconnect, still waits it out. Pauses are matched by `key_id`
+(the first 16 hex digits of the key's SHA-256), never by the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from engine.actor import Actor
+from engine.digital_river import DigitalRiverClient
+from engine.logs import get_logger
+from engine.store import Store
+
+log = get_logger(component="rate_pauses")
+CHANNEL = "drjobs_dr_pause"
+# How often the table is read besides the notifications.
+POLL_SECONDS = 5.0
+
+
+class RatePauses(Actor[float]):
+    """Publishes this process's 429 pauses and applies the ones other processes met."""
+
+    inbox_size = 64
+
+    def __init__(self, store: Store, dr: DigitalRiverClient, *, poll_seconds: float = POLL_SECONDS) -> None:
+        super().__init__("rate-pauses")
+        self.store = store
+        self.dr = dr
+        self.poll_seconds = poll_seconds
+
+    def publish(self, seconds: float) -> None:
+        """The client met a 429 asking for `seconds`: share it (never blocks; a full inbox drops the repeat)."""
+        self.offer(seconds)
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(actor=self.name)
+        stop = asyncio.create_task(self.stopping.wait(), name=f"{self.name}:stop-wait")
+        try:
+            async with self.store.pool.acquire() as conn:
+                await conn.add_listener(CHANNEL, self._notified)
+                try:
+                    await self._read()
+                    while not self.stopping.is_set():
+                        seconds = await self._next(stop)
+                        if seconds is not None:
+                            await self.store.fetch("share_rate_pause", self.dr.key_id, float(seconds))
+                            log.warning("dr_rate_pause_shared", seconds=round(seconds, 3))
+                        elif not self.stopping.is_set():
+                            await self._read()
+                finally:
+                    await conn.remove_listener(CHANNEL, self._notified)
+        finally:
+            stop.cancel()
+
+    async def _next(self, stop: asyncio.Task[Any]) -> float | None:
+        """The next pause to share, or None after POLL_SECONDS (or at shutdown)."""
+        get = asyncio.create_task(self.inbox.get(), name=f"{self.name}:inbox")
+        done, _ = await asyncio.wait({get, stop}, timeout=self.poll_seconds, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        try:
+            return await get  # a pause that arrived while cancelling is not lost
+        except asyncio.CancelledError:
+            return None
+
+    async def _read(self) -> None:
+        left = await self.store.fetchval("rate_pause_left", self.dr.key_id)
+        if left is not None and left > 0:
+            self._apply(float(left), source="table")
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        key_id, _, seconds = payload.partition(" ")
+        try:
+            left = float(seconds)
+        except ValueError:
+            return
+        if key_id == self.dr.key_id and left > 0:
+            self._apply(left, source="notification")
+
+    def _apply(self, seconds: float, *, source: str) -> None:
+        before = self.dr.bucket.paused_until
+        self.dr.pause_for(seconds)
+        if self.dr.bucket.paused_until > before + 0.5:
+            log.warning("dr_rate_paused_by_another_process", seconds=round(seconds, 3), source=source)
