@@ -282,11 +282,10 @@ class LineItemFulfillment(Job):
         for now in await self.store.fetch("line_items_settled_by", refused) if refused else []:
             mine = verdicts[now["id"]].fulfillment_id
             if now["status"] in ("Completed", "Failed") and now["dr_fulfillment_id"] not in (None, mine):
-                self.services.metrics.settlement_conflict(self.job_name)
                 conflict = (f"line {now['id']} was already settled with Digital River fulfillment "
                             f"{now['dr_fulfillment_id']}; this worker's call made {mine} as well")
+                self.settlement_conflict(now["id"], conflict)
                 self.log.error("line_item_settlement_conflict", record_id=now["id"], fulfillment_id=fulfillment_id,
-                          dr_fulfillment_id=mine, settled_dr_fulfillment_id=now["dr_fulfillment_id"],
-                          reason=conflict)
-                self.services.app_log.write("ERROR", self.job_name, conflict, record_id=now["id"])
+                               dr_fulfillment_id=mine, settled_dr_fulfillment_id=now["dr_fulfillment_id"],
+                               reason=conflict)
         return written

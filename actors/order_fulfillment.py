@@ -149,12 +149,11 @@ class OrderFulfillment(Job):
         if now is not None and now["status"] in ("Completed", "Failed") and fulfillment_id is not None \
                 and now["dr_fulfillment_id"] not in (None, fulfillment_id):
             # Settled by another worker with another fulfillment: the order was sent twice. An alarm, not a no-op.
-            self.services.metrics.settlement_conflict(self.job_name)
             conflict = (f"fulfillments row {rec['id']} was already settled with Digital River fulfillment "
                         f"{now['dr_fulfillment_id']}; this worker's call made {fulfillment_id} as well")
+            self.settlement_conflict(rec["id"], conflict)
             self.log.error("order_cancel_settlement_conflict", record_id=rec["id"], dr_fulfillment_id=fulfillment_id,
-                      settled_dr_fulfillment_id=now["dr_fulfillment_id"], reason=conflict)
-            self.services.app_log.write("ERROR", self.job_name, conflict, record_id=rec["id"])
+                           settled_dr_fulfillment_id=now["dr_fulfillment_id"], reason=conflict)
         raise LeaseLost(f"fulfillments row {rec['id']} lease lost before its outcome ({status}) was written")
 
     async def _failed(self, rec: asyncpg.Record, token: int, message: str, *, sent: bool,

@@ -187,6 +187,21 @@ def charged_row(rec: asyncpg.Record, order: Order) -> dict[str, Any]:
     }
 
 
+def decline_limit(rec: asyncpg.Record) -> tuple[datetime, str] | None:
+    """When Digital River's limits on declined merchant-initiated charges let this subscription be charged
+    again (None: now), whatever the settings say."""
+    now = datetime.now(UTC)
+    waits = []
+    if rec["last_decline_at"] is not None and rec["last_decline_at"] + DECLINE_PAUSE > now:
+        waits.append((rec["last_decline_at"] + DECLINE_PAUSE, "declined in the last 24 hours"))
+    if (rec["declines_30d"] or 0) >= DECLINES_PER_WINDOW:
+        waits.append((rec["oldest_decline_30d"] + DECLINE_WINDOW, "declined 4 times in 30 days"))
+    if not waits:
+        return None
+    until, why = max(waits)
+    return until, f"subscription {rec['subscription_id']} {why}; next attempt at {until.isoformat()}"
+
+
 class RecurringPayments(Job):
     job_name = "recurring-payments"
     outcomes: ClassVar[Outcomes] = {
@@ -209,15 +224,15 @@ class RecurringPayments(Job):
     def __init__(self, services: Services) -> None:
         super().__init__(services)
         # Records in flight share their writes: one statement commits many checkouts, one many charges.
-        self.checkouts: BatchWriter[tuple[int, int, str, str], str] = BatchWriter(self._save_checkouts,
-                                                                               name="checkouts")
+        self.checkouts: BatchWriter[tuple[int, int, str, str], asyncpg.Record] = BatchWriter(self._save_checkouts,
+                                                                                          name="checkouts")
         self.charges: BatchWriter[dict[str, Any], asyncpg.Record] = BatchWriter(self._finish_charges,
                                                                                 name="charges")
 
-    async def _save_checkouts(self, items: Sequence[tuple[int, int, str, str]]) -> list[str]:
+    async def _save_checkouts(self, items: Sequence[tuple[int, int, str, str]]) -> list[asyncpg.Record]:
         rows = await self.store.fetch("save_checkouts", [i[0] for i in items], [i[1] for i in items],
                                       [i[2] for i in items], [i[3] for i in items], float(self.settings.lease_seconds))
-        results = {r["id"]: r["result"] for r in rows}
+        results = {r["id"]: r for r in rows}
         return [results[i[0]] for i in items]
 
     async def _finish_charges(self, items: Sequence[dict[str, Any]]) -> list[asyncpg.Record]:
@@ -257,20 +272,6 @@ class RecurringPayments(Job):
         leases.done([rec["id"]])
         self.settle(run, outcome, started, **fields)
 
-    def _decline_limit(self, rec: asyncpg.Record) -> tuple[datetime, str] | None:
-        """When Digital River's limits on declined merchant-initiated charges let this subscription be charged
-        again (None: now), whatever the settings say."""
-        now = datetime.now(UTC)
-        waits = []
-        if rec["last_decline_at"] is not None and rec["last_decline_at"] + DECLINE_PAUSE > now:
-            waits.append((rec["last_decline_at"] + DECLINE_PAUSE, "declined in the last 24 hours"))
-        if (rec["declines_30d"] or 0) >= DECLINES_PER_WINDOW:
-            waits.append((rec["oldest_decline_30d"] + DECLINE_WINDOW, "declined 4 times in 30 days"))
-        if not waits:
-            return None
-        until, why = max(waits)
-        return until, f"subscription {rec['subscription_id']} {why}; next attempt at {until.isoformat()}"
-
 
 class Charge:
     """The exactly-once protocol for one claimed record, every write fenced by the claim's lease token."""
@@ -308,7 +309,7 @@ class Charge:
                 body = checkout_body(rec)
             except BadData as exc:
                 return await self.failed(f"invalid:{exc.field}", str(exc), hard=True)
-            limit = self.job._decline_limit(rec)
+            limit = decline_limit(rec)
             if limit is not None:
                 until, why = limit
                 return await self.postpone("installment_deferred", "decline_limit", why, until=until)
@@ -353,20 +354,29 @@ class Charge:
         except DigitalRiverError as exc:
             return await self.failed(exc.code or "dr_error", dr_message(exc), hard=True, error=exc)
 
+    async def write(self, writer: BatchWriter[Any, asyncpg.Record], item: Any, *, fenced: bool = False
+                    ) -> asyncpg.Record:
+        """Submit `item` to one of the job's batch writers; its answer has a `result`. A row another session holds
+        locked answers `busy` (the batch skips it rather than wait): try again a little later, for at most half a
+        lease, and when `fenced` not once the heartbeat has found the lease gone."""
+        result = await writer.submit(item)
+        waited = 0.0
+        while result["result"] == "busy" and waited < self.settings.lease_seconds / 2:
+            await asyncio.sleep(BUSY_WAIT_SECONDS)
+            waited += BUSY_WAIT_SECONDS
+            if fenced:
+                self.leases.check(self.id)
+            result = await writer.submit(item)
+        return result
+
     # -- the fence before a call that can make an order ---------------------------------------------------------
 
     async def save_checkout(self, checkout_id: str) -> None:
         """Commit the new checkout on the record (compare-and-set: only if it still has none, under this claim's
         unexpired lease), or raise LeaseLost: then no order may be submitted, and the checkout stays an orphan
         that charges nobody. A row locked by another session is waited for a little, never for long."""
-        item = (self.id, self.token, checkout_id, self.rec["dr_source_id"])
-        result = await self.job.checkouts.submit(item)
-        waited = 0.0
-        while result == "busy" and waited < self.settings.lease_seconds / 2:
-            await asyncio.sleep(BUSY_WAIT_SECONDS)
-            waited += BUSY_WAIT_SECONDS
-            self.leases.check(self.id)
-            result = await self.job.checkouts.submit(item)
+        result = (await self.write(self.job.checkouts, (self.id, self.token, checkout_id, self.rec["dr_source_id"]),
+                                   fenced=True))["result"]
         if result != "saved":
             raise LeaseLost(f"record {self.id}: checkout {checkout_id} not saved ({result}); no order submitted")
 
@@ -451,13 +461,7 @@ class Charge:
     # -- writing how it ended -----------------------------------------------------------------------------------
 
     async def charged(self, order: Order, *, adopted: bool) -> Outcome:
-        item = charged_row(self.rec, order) | {"token": self.token}
-        result = await self.job.charges.submit(item)
-        waited = 0.0
-        while result["result"] == "busy" and waited < self.settings.lease_seconds / 2:
-            await asyncio.sleep(BUSY_WAIT_SECONDS)
-            waited += BUSY_WAIT_SECONDS
-            result = await self.job.charges.submit(item)
+        result = await self.write(self.job.charges, charged_row(self.rec, order) | {"token": self.token})
         failpoint("after_order_saved")
         fields = {"dr_order_id": order.id, "order_state": order.state, "amount": f"{order.total_amount:.2f}",
                   "tax": f"{order.total_tax:.2f}", "currency": order.currency}
@@ -469,10 +473,9 @@ class Charge:
             if settled == order.id:
                 return Outcome("installment_settled_elsewhere", fields | {"reason": "another worker wrote it first"})
             # Two Digital River orders for one record: the alarm. Nothing here may hide it.
-            self.job.services.metrics.settlement_conflict(self.job.job_name)
             message = (f"record {self.id} was already settled with Digital River order {settled}; this worker holds "
                        f"order {order.id} for it as well: a customer may have been charged twice")
-            self.app_log.write("ERROR", self.job.job_name, message, record_id=self.id)
+            self.job.settlement_conflict(self.id, message)
             return Outcome("installment_settlement_conflict", fields | {"settled_dr_order_id": settled,
                                                                         "reason": message, "app_logged": True})
         raise LeaseLost(f"record {self.id} lease lost before its order {order.id} was written "

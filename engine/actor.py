@@ -126,8 +126,6 @@ class Supervisor:
         self.outage = outage
         self.recovered = recovered
         self.outage_backoff_max = outage_backoff_max
-        # Actors waiting for the database to come back (for /readyz and the logs).
-        self.waiting_for_database: set[str] = set()
         self.failed: str | None = None
         self.restarts: dict[str, list[float]] = {a.name: [] for a in actors}
         # Which actors are running right now (False while one waits out its restart backoff): for /readyz.
@@ -179,24 +177,20 @@ class Supervisor:
     async def _wait_for_database(self, actor: Actor[Any], exc: BaseException) -> None:
         """The database is unreachable: wait (probing with backoff) until it answers again or the engine stops."""
         assert self.recovered is not None
-        self.waiting_for_database.add(actor.name)
         log.warning("actor_waiting_for_database", actor=actor.name, error=error_text(exc))
         started = self.clock()
         delay = 0.5
-        try:
-            while not self.stop.is_set():
-                try:
-                    await asyncio.wait_for(self.stop.wait(), timeout=delay)
-                    return
-                except TimeoutError:
-                    pass
-                if await self.recovered():
-                    log.info("actor_resumed_after_outage", actor=actor.name,
-                             waited_seconds=round(self.clock() - started, 1))
-                    return
-                delay = min(self.outage_backoff_max, delay * 2)
-        finally:
-            self.waiting_for_database.discard(actor.name)
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), timeout=delay)
+                return
+            except TimeoutError:
+                pass
+            if await self.recovered():
+                log.info("actor_resumed_after_outage", actor=actor.name,
+                         waited_seconds=round(self.clock() - started, 1))
+                return
+            delay = min(self.outage_backoff_max, delay * 2)
 
     async def shutdown(self, grace_seconds: float) -> None:
         """Stop every actor: let them finish within `grace_seconds`, cancel the rest, run their `on_stop`."""

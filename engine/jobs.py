@@ -288,6 +288,13 @@ class Job(Actor[RunRequest]):
         """Records of this job in flight on this process now (for /metrics)."""
         return sum(len(lease.in_flight) for lease in self._leases)
 
+    def settlement_conflict(self, record_id: object, message: str) -> None:
+        """A write-back found its record already settled by another worker with a different Digital River order
+        or fulfillment: an alarm (counted in /metrics and written to application_logs), never a quiet no-op. The
+        caller logs its own line, naming both ids."""
+        self.services.metrics.settlement_conflict(self.job_name)
+        self.services.app_log.write("ERROR", self.job_name, message, record_id=record_id)
+
     def record_outcome(self, outcome: str) -> None:
         """Count one record's outcome (the event name of its one log line) for /metrics."""
         self.services.metrics.record_outcome(self.job_name, outcome)

@@ -45,7 +45,7 @@ SELECT count(*) FROM subscription_process_data p WHERE {{payment_record_due}};
 -- the subscription's own fields where a record was written without them. The stored payment is the
 -- subscription's current one (a card replaced after the record was made is the one charged), the record's own
 -- only when the subscription has none.
-SELECT p.id, p.lease_token, p.subscription_id, p.installment_number, p.installment_run_date, p.upstream_id,
+SELECT p.id, p.subscription_id, p.installment_number, p.installment_run_date, p.upstream_id,
        p.dr_checkout_id, p.dr_checkout_source_id, p.checkout_looks, p.dr_order_id, p.subscription_retry_count,
        p.outage_count, p.cart_id, p.parent_order_id, p.product_id, s.status AS subscription_status,
        coalesce(s.stored_payment_id, p.stored_payment_id) AS stored_payment_id,
@@ -279,8 +279,3 @@ UPDATE subscription_process_data
        locked_by = NULL, locked_until = NULL, lease_token = NULL
  WHERE id = $1 AND lease_token = $2 AND NOT is_recurring_payment_processed
 RETURNING id;
-
--- name: record_settled_by
--- recurring-payments: how record $1 stands now (after a write-back was refused), for the alarm's log line.
-SELECT subscription_job_run_status AS status, dr_order_id, locked_by, lease_token
-  FROM subscription_process_data WHERE id = $1;
