@@ -152,7 +152,10 @@ class Supervisor:
                 raise
             except Exception as exc:
                 self.running[actor.name] = False
-                if self.outage is not None and self.recovered is not None and self.outage(exc):
+                # A database outage is waited out without spending the budget; but if the database answers at
+                # once, the crash was not the outage it looked like, and it counts as any other.
+                if self.outage is not None and self.recovered is not None and self.outage(exc) \
+                        and not await self.recovered():
                     await self._wait_for_database(actor, exc)
                     continue
                 now = self.clock()

@@ -181,7 +181,8 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def is_outage(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) means the database is unreachable rather than a statement failing."""
+    """Whether `exc` (or what it was raised from) means the database is unreachable rather than a statement failing.
+    Only explicit causes are followed: an error merely raised while another was being handled is its own."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -191,7 +192,7 @@ def is_outage(exc: BaseException) -> bool:
                 and "closed" in str(current).lower():
             return True
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return False
 
 

@@ -177,3 +177,57 @@ async def test_failed_side_task_fails_its_actor() -> None:
     actor = WithSideLoop()
     with pytest.raises(ValueError, match="side loop died"):
         await asyncio.wait_for(actor.run(), 2)
+
+
+class OutageCrasher(Crasher):
+    """Raises ConnectionRefusedError (what a stopped database answers) on every `down` message."""
+
+    async def handle(self, message: str) -> None:
+        if message == "down":
+            raise ConnectionRefusedError("connection refused")
+        await super().handle(message)
+
+
+async def test_crashes_from_a_database_outage_are_waited_out_without_spending_the_budget() -> None:
+    actor = OutageCrasher()
+    probes: list[bool] = []
+    database_up = asyncio.Event()
+
+    async def recovered() -> bool:
+        probes.append(database_up.is_set())
+        return database_up.is_set()
+
+    supervisor = Supervisor([actor], max_restarts=1, window_seconds=60, backoff_base=0.001,
+                            outage=lambda exc: isinstance(exc, OSError), recovered=recovered,
+                            outage_backoff_max=0.01)
+    task = asyncio.create_task(supervisor.run())
+    for _ in range(3):
+        await actor.send("down")
+        starts = actor.starts
+        while len(probes) < 3:  # the actor waits, probing, while the database is down
+            await asyncio.sleep(0.001)
+        assert supervisor.running["crasher"] is False
+        database_up.set()
+        while actor.starts == starts:
+            await asyncio.sleep(0.001)
+        database_up.clear()
+        probes.clear()
+    assert supervisor.failed is None  # three crashes, a budget of one: none was counted
+    await supervisor.shutdown(1.0)
+    await task
+
+
+async def test_an_outage_error_while_the_database_answers_counts_as_a_crash() -> None:
+    actor = OutageCrasher()
+
+    async def recovered() -> bool:
+        return True
+
+    supervisor = Supervisor([actor], max_restarts=1, window_seconds=60, backoff_base=0.001,
+                            outage=lambda exc: isinstance(exc, OSError), recovered=recovered)
+    task = asyncio.create_task(supervisor.run())
+    for _ in range(2):
+        await actor.send("down")
+    await asyncio.wait_for(task, 5)
+    assert supervisor.failed is not None and "crasher crashed 2 times" in supervisor.failed
+    await supervisor.shutdown(1.0)
