@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from engine.digital_river import AuthError, DigitalRiverError, dr_message
-from engine.fulfillment import Sent, send_fulfillment
+from engine.fulfillment import Sent, request_metadata, send_fulfillment
 from engine.jobs import FAILED, SUCCEEDED, Job, Outcome, Outcomes, Run, backoff
 from engine.logs import error_text
 from engine.store import LeaseLost, Leases
@@ -99,10 +99,13 @@ def tracking(line: asyncpg.Record) -> dict[str, str]:
 
 class LineItemFulfillment(Job):
     job_name = "line-item-fulfillment"
+    # The metadata that marks a fulfillment as this job's (with the line ids; engine/fulfillment.py).
+    tag: ClassVar[dict[str, str]] = {"drjobsJob": "line-item-fulfillment"}
     # One outcome per line (and per order state asked of Digital River).
     outcomes: ClassVar[Outcomes] = {
         "line_item_sent": ("info", SUCCEEDED),
         "line_item_already_done": ("info", SUCCEEDED),
+        "line_item_found_sent": ("info", SUCCEEDED),
         "line_item_failed": ("error", FAILED),
         "line_item_retrying": ("warning", FAILED),
         "line_item_key_refused": ("error", None),
@@ -129,12 +132,14 @@ class LineItemFulfillment(Job):
             if not claimed:
                 return None
             rows = await lines.claim("claim_order_lines", remaining, claimed)
+            unfinished = {r["id"] for r in rows if r["unfinished"]}
             with_lines = {r["fulfillment_id"] for r in rows}
             await orders.release([i for i in claimed if i not in with_lines])
             by_order: dict[int, list[asyncpg.Record]] = {}
             for line in await self.store.fetch("line_item_details", [r["id"] for r in rows]) if rows else []:
                 by_order.setdefault(line["fulfillment_id"], []).append(line)
-            return len(rows), [(f"order-{fulfillment_id}", self._process(run, orders, lines, fulfillment_id, group))
+            return len(rows), [(f"order-{fulfillment_id}",
+                                self._process(run, orders, lines, fulfillment_id, group, unfinished))
                                for fulfillment_id, group in by_order.items()]
 
         await self.claim_and_process(run, [orders, lines], limit, claim)
@@ -176,14 +181,18 @@ class LineItemFulfillment(Job):
     # -- one order's lines ------------------------------------------------------------------------------------
 
     async def _process(self, run: Run, orders: Leases, lines: Leases, fulfillment_id: int,
-                       order_lines: list[asyncpg.Record]) -> None:
+                       order_lines: list[asyncpg.Record], unfinished: set[int]) -> None:
         started = time.monotonic()
         ids = [line["id"] for line in order_lines]
         verdicts: dict[int, Verdict]
         try:
-            verdicts = await self._fulfil(order_lines, orders, lines, fulfillment_id)
+            verdicts = await self._fulfil(order_lines, orders, lines, fulfillment_id, unfinished)
             written = await self._write(orders, lines, fulfillment_id, verdicts)
         except asyncio.CancelledError:
+            # Cancelled (a hard stop) perhaps after Digital River took the request: the leases are not given
+            # back but left to lapse, so the next claim finds their tokens and looks before sending again.
+            lines.done(ids)
+            orders.done([fulfillment_id])
             raise
         except LeaseLost as exc:
             verdicts = {i: Verdict("line_item_lease_lost", fields={"error": str(exc)}) for i in ids}
@@ -218,9 +227,11 @@ class LineItemFulfillment(Job):
                         app_logged=verdict.app_level is not None and line["id"] in written)
 
     async def _fulfil(self, order_lines: Sequence[asyncpg.Record], orders: Leases, lines: Leases,
-                      fulfillment_id: int) -> dict[int, Verdict]:
+                      fulfillment_id: int, unfinished: set[int]) -> dict[int, Verdict]:
         """Check every line, send the good ones (one request per tracking), and decide how each ends. Before each
-        send the order's lease (its lock) is fenced: still this claim's, unexpired, pushed out for the call."""
+        send the order's lease (its lock) is fenced: still this claim's, unexpired, pushed out for the call.
+        A group with a line that may have been sent already (an earlier claim of it never wrote an outcome, or
+        it is being retried) is first looked for among the order's fulfillments (engine/fulfillment.py)."""
         verdicts: dict[int, Verdict] = {}
         groups: dict[tuple[tuple[str, str], ...], list[asyncpg.Record]] = {}
         for line in order_lines:
@@ -236,13 +247,20 @@ class LineItemFulfillment(Job):
             for line in group:
                 lines.check(line["id"])
             await orders.touch(fulfillment_id)
-            results = await send_fulfillment(self.dr, dr_order_id, entries, dict(key))
-            request = {"orderId": dr_order_id, "items": [entry for _, entry in entries], **dict(key)}
+            look_first = any(line["id"] in unfinished or line["retry_count"] > 0 for line in group)
+            results = await send_fulfillment(self.dr, dr_order_id, entries, dict(key), tag=self.tag,
+                                             look_first=look_first)
+            request = {"orderId": dr_order_id, "items": [entry for _, entry in entries], **dict(key),
+                       "metadata": request_metadata(self.tag, [line_id for line_id, _ in entries])}
             for line in group:
                 verdicts[line["id"]] = self._verdict(line, results[line["id"]], request)
         return verdicts
 
     def _verdict(self, line: asyncpg.Record, sent: Sent, request: dict[str, Any]) -> Verdict:
+        if sent.found:
+            return Verdict("line_item_found_sent", "Completed", message=sent.message,
+                           fulfillment_id=sent.fulfillment_id,
+                           fields={"dr_fulfillment_id": sent.fulfillment_id, "reason": sent.message})
         if sent.kind == "sent":
             return Verdict("line_item_sent", "Completed", fulfillment_id=sent.fulfillment_id,
                            fields={"dr_fulfillment_id": sent.fulfillment_id})

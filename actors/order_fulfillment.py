@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from engine.digital_river import AuthError, DigitalRiverError
-from engine.fulfillment import Sent, send_fulfillment
+from engine.fulfillment import Sent, request_metadata, send_fulfillment
 from engine.jobs import FAILED, SUCCEEDED, BadData, Job, Outcome, Outcomes, Run, backoff
 from engine.store import LeaseLost, Leases
 
@@ -84,23 +84,36 @@ class OrderFulfillment(Job):
             items: dict[int, list[asyncpg.Record]] = {i: [] for i in ids}
             for item in await self.store.fetch("cancel_order_items", ids):
                 items[item["fulfillment_id"]].append(item)
-            return len(rows), [(f"order-{rec['id']}", self._process(run, leases, rec, items[rec["id"]]))
+            unfinished = {r["id"] for r in rows if r["unfinished"]}
+            return len(rows), [(f"order-{rec['id']}",
+                                self._process(run, leases, rec, items[rec["id"]], rec["id"] in unfinished))
                                for rec in await self.store.fetch("cancel_order_details", ids)]
 
         await self.claim_and_process(run, [leases], self.settings.fulfillment_query_limit, claim)
 
-    async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record]) -> None:
+    async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record],
+                       unfinished: bool) -> None:
         started = time.monotonic()
         fields: dict[str, Any] = {"record_id": rec["id"], "order_id": rec["order_id"],
                                   "dr_order_id": rec["dr_order_id"]}
         # A crash (a bug or a database failure) leaves the lease to lapse: the record comes back.
-        outcome = await self.attempt(self._cancel(leases, rec, items, leases.token(rec["id"])), fields=fields,
-                                     lease_lost="order_cancel_lease_lost", crashed="order_cancel_crashed")
+        try:
+            outcome = await self.attempt(self._cancel(leases, rec, items, leases.token(rec["id"]), unfinished),
+                                         fields=fields,
+                                         lease_lost="order_cancel_lease_lost", crashed="order_cancel_crashed")
+        except asyncio.CancelledError:
+            # Cancelled (a hard stop) perhaps after Digital River took the request: the lease is not given back
+            # but left to lapse, so the next claim finds its token and looks before sending again.
+            leases.done([rec["id"]])
+            raise
         leases.done([rec["id"]])
         self.settle(run, outcome, started, **fields)
 
-    async def _cancel(self, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record], token: int) -> Outcome:
-        """One cancellation: check, send, and write how it ended (every write under the claim's lease token)."""
+    async def _cancel(self, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record], token: int,
+                      unfinished: bool) -> Outcome:
+        """One cancellation: check, send, and write how it ended (every write under the claim's lease token).
+        When an earlier claim never wrote its outcome, or this is a retry, the order's fulfillments are looked
+        at first, so a cancellation Digital River already took is not sent again (engine/fulfillment.py)."""
         try:
             entries = cancel_items(rec, items)
         except BadData as exc:
@@ -111,13 +124,17 @@ class OrderFulfillment(Job):
             return Outcome("order_cancel_nothing_left")
         # Fence: the lease is still this claim's and unexpired, and lasts a full lease for the call.
         await leases.touch(rec["id"])
+        # Marks the fulfillment as this record's (with the order item ids, engine/fulfillment.py).
+        tag = {"drjobsJob": self.job_name, "drjobsRecord": str(rec["id"])}
         try:
-            results = await send_fulfillment(self.dr, rec["dr_order_id"], entries)
+            results = await send_fulfillment(self.dr, rec["dr_order_id"], entries, tag=tag,
+                                             look_first=unfinished or rec["retry_count"] > 0)
         except AuthError as exc:
             self.key_refused = True
             await leases.release([rec["id"]])
             return Outcome("order_cancel_key_refused", {"error": str(exc)})
-        request = {"orderId": rec["dr_order_id"], "items": [item for _, item in entries]}
+        request = {"orderId": rec["dr_order_id"], "items": [item for _, item in entries],
+                   "metadata": request_metadata(tag, [key for key, _ in entries])}
         by_kind: dict[str, list[Sent]] = {}
         for result in results.values():
             by_kind.setdefault(result.kind, []).append(result)
@@ -130,12 +147,13 @@ class OrderFulfillment(Job):
             return await self._retry(rec, token, first.message or "failed", first.error, request)
         fulfillment_id = next((r.fulfillment_id for r in by_kind.get("sent", ())), None)
         done = by_kind.get("done", [])
-        message = done[0].message if done else None
+        found = [r for r in by_kind.get("sent", ()) if r.found]
+        message = found[0].message if found else done[0].message if done else None
         await self._write(rec, token, "Completed", 0, message, fulfillment_id, None)
         if fulfillment_id is None:
             return Outcome("order_cancel_already_done", {"reason": message})
         return Outcome("order_cancel_sent", {"dr_fulfillment_id": fulfillment_id, "items": len(entries),
-                                             "already_done": len(done)})
+                                             "already_done": len(done), "found_sent": len(found)})
 
     async def _write(self, rec: asyncpg.Record, token: int, status: str, retry_add: int, message: str | None,
                      fulfillment_id: str | None, next_attempt: datetime | None) -> None:

@@ -13,9 +13,11 @@ Calls
     attach_source(checkout_id, source_id) -> str
                                              POST /checkouts/{id}/sources/{sourceId}
                                                                     retried (attaching twice is the same)
-    create_fulfillment(body) -> Fulfillment  POST /fulfillments     retried (a repeat answers 409
-                                                                    item_fulfilled/item_cancelled, which the
-                                                                    caller treats as done)
+    create_fulfillment(body) -> Fulfillment  POST /fulfillments     NOT retried here: a repeat of a partial
+                                                                    fulfillment reports it twice, so the caller
+                                                                    (engine/fulfillment.py) looks first
+    list_fulfillments(order_id) -> ([Fulfillment], has_more)
+                                             GET /fulfillments      retried
 
 Answers are parsed tolerantly into frozen dataclasses that keep the whole answer in `.raw`: unknown fields and
 unknown enum values (an order state this code has never seen) pass through untouched. Only a missing or
@@ -50,11 +52,12 @@ the Authorization header, whatever Digital River (or a proxy) sent back.
 An error body that is not JSON (a proxy's HTML page, or JSON nested too deeply to parse) is classified by its
 status like any other, with a message such as "HTTP 502 with a non-JSON body (text/html, 1234 bytes)".
 
-Retries: transient failures of GETs, create_checkout and create_fulfillment are retried up to `max_retries`
+Retries: transient failures of GETs, create_checkout and attach_source are retried up to `max_retries`
 times with exponential backoff and full jitter (a uniform wait in [0, min(backoff_max, backoff_base·2^n)]).
 A `Retry-After` header (seconds or an HTTP date) replaces the jittered wait; one longer than `backoff_max`
 ends the retries at once, so a record does not hold a concurrency slot for minutes (its own backoff takes
-over). create_order is never repeated: a second POST could charge twice, so the caller looks the order up.
+over). create_order is never repeated: a second POST could charge twice, so the caller looks the order up;
+create_fulfillment neither: engine/fulfillment.py looks for the fulfillment (by our metadata) before a repeat.
 
 Rate: every request, retries included, first takes a token from one bucket shared by all callers of the
 client. Its rate is DR_MAX_REQUESTS_PER_SECOND divided by the number of live engine processes
@@ -101,6 +104,7 @@ from yarl import URL
 from engine import __version__
 from engine.logs import AppLogSink, redact, redact_text, register_secrets
 from engine.money import cents
+from engine.settings import DR_API_VERSION_BUILT_FOR
 
 if TYPE_CHECKING:
     from engine.metrics import Metrics
@@ -417,6 +421,9 @@ class Fulfillment:
     order_id: str
     items: tuple[FulfillmentItem, ...]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # Key-value pairs given with the request (Fulfillment.metadata in DigitalRiver/digital-river-php): the
+    # engine's record ids, so a fulfillment can be told as ours after a crash.
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def _missing(name: str, what: str = "lacks required field") -> MalformedResponseError:
@@ -627,12 +634,12 @@ def parse_order_list(body: Any) -> list[Order]:
     return [parse_order(order, f"data[{i}].") for i, order in enumerate(data)]
 
 
-def parse_fulfillment(body: Any) -> Fulfillment:
-    """A `Fulfillment` from a fulfillment answer."""
-    body = _obj(body, "fulfillment")
+def parse_fulfillment(body: Any, where: str = "") -> Fulfillment:
+    """A `Fulfillment` from a fulfillment answer (or one element of a list, `where` naming it)."""
+    body = _obj(body, where or "fulfillment")
     items = []
     for i, raw_item in enumerate(_items(body)):
-        item = _obj(raw_item, f"items[{i}]")
+        item = _obj(raw_item, f"{where}items[{i}]")
         items.append(FulfillmentItem(
             item_id=_opt_str(item, "itemId"),
             sku_id=_opt_str(item, "skuId"),
@@ -640,12 +647,23 @@ def parse_fulfillment(body: Any) -> Fulfillment:
             cancel_quantity=_opt_int(item, "cancelQuantity"),
             raw=item,
         ))
+    metadata = body.get("metadata")
     return Fulfillment(
-        id=_req_str(body, "id", "id"),
-        order_id=_req_str(body, "orderId", "orderId"),
+        id=_req_str(body, "id", f"{where}id"),
+        order_id=_req_str(body, "orderId", f"{where}orderId"),
         items=tuple(items),
         raw=body,
+        metadata=metadata if isinstance(metadata, dict) else {},
     )
+
+
+def parse_fulfillment_list(body: Any) -> tuple[list[Fulfillment], bool]:
+    """The fulfillments of a `{hasMore, data}` list envelope (ListFulfillmentsResponse), and `hasMore`."""
+    envelope = _obj(body, "list")
+    data = envelope.get("data")
+    if not isinstance(data, list):
+        raise _missing("data")
+    return [parse_fulfillment(f, f"data[{i}].") for i, f in enumerate(data)], envelope.get("hasMore") is True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -758,7 +776,7 @@ class DigitalRiverClient:
         base_url: str,
         api_key: str,
         *,
-        api_version: str | None = None,
+        api_version: str | None = DR_API_VERSION_BUILT_FOR,
         timeout_seconds: float = 30.0,
         max_requests_per_second: float = 20.0,
         connection_limit: int = 100,
@@ -907,9 +925,34 @@ class DigitalRiverClient:
                                 retry=True)
 
     async def create_fulfillment(self, body: Mapping[str, Any]) -> Fulfillment:
-        """POST /fulfillments. Retried: a repeat of a fulfillment that went through answers 409 item_fulfilled."""
+        """POST /fulfillments. Never retried here: a repeat of a partial fulfillment that went through reports its
+        quantities twice (nothing answers 409 while quantity is left), so after a TransientError the outcome is
+        unknown; engine/fulfillment.py looks for it (`list_fulfillments`) before it sends again."""
         return await self._call("POST", "/fulfillments", "POST /fulfillments", parse_fulfillment, body=body,
+                                retry=False)
+
+    async def list_fulfillments(self, order_id: str, *, starting_after: str | None = None,
+                                limit: int = 100) -> tuple[list[Fulfillment], bool]:
+        """GET /fulfillments?orderId=: one page of the order's fulfillments (up to `limit`) and whether more follow
+        (`startingAfter` the last id). Digital River's `listFulfillments` (DigitalRiver/digital-river-php,
+        docs/Api/FulfillmentsApi.md)."""
+        if not 1 <= limit <= 100:
+            raise ValueError(f"limit must be 1..100, got {limit}")
+        params = {"orderId": order_id, "limit": str(limit)}
+        if starting_after is not None:
+            params["startingAfter"] = starting_after
+        return await self._call("GET", "/fulfillments", "GET /fulfillments", parse_fulfillment_list, params=params,
                                 retry=True)
+
+    async def wait_to_retry(self, exc: DigitalRiverError, attempt: int) -> bool:
+        """For a caller that repeats a call itself: wait as this client waits before attempt `attempt + 1` after
+        `exc`, and True; or False at once when the client would give up (not transient, or retries spent)."""
+        delay = self._retry_delay(exc, attempt)
+        if delay is None:
+            return False
+        self.stats.retries += 1
+        await self._sleep(delay)
+        return True
 
     # -- mechanics --------------------------------------------------------------------------------------------
 
@@ -938,7 +981,7 @@ class DigitalRiverClient:
             attempt += 1
             try:
                 status, answer, raw = await self._attempt(method, path, endpoint, data, params,
-                                                          create_order=not retry)
+                                                          create_order=endpoint == "POST /orders")
                 try:
                     return parse(answer)
                 except MalformedResponseError as exc:

@@ -13,6 +13,15 @@
 - Transient failures (after the client's own retries), and conflicts nobody listed → `retry`.
 - 401/403 → AuthError is raised with nothing settled: the caller's run stops claiming.
 
+A fulfillment is never sent twice for one record (docs/digital-river.md, "Fulfillment"). Every request carries
+our record ids in its `metadata` (`drjobsJob`, the job's own `tag`, and `drjobsIds`: the entries' keys, comma
+separated). A request whose outcome is unknown (a timeout, a connection cut, a 5xx or 429: Digital River may or
+may not have taken it) is not simply repeated, as a partial fulfillment repeated reports its quantities twice:
+first `GET /fulfillments?orderId=` lists the order's fulfillments, and an entry found in one of ours is `sent`
+with that fulfillment's id (`Sent.found`); only the others are sent again. The caller asks for the same look
+before the first request (`look_first`) when an earlier attempt's outcome was not written (a crash, a lapsed
+lease) or was a retry.
+
 Digital River answers one error per request even when several items are wrong, and applies nothing. An error
 that names an item (`items[2].itemId`) settles that item alone; the rest is sent again at once, by the same
 caller, so one order never has two calls in flight.
@@ -32,6 +41,7 @@ from engine.digital_river import (
     DigitalRiverClient,
     DigitalRiverError,
     NotFoundError,
+    TransientError,
     dr_message,
 )
 from engine.failpoints import failpoint
@@ -47,6 +57,8 @@ DONE_CODES = ORDER_DONE_CODES | ITEM_DONE_CODES
 # 409 codes that no repeat can fix.
 HARD_CONFLICT_CODES = frozenset({"quantity_too_large"})
 _ITEM_PARAMETER = re.compile(r"^items\[(\d+)\]")
+# The metadata key that lists the entries' keys (our record ids) of one request.
+IDS_KEY = "drjobsIds"
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Sent:
     message: str | None = None
     fulfillment_id: str | None = None
     error: DigitalRiverError | None = None
+    found: bool = False  # `sent` by an earlier request, found in the order's fulfillments by our metadata
 
 
 def classify(exc: DigitalRiverError) -> str:
@@ -81,22 +94,78 @@ def item_index(exc: DigitalRiverError, item_ids: Sequence[str] = ()) -> int | No
     return named[0] if len(named) == 1 else None
 
 
+def request_metadata(tag: Mapping[str, str], keys: Sequence[Hashable]) -> dict[str, str]:
+    """The `metadata` of one request: the job's tag and the entries' keys."""
+    return {**tag, IDS_KEY: ",".join(str(key) for key in keys)}
+
+
+async def find_sent(dr: DigitalRiverClient, order_id: str, tag: Mapping[str, str],
+                    keys: Sequence[K]) -> dict[K, str]:
+    """Which of `keys` an earlier request of ours already reported: key → `ful_…` id, from every page of
+    `GET /fulfillments?orderId=` (a fulfillment is ours when its metadata carries every pair of `tag`)."""
+    wanted = {str(key): key for key in keys}
+    found: dict[K, str] = {}
+    after: str | None = None
+    while True:
+        page, more = await dr.list_fulfillments(order_id, starting_after=after)
+        for fulfillment in page:
+            metadata = fulfillment.metadata
+            if any(metadata.get(name) != value for name, value in tag.items()):
+                continue
+            listed = metadata.get(IDS_KEY)
+            for name in listed.split(",") if isinstance(listed, str) else ():
+                if name in wanted:
+                    found.setdefault(wanted[name], fulfillment.id)
+        if not more or not page or page[-1].id == after:
+            return found
+        after = page[-1].id
+
+
 async def send_fulfillment(dr: DigitalRiverClient, order_id: str, entries: Sequence[tuple[K, dict[str, Any]]],
-                           extra: Mapping[str, Any] | None = None) -> dict[K, Sent]:
+                           extra: Mapping[str, Any] | None = None, *, tag: Mapping[str, str],
+                           look_first: bool = False) -> dict[K, Sent]:
     """POST /fulfillments for `entries` (key, item) of one order; how each ended, by key.
 
     An error naming one item settles that item and the others are sent again without it; any other answer
-    settles every entry still unsent. AuthError is raised with nothing settled.
+    settles every entry still unsent. A request whose outcome is unknown is looked for before it is repeated
+    (as often as the client retries a call, with its backoff), and so is the first when `look_first`. AuthError
+    is raised with nothing settled.
     """
     results: dict[K, Sent] = {}
     pending = list(entries)
+    look = look_first
+    unknown = 0  # requests whose outcome is unknown so far
     while pending:
-        body = {"orderId": order_id, "items": [item for _, item in pending], **(extra or {})}
+        if look:
+            look = False
+            try:
+                found = await find_sent(dr, order_id, tag, [key for key, _ in pending])
+            except AuthError:
+                raise
+            except DigitalRiverError as exc:
+                message = f"not sent: an earlier request may have reported it and the order's fulfillments " \
+                          f"could not be listed: {dr_message(exc)}"
+                for key, _ in pending:
+                    results[key] = Sent("retry", message, error=exc)
+                return results
+            for key, fulfillment_id in found.items():
+                results[key] = Sent("sent", f"already reported in {fulfillment_id} (found by its metadata)",
+                                    fulfillment_id=fulfillment_id, found=True)
+            pending = [(key, item) for key, item in pending if key not in found]
+            if not pending:
+                return results
+        body = {"orderId": order_id, "items": [item for _, item in pending], **(extra or {}),
+                "metadata": request_metadata(tag, [key for key, _ in pending])}
         try:
             fulfillment = await dr.create_fulfillment(body)
         except AuthError:
             raise
         except DigitalRiverError as exc:
+            if isinstance(exc, TransientError):
+                unknown += 1
+                if await dr.wait_to_retry(exc, unknown):
+                    look = exc.status != 429  # a 429 is refused before anything is done
+                    continue
             kind = classify(exc)
             message = dr_message(exc)
             if kind == "done":

@@ -47,6 +47,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 SECRET_SETTINGS = frozenset({"DR_API_KEY"})
 # Commands that talk to Digital River and so need a key.
+# The Digital River API version the engine was built and checked against, sent as `digitalriver-version` unless
+# DR_API_VERSION names another: the latest build of Digital River's own SDK, DigitalRiver/digital-river-php
+# (branch and merge "2023-04-25"), whose models docs/digital-river.md cites field by field.
+DR_API_VERSION_BUILT_FOR = "2023-04-25"
 COMMANDS_NEEDING_KEY = frozenset({"serve", "run", "drain"})
 
 
@@ -92,7 +96,7 @@ class Settings:
     database_url: str | None
     dr_api_url: str
     dr_api_key: str | None = field(repr=False)
-    dr_api_version: str | None
+    dr_api_version: str
     dr_timeout_seconds: float
     dr_max_requests_per_second: float
     cc_subscriptions_batch_query_limit: int
@@ -253,6 +257,8 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
     dr_api_version = reader.raw("DR_API_VERSION")
     if dr_api_version is not None and not _is_date(dr_api_version):
         raise SettingsError("DR_API_VERSION", dr_api_version, "expected an API version date like 2024-08-21")
+    if dr_api_version is None:
+        dr_api_version = DR_API_VERSION_BUILT_FOR
 
     is_test_key = bool(dr_api_key and dr_api_key.startswith("sk_test_"))
     jobs = {}

@@ -10,8 +10,8 @@ from typing import Any
 
 # The endpoint names `fault_endpoints` may list.
 ENDPOINTS = ("POST /checkouts", "GET /checkouts/{id}", "POST /checkouts/{id}/sources/{sourceId}", "POST /orders",
-             "GET /orders", "GET /orders/{id}", "POST /fulfillments")
-_SHARES = ("error_rate", "timeout_rate", "throttle_rate", "drop_after_order_rate")
+             "GET /orders", "GET /orders/{id}", "POST /fulfillments", "GET /fulfillments")
+_SHARES = ("error_rate", "timeout_rate", "throttle_rate", "drop_after_order_rate", "drop_after_fulfillment_rate")
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,8 @@ class SandboxConfig:
     retry_after_seconds: float = 1.0
     # Share of successful POST /orders whose connection is dropped after the order was created.
     drop_after_order_rate: float = 0.0
+    # Share of successful POST /fulfillments whose connection is dropped after the fulfillment was applied.
+    drop_after_fulfillment_rate: float = 0.0
     # Endpoints the random failures above apply to (e.g. ["POST /orders"]); empty means all of them.
     fault_endpoints: tuple[str, ...] = ()
     # Whether unit prices ending in .91-.94 script declines and order states (see docs/sandbox.md).
@@ -97,7 +99,7 @@ class SandboxConfig:
 
 
 _FLOATS = {"latency_ms", "latency_max_ms", "error_rate", "timeout_rate", "timeout_seconds", "throttle_rate",
-           "rate_limit", "retry_after_seconds", "drop_after_order_rate"}
+           "rate_limit", "retry_after_seconds", "drop_after_order_rate", "drop_after_fulfillment_rate"}
 _INTS = {"seed", "max_ledger_requests"}
 
 
@@ -148,6 +150,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-after", type=float, default=1.0, dest="retry_after_seconds")
     p.add_argument("--drop-after-order-rate", type=float, default=0.0,
                    help="share of orders created and then answered by a dropped connection (0-1)")
+    p.add_argument("--drop-after-fulfillment-rate", type=float, default=0.0,
+                   help="share of fulfillments applied and then answered by a dropped connection (0-1)")
     p.add_argument("--fault-endpoints", default="", help=f"comma-separated subset of: {', '.join(ENDPOINTS)}")
     p.add_argument("--no-amount-rules", action="store_false", dest="amount_rules")
     p.add_argument("--seed", type=int, default=0)

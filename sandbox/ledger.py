@@ -48,9 +48,14 @@ class Ledger:
         self.items: dict[str, ItemProgress] = {}
         # Connections dropped on purpose after an order was created (drop_after_order), by order id.
         self.dropped_orders: list[str] = []
+        # Connections dropped on purpose after a fulfillment was applied (drop_after_fulfillment), by id.
+        self.dropped_fulfillments: list[str] = []
+        # Every `digitalriver-version` header seen (None: a request without one), with its count.
+        self.api_versions: dict[str | None, int] = {}
 
-    def record_request(self, method: str, path: str, status: int) -> None:
+    def record_request(self, method: str, path: str, status: int, api_version: str | None = None) -> None:
         self.requests.append(RequestEntry(time.time(), method, path, status))
+        self.api_versions[api_version] = self.api_versions.get(api_version, 0) + 1
 
     def add_checkout(self, checkout: dict[str, Any]) -> None:
         self.checkouts[checkout["id"]] = checkout
@@ -111,6 +116,8 @@ class Ledger:
             "declines": self.declines,
             "fulfillments": list(self.fulfillments.values()),
             "droppedOrders": self.dropped_orders,
+            "droppedFulfillments": self.dropped_fulfillments,
+            "apiVersions": {str(k): v for k, v in self.api_versions.items()},
         }
         if include_requests:
             data["requests"] = [r._asdict() for r in self.requests]
@@ -120,5 +127,5 @@ class Ledger:
         """Forget everything (`POST /_sandbox/reset`)."""
         for container in (self.requests, self.checkouts, self.orders, self.orders_by_checkout,
                           self.orders_by_upstream, self.declines, self.fulfillments, self.items,
-                          self.dropped_orders):
+                          self.dropped_orders, self.dropped_fulfillments, self.api_versions):
             container.clear()

@@ -122,7 +122,21 @@ def _object(body: Any, name: str | None) -> dict[str, Any]:
 def _known(obj: dict[str, Any], allowed: frozenset[str], prefix: str = "") -> None:
     for key in obj:
         if key not in allowed:
-            raise bad_request("invalid_parameter", prefix + key, f"'{prefix}{key}' is not a valid parameter.")
+            raise bad_request("unknown_parameter", prefix + key, f"'{prefix}{key}' is not a valid parameter.")
+
+
+def _metadata(obj: dict[str, Any], name: str) -> None:
+    """`metadata`: key-value pairs whose values are strings, booleans or integers (Digital River's Metadata,
+    `map[string,AnyType]` "Value can be string, boolean or integer types", DigitalRiver/digital-river-php)."""
+    value = obj.get("metadata")
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise bad_request("invalid_parameter", name, f"'{name}' must be an object.")
+    for key, item in value.items():
+        if not isinstance(item, (str, bool, int)) or isinstance(item, float):
+            raise bad_request("invalid_parameter", f"{name}.{key}",
+                              f"'{name}.{key}' must be a string, a boolean or an integer.")
 
 
 def _string(obj: dict[str, Any], key: str, name: str, *, required: bool = False) -> str | None:
@@ -201,8 +215,7 @@ def build_checkout(body: Any) -> dict[str, Any]:
     if customer_type is not None and customer_type not in CUSTOMER_TYPES:
         raise bad_request("invalid_parameter", "customerType",
                           f"'customerType' must be one of {', '.join(CUSTOMER_TYPES)}.")
-    if body.get("metadata") is not None:
-        _object(body["metadata"], "metadata")
+    _metadata(body, "metadata")
     if body.get("taxInclusive") not in (None, False):
         raise bad_request("invalid_parameter", "taxInclusive", "The sandbox supports tax-exclusive prices only.")
     ship_country, bill_country = _country(body, "shipTo"), _country(body, "billTo")
@@ -319,8 +332,7 @@ def _checkout_item(raw: Any, name: str, rate: Decimal) -> dict[str, Any]:
         if info.get("autoRenewal") is not None and not isinstance(info["autoRenewal"], bool):
             raise bad_request("invalid_parameter", f"{name}.subscriptionInfo.autoRenewal",
                               f"'{name}.subscriptionInfo.autoRenewal' must be true or false.")
-    if item.get("metadata") is not None:
-        _object(item["metadata"], f"{name}.metadata")
+    _metadata(item, f"{name}.metadata")
     tax = (amount * rate).quantize(CENT, ROUND_HALF_UP)
     result: dict[str, Any] = {"id": new_numeric_id(), "quantity": quantity, "price": money(price),
                               "_amount": amount, "_tax": tax, "tax": {"rate": float(rate)}}
@@ -400,6 +412,7 @@ def apply_fulfillment(body: Any, ledger: Ledger) -> dict[str, Any]:
     """
     body = _object(body, None)
     _known(body, FULFILLMENT_FIELDS)
+    _metadata(body, "metadata")
     order_id = _string(body, "orderId", "orderId", required=True)
     assert order_id is not None
     for key in ("trackingCompany", "trackingNumber", "trackingUrl"):

@@ -153,15 +153,16 @@ def api(endpoint: str, handler: Handler) -> Callable[[web.Request], Awaitable[we
                              {"Retry-After": exc.retry_after})
         except asyncio.CancelledError:
             # The client went away (gave up on a timeout): no answer was sent.
-            state.ledger.record_request(request.method, request.path, 0)
+            state.ledger.record_request(request.method, request.path, 0, request.headers.get("digitalriver-version"))
             raise
         except _Drop:
-            state.ledger.record_request(request.method, request.path, 0)
+            state.ledger.record_request(request.method, request.path, 0, request.headers.get("digitalriver-version"))
             if request.transport is not None:
                 request.transport.abort()
             # Nothing reaches the client; aiohttp discards this answer on the aborted connection.
             return web.Response(status=500)
-        state.ledger.record_request(request.method, request.path, response.status)
+        state.ledger.record_request(request.method, request.path, response.status,
+                                    request.headers.get("digitalriver-version"))
         return response
 
     return run
@@ -274,7 +275,7 @@ async def list_orders(request: web.Request, state: SandboxState) -> Answer:
     query = request.query
     for name in query:
         if name not in _LIST_PARAMS:
-            raise model.bad_request("invalid_parameter", name, f"'{name}' is not a valid parameter.")
+            raise model.bad_request("unknown_parameter", name, f"'{name}' is not a valid parameter.")
     limit_text = query.get("limit", "10")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
         raise model.bad_request("invalid_parameter", "limit", "'limit' must be a whole number from 1 to 100.")
@@ -324,7 +325,49 @@ async def get_order(request: web.Request, state: SandboxState) -> Answer:
 async def create_fulfillment(request: web.Request, state: SandboxState) -> Answer:
     fulfillment = model.apply_fulfillment(await _body(request), state.ledger)
     state.ledger.add_fulfillment(fulfillment)
+    rate = state.config.drop_after_fulfillment_rate
+    if rate and (not state.config.fault_endpoints or "POST /fulfillments" in state.config.fault_endpoints) \
+            and state.rng.random() < rate:
+        state.ledger.dropped_fulfillments.append(fulfillment["id"])
+        raise _Drop
     return 201, fulfillment
+
+
+_FULFILLMENT_LIST_PARAMS = frozenset({"orderId", "ids", "skuId", "trackingCompany", "trackingNumber", "limit",
+                                      "startingAfter", "endingBefore", "createdTime"})
+
+
+async def list_fulfillments(request: web.Request, state: SandboxState) -> Answer:
+    """GET /fulfillments: Digital River's `listFulfillments` (DigitalRiver/digital-river-php,
+    docs/Api/FulfillmentsApi.md): filters orderId, ids, skuId, trackingCompany, trackingNumber; newest first;
+    `limit` 1-100 (default 10), cursors `startingAfter` / `endingBefore`; `{hasMore, data}`."""
+    query = request.query
+    for name in query:
+        if name not in _FULFILLMENT_LIST_PARAMS:
+            raise model.bad_request("unknown_parameter", name, f"'{name}' is not a valid parameter.")
+    if "createdTime" in query:
+        raise model.bad_request("invalid_parameter", "createdTime", "The sandbox does not filter by createdTime.")
+    limit_text = query.get("limit", "10")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+        raise model.bad_request("invalid_parameter", "limit", "'limit' must be a whole number from 1 to 100.")
+    limit = int(limit_text)
+    found = list(state.ledger.fulfillments.values())
+    if "ids" in query:
+        wanted = {v for raw in query.getall("ids") for v in raw.split(",") if v}
+        found = [f for f in found if f["id"] in wanted]
+    for name in ("orderId", "trackingCompany", "trackingNumber"):
+        if name in query:
+            found = [f for f in found if f.get(name) == query[name]]
+    if "skuId" in query:
+        found = [f for f in found if any(i.get("skuId") == query["skuId"] for i in f["items"])]
+    found.reverse()  # newest first (the ledger keeps them in creation order)
+    ids = [f["id"] for f in found]
+    if "startingAfter" in query:
+        found = found[ids.index(query["startingAfter"]) + 1 if query["startingAfter"] in ids else len(ids):]
+    elif "endingBefore" in query:
+        end = ids.index(query["endingBefore"]) if query["endingBefore"] in ids else 0
+        found = found[max(0, end - limit):end]
+    return 200, {"hasMore": len(found) > limit, "data": found[:limit]}
 
 
 _KNOWN_PATHS = ("/checkouts", "/orders", "/fulfillments")
@@ -400,6 +443,7 @@ def make_app(config: SandboxConfig | None = None) -> web.Application:
     r.add_get("/orders", api("GET /orders", list_orders), allow_head=False)
     r.add_get("/orders/{id}", api("GET /orders/{id}", get_order), allow_head=False)
     r.add_post("/fulfillments", api("POST /fulfillments", create_fulfillment))
+    r.add_get("/fulfillments", api("GET /fulfillments", list_fulfillments), allow_head=False)
     r.add_get("/_sandbox/config", get_config, allow_head=False)
     r.add_post("/_sandbox/config", post_config)
     r.add_get("/_sandbox/ledger", get_ledger, allow_head=False)

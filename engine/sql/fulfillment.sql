@@ -28,8 +28,10 @@ OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL
 
 -- name: claim_cancelled_orders
 -- order-fulfillment: lease due Open/Pending records of cancelled Digital River orders, oldest due first.
+-- `unfinished`: the row still held an earlier claim's token (that claim never wrote an outcome, so it may have
+-- sent its request: the job looks before sending).
 WITH due AS (
-    SELECT f.id
+    SELECT f.id, f.lease_token AS prior_token
       FROM fulfillments f
       JOIN orders o ON o.id = f.order_id
      WHERE {{cancelled_order_due}}
@@ -44,7 +46,7 @@ UPDATE fulfillments t
        lease_token = nextval('drjobs_lease_tokens')
   FROM due
  WHERE t.id = due.id
-RETURNING t.id, t.lease_token;
+RETURNING t.id, t.lease_token, due.prior_token IS NOT NULL AS unfinished;
 
 -- name: count_due_cancelled_orders
 -- order-fulfillment: cancelled-order records due now (leased or not), for drain.
@@ -164,9 +166,10 @@ RETURNING t.id, t.lease_token;
 
 -- name: claim_order_lines
 -- line-item-fulfillment: lease up to $2 due lines of the orders $5 this node has just leased, whole orders first
--- (never a line still in flight here, $4).
+-- (never a line still in flight here, $4). `unfinished`: the line still held an earlier claim's token (that
+-- claim never wrote an outcome, so it may have sent the line: the job looks before sending).
 WITH due AS (
-    SELECT l.id
+    SELECT l.id, l.lease_token AS prior_token
       FROM line_item_fulfillments l
      WHERE l.fulfillment_id = ANY($5::bigint[])
        AND l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
@@ -181,7 +184,7 @@ UPDATE line_item_fulfillments t
        lease_token = nextval('drjobs_lease_tokens')
   FROM due
  WHERE t.id = due.id
-RETURNING t.id, t.fulfillment_id, t.lease_token;
+RETURNING t.id, t.fulfillment_id, t.lease_token, due.prior_token IS NOT NULL AS unfinished;
 
 -- name: count_due_line_items
 -- line-item-fulfillment: lines due now (leased or not) whose order can be sent or failed, for drain. Lines of

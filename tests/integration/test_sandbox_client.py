@@ -108,7 +108,7 @@ async def test_checkout_without_source_is_not_ready_and_its_order_fails_submit(
 
 
 @pytest.mark.parametrize(("change", "code", "parameter"), [
-    ({"colour": "red"}, "invalid_parameter", "colour"),
+    ({"colour": "red"}, "unknown_parameter", "colour"),
     ({"currency": None}, "missing_parameter", "currency"),
     ({"currency": "XYZ"}, "invalid_parameter", "currency"),
     ({"chargeType": "whenever"}, "invalid_parameter", "chargeType"),
@@ -117,8 +117,10 @@ async def test_checkout_without_source_is_not_ready_and_its_order_fails_submit(
     ({"items": [{"price": 1.0, "quantity": 1}]}, "missing_parameter", "items[0].skuId"),
     ({"items": [{"skuId": "s", "quantity": 1}]}, "missing_parameter", "items[0].price"),
     ({"items": [{"skuId": "s", "price": "1.00", "quantity": 1}]}, "invalid_parameter", "items[0].price"),
-    ({"items": [{"skuId": "s", "price": 1.0, "quantity": 1, "colour": 1}]}, "invalid_parameter",
+    ({"items": [{"skuId": "s", "price": 1.0, "quantity": 1, "colour": 1}]}, "unknown_parameter",
      "items[0].colour"),
+    ({"metadata": {"nested": {"a": 1}}}, "invalid_parameter", "metadata.nested"),
+    ({"metadata": {"ratio": 0.5}}, "invalid_parameter", "metadata.ratio"),
     ({"customerId": "cus_invalid_42"}, "invalid_parameter", "customerId"),
     ({"items": [{"skuId": "sku_invalid_9", "price": 1.0, "quantity": 1}]}, "invalid_parameter", "items[0].skuId"),
 ])
@@ -149,7 +151,7 @@ async def test_checkout_with_product_details_instead_of_sku_is_accepted(client: 
     ({"name": "Widget", "skuGroupId": "g1"}, "missing_parameter", "countryOfOrigin"),
     ({"name": "Widget", "skuGroupId": "g1", "countryOfOrigin": "USA"}, "invalid_parameter", "countryOfOrigin"),
     # taxCode and eccn are SKU fields, not product-details fields.
-    ({"name": "Widget", "skuGroupId": "g1", "countryOfOrigin": "US", "taxCode": "4512.1"}, "invalid_parameter",
+    ({"name": "Widget", "skuGroupId": "g1", "countryOfOrigin": "US", "taxCode": "4512.1"}, "unknown_parameter",
      "items[0].productDetails.taxCode"),
     ({"skuGroupId": "g1", "countryOfOrigin": "US"}, "missing_parameter", "items[0].productDetails.name"),
 ])
@@ -521,3 +523,62 @@ async def test_a_bill_to_without_an_address_is_refused_as_digital_river_refuses_
         await client.create_checkout(body)
     assert (caught.value.status, caught.value.code, caught.value.parameter) == (400, "missing_parameter",
                                                                                 "billTo.address")
+
+
+async def test_fulfillments_are_listed_by_order_newest_first_with_their_metadata(client: DigitalRiverClient,
+                                                                                 sandbox: Sandbox) -> None:
+    order = await two_item_order(client)
+    other = await two_item_order(client)
+    a, b = order.items
+    made = [await client.create_fulfillment({"orderId": order.id, "items": [{"itemId": a.id, "quantity": 1}],
+                                             "metadata": {"drjobsJob": "line-item-fulfillment", "drjobsIds": "7"}}),
+            await client.create_fulfillment({"orderId": order.id, "items": [{"itemId": b.id, "quantity": 1}],
+                                             "metadata": {"drjobsIds": "8", "flag": True, "n": 3}})]
+    await client.create_fulfillment({"orderId": other.id, "items": [{"itemId": other.items[0].id, "quantity": 1}]})
+    first, more = await client.list_fulfillments(order.id, limit=1)
+    assert ([f.id for f in first], more) == ([made[1].id], True)
+    assert first[0].metadata == {"drjobsIds": "8", "flag": True, "n": 3}
+    rest, more = await client.list_fulfillments(order.id, starting_after=first[0].id, limit=1)
+    assert ([f.id for f in rest], more) == ([made[0].id], False)
+    assert rest[0].metadata == {"drjobsJob": "line-item-fulfillment", "drjobsIds": "7"}
+
+
+@pytest.mark.parametrize(("query", "code", "parameter"), [
+    ("orderId=1&colour=red", "unknown_parameter", "colour"),
+    ("orderId=1&limit=101", "invalid_parameter", "limit"),
+    ("orderId=1&limit=0", "invalid_parameter", "limit"),
+])
+async def test_fulfillment_list_parameters_are_checked(sandbox: Sandbox, query: str, code: str,
+                                                       parameter: str) -> None:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{sandbox.url}/fulfillments?{query}", headers={"Authorization": f"Bearer {KEY}"}) as response:
+        body = await response.json()
+    assert response.status == 400
+    assert (body["errors"][0]["code"], body["errors"][0]["parameter"]) == (code, parameter)
+
+
+@pytest.mark.parametrize(("change", "code", "parameter"), [
+    ({"colour": "red"}, "unknown_parameter", "colour"),
+    ({"items": [{"itemId": "x", "quantity": 1, "colour": 1}]}, "unknown_parameter", "items[0].colour"),
+    ({"metadata": {"ids": ["1", "2"]}}, "invalid_parameter", "metadata.ids"),
+    ({"metadata": "1,2"}, "invalid_parameter", "metadata"),
+])
+async def test_fulfillment_bodies_are_checked_as_digital_river_checks_them(client: DigitalRiverClient,
+                                                                           change: dict[str, Any], code: str,
+                                                                           parameter: str) -> None:
+    order = await two_item_order(client)
+    body: dict[str, Any] = {"orderId": order.id, "items": [{"itemId": order.items[0].id, "quantity": 1}]}
+    body.update(change)
+    with pytest.raises(BadRequestError) as caught:
+        await client.create_fulfillment(body)
+    assert (caught.value.code, caught.value.parameter) == (code, parameter)
+
+
+async def test_every_request_carries_the_api_version_the_engine_was_built_for(client: DigitalRiverClient,
+                                                                              sandbox: Sandbox) -> None:
+    from engine.settings import DR_API_VERSION_BUILT_FOR
+    await two_item_order(client)
+    assert sandbox.ledger.api_versions == {DR_API_VERSION_BUILT_FOR: 2}
+    async with make_client(sandbox, api_version="2024-08-21") as pinned:
+        await pinned.list_orders(checkout_id="chk_none")
+    assert sandbox.ledger.api_versions == {DR_API_VERSION_BUILT_FOR: 2, "2024-08-21": 1}

@@ -449,7 +449,7 @@ async def test_transient_status_on_a_get_is_retried_until_it_succeeds(client: Di
     assert client.stats.retries == 1
 
 
-@pytest.mark.parametrize("call", ["create_checkout", "create_fulfillment", "get_order", "list_orders"])
+@pytest.mark.parametrize("call", ["create_checkout", "list_fulfillments", "get_order", "list_orders"])
 async def test_safe_calls_retry_up_to_max_retries_then_raise(make_client: Callable[..., DigitalRiverClient],
                                                              mock: DRMock, fake_time: FakeTime, call: str) -> None:
     attempts: list[int] = []
@@ -459,7 +459,7 @@ async def test_safe_calls_retry_up_to_max_retries_then_raise(make_client: Callab
             "service_unavailable", "down")), repeat=True)
     invoke: dict[str, Callable[[DigitalRiverClient], Any]] = {
         "create_checkout": lambda c: c.create_checkout({}),
-        "create_fulfillment": lambda c: c.create_fulfillment({}),
+        "list_fulfillments": lambda c: c.list_fulfillments("1"),
         "get_order": lambda c: c.get_order("1"),
         "list_orders": lambda c: c.list_orders(checkout_id="chk_1"),
     }
@@ -494,18 +494,25 @@ async def test_jitter_draws_uniformly_below_the_ceiling(make_client: Callable[..
     assert fake_time.sleeps == [0.125, 0.25]
 
 
+@pytest.mark.parametrize("call", ["create_order", "create_fulfillment"])
 @pytest.mark.parametrize("failure", ["503", "timeout", "connection"])
-async def test_create_order_is_never_retried(client: DigitalRiverClient, mock: DRMock, fake_time: FakeTime,
-                                             failure: str) -> None:
+async def test_unsafe_posts_are_never_retried_by_the_client(client: DigitalRiverClient, mock: DRMock,
+                                                            fake_time: FakeTime, failure: str, call: str) -> None:
+    # Either may have been applied: the caller looks before repeating (orders by checkout, fulfillments by
+    # their metadata), so the client itself never sends one twice.
+    url = ORDERS if call == "create_order" else FULFILLMENTS
     if failure == "503":
-        mock.post(ORDERS, status=503, repeat=True)
+        mock.post(url, status=503, repeat=True)
     elif failure == "timeout":
-        mock.post(ORDERS, exception=TimeoutError(), repeat=True)
+        mock.post(url, exception=TimeoutError(), repeat=True)
     else:
-        mock.post(ORDERS, exception=aiohttp.ServerDisconnectedError(), repeat=True)
+        mock.post(url, exception=aiohttp.ServerDisconnectedError(), repeat=True)
     with pytest.raises(TransientError) as caught:
-        await client.create_order("chk_1")
-    assert len(mock.requests[("POST", caught_url(ORDERS))]) == 1
+        if call == "create_order":
+            await client.create_order("chk_1")
+        else:
+            await client.create_fulfillment({"orderId": "1", "items": []})
+    assert len(mock.requests[("POST", caught_url(url))]) == 1
     assert fake_time.sleeps == []
     assert caught.value.kind is ErrorKind.TRANSIENT
 
@@ -767,10 +774,10 @@ async def test_calls_before_start_fail_clearly() -> None:
 
 
 async def test_stats_count_requests_by_endpoint_and_status(client: DigitalRiverClient, mock: DRMock) -> None:
-    mock.post(FULFILLMENTS, status=500)
-    mock.post(FULFILLMENTS, status=201, payload={"id": "ful_1", "orderId": "1", "items": []})
-    await client.create_fulfillment({"orderId": "1", "items": []})
-    assert client.stats.requests == {("POST /fulfillments", "500"): 1, ("POST /fulfillments", "201"): 1}
+    mock.get(f"{ORDERS}/1", status=500)
+    mock.get(f"{ORDERS}/1", status=200, payload=order_json("1"))
+    await client.get_order("1")
+    assert client.stats.requests == {("GET /orders/{id}", "500"): 1, ("GET /orders/{id}", "200"): 1}
     assert client.stats.retries == 1
 
 

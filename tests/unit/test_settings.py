@@ -18,6 +18,8 @@ def test_defaults_follow_the_contract() -> None:
     assert s.database_url is None
     assert s.dr_api_url == "https://api.digitalriver.com"
     assert s.dr_timeout_seconds == 30
+    assert s.dr_api_version == "2023-04-25"  # the SDK build docs/digital-river.md checks against
+    assert settings_for(DR_API_VERSION="2024-08-21").dr_api_version == "2024-08-21"
     assert s.dr_max_requests_per_second == 20  # sk_test_ key
     assert s.cc_subscriptions_batch_query_limit == 2000
     assert s.cc_subscription_processor_batch_size == 200
