@@ -16,19 +16,18 @@ import json
 import re
 from typing import Any
 
-from aioresponses import CallbackResult
-
 import aiohttp
 import pytest
+from aioresponses import CallbackResult
 
 from engine.digital_river import DigitalRiverClient
 from engine.fulfillment import send_fulfillment
 from tests.unit.test_digital_river import (
     FULFILLMENTS,
     DRMock,
+    FakeTime,
     _Response,
     client,
-    FakeTime,
     error_json,
     fake_time,
     make_client,
