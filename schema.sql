@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS subscription_process_data (
     installment_run_date            date,
     is_recurring_payment_processed  boolean NOT NULL DEFAULT false,
     subscription_job_run_status     text NOT NULL DEFAULT 'Open'
-        CHECK (subscription_job_run_status IN ('Open', 'Successful', 'Failed')),
+        CHECK (subscription_job_run_status IN ('Open', 'Pending', 'Successful', 'Failed')),
     subscription_retry_count        integer NOT NULL DEFAULT 0 CHECK (subscription_retry_count >= 0),
     next_attempt_at                 timestamptz NOT NULL DEFAULT now(),
     upstream_id                     text NOT NULL UNIQUE DEFAULT gen_random_uuid()::text,
@@ -274,7 +274,8 @@ CREATE TABLE IF NOT EXISTS job_runs (
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
     job         text NOT NULL CHECK (job IN ('subscription-installments', 'recurring-payments',
-                                             'order-fulfillment', 'line-item-fulfillment', 'log-cleanup')),
+                                             'order-fulfillment', 'line-item-fulfillment', 'digital-river-events',
+                                             'log-cleanup')),
     fire_time   timestamptz NOT NULL,
     trigger     text NOT NULL DEFAULT 'schedule' CHECK (trigger IN ('schedule', 'manual', 'drain', 'message')),
     node        text,
@@ -295,7 +296,8 @@ CREATE TABLE IF NOT EXISTS job_controls (
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
     job         text NOT NULL UNIQUE CHECK (job IN ('subscription-installments', 'recurring-payments',
-                                                    'order-fulfillment', 'line-item-fulfillment', 'log-cleanup')),
+                                                    'order-fulfillment', 'line-item-fulfillment',
+                                                    'digital-river-events', 'log-cleanup')),
     paused      boolean NOT NULL DEFAULT false,
     changed_by  text
 );
@@ -366,3 +368,91 @@ CREATE TABLE IF NOT EXISTS dr_rate_pauses (
 );
 CREATE OR REPLACE TRIGGER dr_rate_pauses_touch BEFORE UPDATE ON dr_rate_pauses
     FOR EACH ROW EXECUTE FUNCTION drjobs_touch_updated_at();
+
+-- Digital River events (issue 13; docs/digital-river.md "Events"). An installment whose order Digital River made
+-- but has not confirmed (`pending_payment`, `in_review`) is `Pending`: not claimable and not due, settled by the
+-- order's events (digital-river-events) or, with no event for an hour, by a look at the order.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                    WHERE conname = 'subscription_process_data_subscription_job_run_status_check'
+                      AND pg_get_constraintdef(oid) LIKE '%Pending%') THEN
+        ALTER TABLE subscription_process_data
+            DROP CONSTRAINT IF EXISTS subscription_process_data_subscription_job_run_status_check;
+        ALTER TABLE subscription_process_data ADD CONSTRAINT subscription_process_data_subscription_job_run_status_check
+            CHECK (subscription_job_run_status IN ('Open', 'Pending', 'Successful', 'Failed'));
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'job_runs_job_check'
+                      AND pg_get_constraintdef(oid) LIKE '%digital-river-events%') THEN
+        ALTER TABLE job_runs DROP CONSTRAINT IF EXISTS job_runs_job_check;
+        ALTER TABLE job_runs ADD CONSTRAINT job_runs_job_check CHECK (job IN (
+            'subscription-installments', 'recurring-payments', 'order-fulfillment', 'line-item-fulfillment',
+            'digital-river-events', 'log-cleanup'));
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'job_controls_job_check'
+                      AND pg_get_constraintdef(oid) LIKE '%digital-river-events%') THEN
+        ALTER TABLE job_controls DROP CONSTRAINT IF EXISTS job_controls_job_check;
+        ALTER TABLE job_controls ADD CONSTRAINT job_controls_job_check CHECK (job IN (
+            'subscription-installments', 'recurring-payments', 'order-fulfillment', 'line-item-fulfillment',
+            'digital-river-events', 'log-cleanup'));
+    END IF;
+END
+$$;
+-- Orders of this record that failed after they were made (order.charge.failed, order.blocked, order.cancelled on
+-- a Pending record): kept as its history, and never adopted by a later attempt's lookups.
+ALTER TABLE subscription_process_data ADD COLUMN IF NOT EXISTS dr_failed_order_ids text[] NOT NULL DEFAULT '{}';
+-- Pending records, for the events job's look at orders with no event for an hour.
+CREATE INDEX IF NOT EXISTS subscription_process_data_pending ON subscription_process_data (next_attempt_at, id)
+    WHERE subscription_job_run_status = 'Pending';
+
+-- Order states in the order Digital River moves through them: a state never moves back to a lower rank
+-- (`order.accepted` arriving after `order.complete` changes nothing). Unknown states rank 0.
+CREATE OR REPLACE FUNCTION drjobs_order_state_rank(state text) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE state
+        WHEN 'pending_payment' THEN 1 WHEN 'in_review' THEN 1
+        WHEN 'accepted' THEN 2
+        WHEN 'fulfilled' THEN 3 WHEN 'dispute' THEN 3
+        WHEN 'complete' THEN 4 WHEN 'cancelled' THEN 4 WHEN 'blocked' THEN 4
+        WHEN 'returned' THEN 5
+        ELSE 0 END
+$$;
+
+-- Every Digital River event the engine has heard, once (webhooks and GET /events): the event's id is unique, so a
+-- delivery seen twice, or heard by a webhook and a poll, is one row. `dr_created_at` is Digital River's
+-- createdTime: events are applied in that order.
+CREATE TABLE IF NOT EXISTS dr_events (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    event_id        text NOT NULL UNIQUE,
+    type            text NOT NULL,
+    storefront      text NOT NULL DEFAULT 'DefaultStore',
+    dr_order_id     text,
+    payload         jsonb NOT NULL,
+    source          text NOT NULL CHECK (source IN ('webhook', 'poll')),
+    status          text NOT NULL DEFAULT 'Pending' CHECK (status IN ('Pending', 'Processed', 'Ignored', 'Failed')),
+    message         text,
+    dr_created_at   timestamptz NOT NULL DEFAULT now(),
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    processed_at    timestamptz
+);
+CREATE INDEX IF NOT EXISTS dr_events_pending ON dr_events (dr_created_at, id) WHERE status = 'Pending';
+CREATE INDEX IF NOT EXISTS dr_events_order ON dr_events (dr_order_id);
+CREATE OR REPLACE TRIGGER dr_events_touch BEFORE UPDATE ON dr_events
+    FOR EACH ROW EXECUTE FUNCTION drjobs_touch_updated_at();
+-- Where digital-river-events' GET /events poll reached, per storefront: any process continues from here.
+CREATE TABLE IF NOT EXISTS dr_event_cursors (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    storefront      text NOT NULL UNIQUE,
+    seen_until      timestamptz NOT NULL,
+    last_event_id   text
+);
+CREATE OR REPLACE TRIGGER dr_event_cursors_touch BEFORE UPDATE ON dr_event_cursors
+    FOR EACH ROW EXECUTE FUNCTION drjobs_touch_updated_at();
+-- When line-item-fulfillment last asked Digital River (GET /orders/{id}) about an order whose lines wait for it
+-- to be accepted, or an event said how it stands: orders are asked about only after an hour without news, since
+-- `order.accepted` normally says it first.
+ALTER TABLE fulfillments ADD COLUMN IF NOT EXISTS dr_state_checked_at timestamptz;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from actors.digital_river_events import DigitalRiverEvents
 from actors.line_item_fulfillment import LineItemFulfillment
 from actors.log_cleanup import LogCleanup
 from actors.order_fulfillment import OrderFulfillment
@@ -15,6 +16,7 @@ JOB_CLASSES: dict[str, type[Job]] = {
     RecurringPayments.job_name: RecurringPayments,
     OrderFulfillment.job_name: OrderFulfillment,
     LineItemFulfillment.job_name: LineItemFulfillment,
+    DigitalRiverEvents.job_name: DigitalRiverEvents,
     LogCleanup.job_name: LogCleanup,
 }
 

@@ -1,8 +1,9 @@
 """Digital River line-item fulfillment: report fulfilled and cancelled lines, one POST /fulfillments per order.
 
-Each run first asks Digital River (`GET /orders/{id}`, once per order per run) for the state of orders whose
-due lines wait on acceptance (`pending_payment`, `in_review`, or no state known) and stores the answer on
-`fulfillments.dr_order_state`; their lines keep waiting, and no attempt is counted.
+Digital River says an order was accepted with `order.accepted` (digital-river-events sets `dr_order_state` and
+`ofi_received`). Only for an order whose due lines have waited on acceptance (`pending_payment`, `in_review`, or no
+state known) for an hour without news does a run ask Digital River (`GET /orders/{id}`, at most once an hour per
+order) and store the answer on `fulfillments.dr_order_state`; the lines keep waiting, and no attempt is counted.
 
 It then takes `line_item_fulfillments` in `Open` or `Pending` whose `next_attempt_at` has come and whose order
 Digital River accepted (`dr_order_state = 'accepted'`, or `ofi_received`): at most FULFILLMENT_QUERY_LIMIT lines
@@ -38,6 +39,9 @@ from engine.jobs import FAILED, SUCCEEDED, Job, Outcome, Outcomes, Run, backoff
 from engine.logs import error_text
 from engine.store import LeaseLost, Leases
 
+# An order whose lines wait for its acceptance is asked about (GET /orders/{id}) only after this long without
+# news: `order.accepted` (digital-river-events) normally says it first.
+ORDER_STATE_LOOK_AFTER_SECONDS = 3600.0
 TRACKING = (("tracking_company", "trackingCompany"), ("tracking_number", "trackingNumber"),
             ("tracking_url", "trackingUrl"))
 
@@ -148,7 +152,8 @@ class LineItemFulfillment(Job):
 
     async def _refresh_states(self) -> None:
         """Ask Digital River once for the state of each order whose due lines wait on acceptance."""
-        rows = await self.store.fetch("orders_awaiting_acceptance", self.settings.fulfillment_query_limit)
+        rows = await self.store.fetch("orders_awaiting_acceptance", self.settings.fulfillment_query_limit,
+                                      ORDER_STATE_LOOK_AFTER_SECONDS)
         if not rows:
             return
         slots = asyncio.Semaphore(self.concurrency)

@@ -187,6 +187,18 @@ def charged_row(rec: asyncpg.Record, order: Order) -> dict[str, Any]:
     }
 
 
+def order_failure(order: Order) -> tuple[str, str, bool] | None:
+    """(code, message, hard) when Digital River's order failed after it was made: blocked (a hard decline),
+    cancelled or its charge failed (a soft one, billing-rules.md); None for a live order."""
+    if order.state == "blocked":
+        return "order_blocked", f"Digital River blocked order {order.id} (fraud review or a denied party)", True
+    if order.charge_state == "failed":
+        return "charge_failed", f"Digital River could not charge order {order.id} (its charge failed)", False
+    if order.state == "cancelled":
+        return "order_cancelled", f"Digital River cancelled order {order.id} before it was paid", False
+    return None
+
+
 def decline_limit(rec: asyncpg.Record) -> tuple[datetime, str] | None:
     """When Digital River's limits on declined merchant-initiated charges let this subscription be charged
     again (None: now), whatever the settings say."""
@@ -207,6 +219,8 @@ class RecurringPayments(Job):
     outcomes: ClassVar[Outcomes] = {
         "installment_charged": ("info", SUCCEEDED),
         "installment_adopted": ("info", SUCCEEDED),
+        "installment_pending": ("info", None),
+        "installment_order_failed": ("warning", FAILED),
         "installment_deferred": ("info", None),
         "installment_declined": ("warning", FAILED),
         "installment_failed": ("error", FAILED),
@@ -291,13 +305,13 @@ class Charge:
         rec, dr = self.rec, self.job.dr
         try:
             if rec["dr_order_id"]:
-                return await self.charged(await dr.get_order(rec["dr_order_id"]), adopted=True)
+                return await self.settle_order(await dr.get_order(rec["dr_order_id"]), adopted=True)
             checkout_id = rec["dr_checkout_id"]
             if checkout_id:
                 # Whatever the data looks like now, first find out whether an earlier attempt already charged.
                 order = await self.find_order(checkout_id)
                 if order is not None:
-                    return await self.charged(order, adopted=True)
+                    return await self.settle_order(order, adopted=True)
             code = NOT_CHARGED.get(rec["subscription_status"])
             if code is not None:
                 return await self.fail_uncounted(
@@ -415,18 +429,18 @@ class Charge:
                                            outage=True)
             if found is None:
                 return await self.postpone("installment_outage", "dr_unavailable", str(exc), outage=True)
-            return await self.charged(found, adopted=True)
+            return await self.settle_order(found, adopted=True)
         except BadRequestError as exc:
             return await self.failed(exc.code or "bad_request", dr_message(exc), hard=True, error=exc)
         failpoint("after_order_created")
-        return await self.charged(order, adopted=False)
+        return await self.settle_order(order, adopted=False)
 
     async def checkout_gone(self, checkout_id: str) -> Outcome:
         """Digital River answered 404 for the record's checkout: adopt its order if one is found, else look again
         later, and after CHECKOUT_LOOKS looks fail the record for an operator (never a second checkout)."""
         found = await self.find_order(checkout_id)
         if found is not None:
-            return await self.charged(found, adopted=True)
+            return await self.settle_order(found, adopted=True)
         looks = self.rec["checkout_looks"] + 1
         if looks >= CHECKOUT_LOOKS:
             message = (f"Digital River does not know checkout {checkout_id} (POST /orders answered 404) and no "
@@ -446,12 +460,16 @@ class Charge:
         lists. A lookup Digital River refuses (anything but a refused key) leaves the outcome unknown.
         """
         dr, upstream_id = self.job.dr, self.rec["upstream_id"]
+        # An order that failed after it was made (order.charge.failed, order.blocked, order.cancelled) stays in
+        # the record's history and is never adopted: a later attempt's lookups by upstream id still list it.
+        failed = set(self.rec["dr_failed_order_ids"] or ())
         try:
             orders = await dr.list_orders(checkout_id=checkout_id)
-            mine = [o for o in orders if o.checkout_id == checkout_id or o.upstream_id == upstream_id]
+            mine = [o for o in orders if (o.checkout_id == checkout_id or o.upstream_id == upstream_id)
+                    and o.id not in failed]
             if not mine:
                 orders = await dr.list_orders(upstream_ids=[upstream_id])
-                mine = [o for o in orders if o.upstream_id == upstream_id]
+                mine = [o for o in orders if o.upstream_id == upstream_id and o.id not in failed]
         except AuthError:
             raise
         except DigitalRiverError as exc:
@@ -460,12 +478,23 @@ class Charge:
 
     # -- writing how it ended -----------------------------------------------------------------------------------
 
+    async def settle_order(self, order: Order, *, adopted: bool) -> Outcome:
+        """This record's order, as Digital River answered it: charged (or Pending), unless it already failed."""
+        failure = order_failure(order)
+        if failure is None:
+            return await self.charged(order, adopted=adopted)
+        code, message, hard = failure
+        return await self.failed(code, message, hard=hard, decline=True, failed_order=order.id,
+                                 checkout_id=order.checkout_id)
+
     async def charged(self, order: Order, *, adopted: bool) -> Outcome:
         result = await self.write(self.job.charges, charged_row(self.rec, order) | {"token": self.token})
         failpoint("after_order_saved")
         fields = {"dr_order_id": order.id, "order_state": order.state, "amount": f"{order.total_amount:.2f}",
                   "tax": f"{order.total_tax:.2f}", "currency": order.currency}
         if result["result"] == "written":
+            if result["status"] == "Pending":
+                return Outcome("installment_pending", fields | {"order_id": result["order_id"], "status": "Pending"})
             return Outcome("installment_adopted" if adopted else "installment_charged",
                            fields | {"order_id": result["order_id"]})
         if result["result"] == "settled":
@@ -482,20 +511,24 @@ class Charge:
                         f"({result['result']}); the claim that holds it adopts that order", dr_order_id=order.id)
 
     async def failed(self, code: str, message: str, *, hard: bool, decline: bool = False,
-                     error: DigitalRiverError | None = None, checkout_id: str | None = None) -> Outcome:
+                     error: DigitalRiverError | None = None, checkout_id: str | None = None,
+                     failed_order: str | None = None) -> Outcome:
         """A counted attempt without an order: Failed when hard or past SUBSCRIPTION_RETRY_COUNT, else Open."""
         rec = self.rec
         attempts = rec["subscription_retry_count"] + 1
         exhausted = attempts > self.settings.subscription_retry_count
         status = "Failed" if hard or exhausted else "Open"
         next_attempt = datetime.now(UTC) + (DECLINE_PAUSE if decline else timedelta(0))
-        outcome_kind = ("soft_decline" if error is not None and getattr(error, "soft", False) else "hard_decline") \
-            if decline else "bad_data"
+        if failed_order is not None:
+            outcome_kind = "hard_decline" if hard else "soft_decline"
+        else:
+            outcome_kind = ("soft_decline" if error is not None and getattr(error, "soft", False)
+                            else "hard_decline") if decline else "bad_data"
         kept = await self.store.fetchval(
             "finish_failed_attempt", self.id, self.token, status, next_attempt, code, message[:2000],
             outcome_kind, decline, "Declined" if decline else None,
             rec["unit_price"] * rec["quantity"] if rec["unit_price"] and rec["quantity"] else None,
-            (rec["currency"] or "").strip().upper()[:3] or None, self.job.store.node)
+            (rec["currency"] or "").strip().upper()[:3] or None, self.job.store.node, failed_order)
         if kept is None:
             if decline:
                 # The decline happened whoever holds the record now: Digital River's limits must count it.

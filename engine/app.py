@@ -10,6 +10,7 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from engine import __version__
@@ -17,7 +18,7 @@ from engine.actor import Actor, Supervisor
 from engine.database import open_database
 from engine.digital_river import DigitalRiverClient
 from engine.http import Health, HttpServer
-from engine.jobs import Job, Run, Services
+from engine.jobs import Job, Run, RunRequest, Services
 from engine.log_writer import LogWriter
 from engine.logs import AppLogSink, error_text, get_logger, install_app_log
 from engine.metrics import Metrics
@@ -26,6 +27,7 @@ from engine.rate_pauses import RatePauses
 from engine.scheduler import Scheduler
 from engine.settings import JOBS, Settings
 from engine.store import Store, is_outage
+from engine.webhooks import WebhookServer
 
 log = get_logger(component="engine")
 JobFactory = Callable[[Services], dict[str, Job]]
@@ -73,6 +75,8 @@ class Engine:
         self.dr = dr
         # A 429 met here pauses every engine on this database using the key, and theirs pause this one.
         self.rate_pauses = RatePauses(store, dr) if dr is not None else None
+        # The webhook listener, once `serve` has started it (tests read its port).
+        self.webhooks: WebhookServer | None = None
         if dr is not None and self.rate_pauses is not None:
             dr.on_rate_limited = self.rate_pauses.publish
         self.services = Services(settings, store, self.app_log, self.stop, dr=dr, metrics=self.metrics)
@@ -130,14 +134,43 @@ class Engine:
             return 1
         log.info("http_listening", host=self.settings.http_host, port=http.port,
                  paths=["/healthz", "/readyz", "/metrics"])
+        webhooks = self._webhooks()
+        if webhooks is not None:
+            try:
+                await webhooks.start()
+            except OSError as exc:
+                await http.stop()
+                log.error("webhook_port_unavailable", host=self.settings.webhook_host,
+                          port=self.settings.webhook_port, error=str(exc),
+                          detail="set WEBHOOK_HOST/WEBHOOK_PORT to a free address, or WEBHOOK_PORT=off")
+                return 1
         try:
             async with self._dr_open():
                 await supervisor.run()
                 await supervisor.shutdown(self.settings.shutdown_grace_seconds)
         finally:
+            if webhooks is not None:
+                await webhooks.stop()
             await http.stop()
         log.info("engine_stopped", clean=supervisor.failed is None, reason=supervisor.failed)
         return 0 if supervisor.failed is None else 1
+
+    def _webhooks(self) -> WebhookServer | None:
+        """The webhook listener of `serve` (None with WEBHOOK_PORT=off): each stored event wakes this process's
+        digital-river-events job."""
+        if self.settings.webhook_port is None:
+            return None
+        events = self.jobs.get("digital-river-events")
+
+        def wake() -> None:
+            # A full inbox already holds a run that will apply this event.
+            if events is not None:
+                events.offer(RunRequest(datetime.now(UTC), "message"))
+
+        self.webhooks = WebhookServer(self.settings.webhook_host, self.settings.webhook_port, self.store,
+                                      self.metrics, secret=self.settings.dr_webhook_secret,
+                                      tolerance=self.settings.webhook_tolerance_seconds, wake=wake)
+        return self.webhooks
 
     async def drive(self, work: Callable[[], Any]) -> int:
         """Run the actors (no scheduler) while `work` drives the jobs; stop them after. `work`'s result, or 1 if

@@ -657,6 +657,47 @@ def parse_fulfillment(body: Any, where: str = "") -> Fulfillment:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A Digital River event (Event in DigitalRiver/digital-river-php: id, type, data.object, createdTime)."""
+
+    id: str
+    type: str
+    created_time: datetime | None
+    object: dict[str, Any] | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+def parse_event(body: Any, where: str = "") -> Event:
+    """An `Event` from an event (a webhook's body, or one element of GET /events); MalformedResponseError names
+    what is missing. `createdTime` that cannot be read counts as absent."""
+    body = _obj(body, where or "event")
+    data = body.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    return Event(id=_req_str(body, "id", f"{where}id"), type=_req_str(body, "type", f"{where}type"),
+                 created_time=_opt_time(body.get("createdTime")), object=obj if isinstance(obj, dict) else None,
+                 raw=body)
+
+
+def _opt_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not 10 <= len(value) <= 40:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def parse_event_list(body: Any) -> tuple[list[Event], bool]:
+    """The events of a `{hasMore, data}` list envelope, and `hasMore`."""
+    envelope = _obj(body, "list")
+    data = envelope.get("data")
+    if not isinstance(data, list):
+        raise _missing("data")
+    return [parse_event(e, f"data[{i}].") for i, e in enumerate(data)], envelope.get("hasMore") is True
+
+
 def parse_fulfillment_list(body: Any) -> tuple[list[Fulfillment], bool]:
     """The fulfillments of a `{hasMore, data}` list envelope (ListFulfillmentsResponse), and `hasMore`."""
     envelope = _obj(body, "list")
@@ -943,6 +984,21 @@ class DigitalRiverClient:
             params["startingAfter"] = starting_after
         return await self._call("GET", "/fulfillments", "GET /fulfillments", parse_fulfillment_list, params=params,
                                 retry=True)
+
+    async def list_events(self, *, created_since: datetime, types: Sequence[str] = (),
+                          starting_after: str | None = None, limit: int = 100) -> tuple[list[Event], bool]:
+        """GET /events: one page (newest first) of the events created at or after `created_since`, of `types`
+        when given, and whether more follow (`startingAfter` the last id). Digital River's `listEvents`
+        (DigitalRiver/digital-river-php, docs/Api/EventsApi.md: `createdTime[gte]`, `types`, cursors)."""
+        if not 1 <= limit <= 100:
+            raise ValueError(f"limit must be 1..100, got {limit}")
+        since = created_since.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        params = {"createdTime[gte]": since, "limit": str(limit)}
+        if types:
+            params["types"] = ",".join(types)
+        if starting_after is not None:
+            params["startingAfter"] = starting_after
+        return await self._call("GET", "/events", "GET /events", parse_event_list, params=params, retry=True)
 
     async def wait_to_retry(self, exc: DigitalRiverError, attempt: int) -> bool:
         """For a caller that repeats a call itself: wait as this client waits before attempt `attempt + 1` after

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -102,6 +103,13 @@ class Metrics:
             "drjobs_settlement_conflicts",
             "Write-backs that found their record already settled by another worker with a different result.",
             ["job"], registry=r)
+        self._events = Counter("drjobs_dr_events", "Digital River events applied, by type and outcome "
+                               "(Processed, Ignored, Failed).", ["type", "outcome"], registry=r)
+        self._events_stored = Counter("drjobs_dr_events_stored", "Digital River events stored, by how they came "
+                                      "(webhook, poll); a repeat delivery is not counted.", ["source"], registry=r)
+        self._webhook_refusals = Counter("drjobs_webhook_refusals", "Webhook deliveries refused, by reason "
+                                         "(signature_missing, signature_malformed, signature_wrong, stale, "
+                                         "no_secret, bad_body, too_large, store_failed).", ["reason"], registry=r)
         # Labelled children by label values: `labels()` validates and locks on every call, a dict get does not.
         self._children: dict[tuple[object, ...], Any] = {}
         self._in_flight: Source | None = None
@@ -123,6 +131,17 @@ class Metrics:
         if failed:
             self._child(self._records, job, "failed").inc(failed)
         self._child(self._run_seconds, job).observe(seconds)
+
+    def dr_event_applied(self, kind: str, outcome: str) -> None:
+        """A stored Digital River event was applied (`outcome`: Processed, Ignored, Failed)."""
+        self._child(self._events, kind, outcome).inc()
+
+    def dr_events_stored(self, source: str, count: int) -> None:
+        if count:
+            self._child(self._events_stored, source).inc(count)
+
+    def webhook_refused(self, reason: str) -> None:
+        self._child(self._webhook_refusals, reason).inc()
 
     def record_outcome(self, job: str, outcome: str) -> None:
         """One record ended with `outcome`, its log event (installment_charged, fulfillment_completed, …)."""
@@ -186,6 +205,7 @@ class Metrics:
                 ("drjobs_expired_leases", _expired_leases),
                 ("drjobs_records", _records),
                 ("drjobs_installments_needing_attention", _attention),
+                ("drjobs_dr_events_backlog", _events_backlog),
                 ("drjobs_live_nodes", self._live_nodes),
             ):
                 try:
@@ -240,6 +260,9 @@ DB_GAUGES: dict[str, tuple[str, list[str]]] = {
     "drjobs_expired_leases": ("Leased rows whose lease ran out (their process died or stalled).", ["table"]),
     "drjobs_records": ("Records by status (as in `run.py status`).", ["kind", "status"]),
     "drjobs_live_nodes": ("Engine processes heartbeating.", []),
+    "drjobs_dr_events_backlog": ("Digital River events stored and not applied yet; installment records Pending "
+                                 "(order made, payment not confirmed); seconds since the newest event was heard.",
+                                 ["what"]),
     "drjobs_installments_needing_attention": (
         "Installment records an operator should look at, by reason (checkout_unknown: Digital River does not know "
         "the record's checkout; subscription_cancelled/suspended: not charged) and status.", ["reason", "status"]),
@@ -278,6 +301,18 @@ async def _expired_leases(store: Store) -> list[Sample]:
 
 async def _attention(store: Store) -> list[Sample]:
     return [((row["reason"], row["status"]), float(row["count"])) for row in await store.fetch("status_attention")]
+
+
+async def _events_backlog(store: Store) -> list[Sample]:
+    row = await store.fetchrow("events_status")
+    if row is None:
+        return []
+    samples: list[Sample] = [(("events_pending",), float(row["backlog"])),
+                             (("installments_pending",), float(row["pending_installments"]))]
+    if row["last_received_at"] is not None:
+        age = (datetime.now(UTC) - row["last_received_at"]).total_seconds()
+        samples.append((("seconds_since_last_event",), max(0.0, age)))
+    return samples
 
 
 async def _records(store: Store) -> list[Sample]:

@@ -25,12 +25,13 @@ from engine.cron import CronError, Schedule, parse_schedule
 
 T = TypeVar("T")
 
-# The five jobs, in pipeline order, with the Salesforce app's schedules and this engine's concurrency.
+# The six jobs, in pipeline order, with the Salesforce app's schedules and this engine's concurrency.
 JOBS: tuple[str, ...] = (
     "subscription-installments",
     "recurring-payments",
     "order-fulfillment",
     "line-item-fulfillment",
+    "digital-river-events",
     "log-cleanup",
 )
 DEFAULT_SCHEDULES: dict[str, str] = {
@@ -38,6 +39,7 @@ DEFAULT_SCHEDULES: dict[str, str] = {
     "recurring-payments": "0 0 * * * ?",
     "order-fulfillment": "0 0/5 * * * ?",
     "line-item-fulfillment": "0 0/5 * * * ?",
+    "digital-river-events": "0 0/5 * * * ?",
     "log-cleanup": "0 0 0 ? * * *",
 }
 DEFAULT_CONCURRENCY: dict[str, int] = {job: 8 for job in JOBS} | {"recurring-payments": 32}
@@ -45,7 +47,7 @@ DEFAULT_CONCURRENCY: dict[str, int] = {job: 8 for job in JOBS} | {"recurring-pay
 APP_LOG_LEVELS = ("NONE", "ERROR", "WARN", "INFO", "DEBUG")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
-SECRET_SETTINGS = frozenset({"DR_API_KEY"})
+SECRET_SETTINGS = frozenset({"DR_API_KEY", "DR_WEBHOOK_SECRET"})
 # Commands that talk to Digital River and so need a key.
 # The Digital River API version the engine was built and checked against, sent as `digitalriver-version` unless
 # DR_API_VERSION names another: the latest build of Digital River's own SDK, DigitalRiver/digital-river-php
@@ -116,6 +118,11 @@ class Settings:
     shutdown_grace_seconds: float
     http_host: str
     http_port: int
+    # The webhook listener (`WEBHOOK_PORT=off`: none, webhook_port None) and the secret its signatures use.
+    dr_webhook_secret: str | None = field(repr=False)
+    webhook_host: str
+    webhook_port: int | None
+    webhook_tolerance_seconds: int
     node_name: str
     database_pool_size: int
     data_dir: str
@@ -128,7 +135,7 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, a table or an exception message."""
-        return tuple(s for s in (self.dr_api_key,) if s)
+        return tuple(s for s in (self.dr_api_key, self.dr_webhook_secret) if s)
 
 
 class _Reader:
@@ -216,13 +223,28 @@ def _time_zone(reader: _Reader) -> ZoneInfo:
                             "expected an IANA time zone such as UTC or Europe/Berlin") from None
 
 
-def _host(reader: _Reader) -> str:
-    value = reader.raw("HTTP_HOST")
+def _host(reader: _Reader, name: str = "HTTP_HOST") -> str:
+    value = reader.raw(name)
     if value is None:
         return "127.0.0.1"
     if len(value) > 253 or not _HOST.fullmatch(value):
-        raise SettingsError("HTTP_HOST", value, "expected a host name or an IP address to listen on, such as "
-                                                "127.0.0.1, 0.0.0.0 or ::")
+        raise SettingsError(name, value, "expected a host name or an IP address to listen on, such as "
+                                         "127.0.0.1, 0.0.0.0 or ::")
+    return value
+
+
+def _webhook_port(reader: _Reader) -> int | None:
+    value = reader.raw("WEBHOOK_PORT")
+    if value is not None and value.lower() == "off":
+        return None
+    return reader.integer("WEBHOOK_PORT", 8090, 0, 65_535)
+
+
+def _webhook_secret(reader: _Reader) -> str | None:
+    value = reader.raw("DR_WEBHOOK_SECRET")
+    if value is not None and (any(c.isspace() for c in value) or not value.isprintable()):
+        raise SettingsError("DR_WEBHOOK_SECRET", value, "expected a signing secret without spaces or control "
+                                                        "characters")
     return value
 
 
@@ -311,6 +333,10 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         shutdown_grace_seconds=reader.number("SHUTDOWN_GRACE_SECONDS", 30.0, 0.0, 3600.0),
         http_host=_host(reader),
         http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
+        dr_webhook_secret=_webhook_secret(reader),
+        webhook_host=_host(reader, "WEBHOOK_HOST"),
+        webhook_port=_webhook_port(reader),
+        webhook_tolerance_seconds=reader.integer("WEBHOOK_TOLERANCE_SECONDS", 300, 1, 86_400),
         node_name=node_name,
         database_pool_size=reader.integer("DATABASE_POOL_SIZE", 10, 2, 200),
         data_dir=reader.raw("DATA_DIR") or ".data",
@@ -325,7 +351,8 @@ KNOWN_SETTINGS = frozenset({
     "CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE", "RECURRING_PAYMENT_PROCESS_QUERY_LIMIT", "RECURRING_PAYMENT_BATCH_SIZE",
     "SUBSCRIPTION_RETRY_COUNT", "FULFILLMENT_QUERY_LIMIT", "FULFILLMENT_RETRY_LIMIT", "SCHEDULE_TIME_ZONE",
     "APP_LOG_LEVEL", "APP_LOG_RETENTION_DAYS", "LOG_LEVEL", "LOG_FORMAT", "LEASE_SECONDS", "SHUTDOWN_GRACE_SECONDS",
-    "HTTP_HOST", "HTTP_PORT", "NODE_NAME", "NODE_LOST_SECONDS",
+    "HTTP_HOST", "HTTP_PORT", "NODE_NAME", "NODE_LOST_SECONDS", "DR_WEBHOOK_SECRET", "WEBHOOK_HOST",
+    "WEBHOOK_PORT", "WEBHOOK_TOLERANCE_SECONDS",
     *(f"{env_prefix(job)}_{suffix}" for job in JOBS for suffix in ("SCHEDULE", "CONCURRENCY")),
 })
 

@@ -61,7 +61,11 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
         "heartbeat_at": _iso(r["heartbeat_at"]), "stopped_at": _iso(r["stopped_at"]), "pid": r["pid"],
         "host": r["host"], "version": r["version"],
     } for r in await store.fetch("status_nodes", settings.node_lost_seconds)]
-    return {"now": _iso(now), "jobs": jobs, "records": counts, "attention": attention, "nodes": nodes}
+    ev = await store.fetchrow("events_status")
+    events = {"backlog": ev["backlog"], "last_received_at": _iso(ev["last_received_at"]),
+              "pending_installments": ev["pending_installments"]} if ev is not None else None
+    return {"now": _iso(now), "jobs": jobs, "records": counts, "attention": attention, "events": events,
+            "nodes": nodes}
 
 
 def render_text(data: dict[str, Any]) -> str:
@@ -95,6 +99,13 @@ def render_text(data: dict[str, Any]) -> str:
         for row in data["attention"]:
             lines.append(f"  installments {row['status']:<8} {row['reason']:<24} {row['count']:>8}  "
                          + ATTENTION.get(row["reason"], ""))
+    events = data.get("events")
+    if events is not None:
+        lines += ["", "DIGITAL RIVER EVENTS",
+                  f"  waiting to be applied {events['backlog']:>8}   last event heard "
+                  f"{(events['last_received_at'] or 'never')[:19]}",
+                  f"  installments Pending  {events['pending_installments']:>8}   (order made, payment not "
+                  "confirmed by Digital River yet)"]
     lines += ["", "ENGINE PROCESSES (last day)"]
     if not data["nodes"]:
         lines.append("  none")

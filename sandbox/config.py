@@ -10,8 +10,12 @@ from typing import Any
 
 # The endpoint names `fault_endpoints` may list.
 ENDPOINTS = ("POST /checkouts", "GET /checkouts/{id}", "POST /checkouts/{id}/sources/{sourceId}", "POST /orders",
-             "GET /orders", "GET /orders/{id}", "POST /fulfillments", "GET /fulfillments")
-_SHARES = ("error_rate", "timeout_rate", "throttle_rate", "drop_after_order_rate", "drop_after_fulfillment_rate")
+             "GET /orders", "GET /orders/{id}", "POST /fulfillments", "GET /fulfillments", "GET /events",
+             "GET /events/{id}")
+_SHARES = ("error_rate", "timeout_rate", "throttle_rate", "drop_after_order_rate", "drop_after_fulfillment_rate",
+           "webhook_duplicate_rate", "webhook_drop_rate")
+# What a pending_payment or in_review order settles to by itself (`settle_to`).
+SETTLE_OUTCOMES = ("accepted", "charge_failed", "blocked")
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,20 @@ class SandboxConfig:
     seed: int = 0
     # Request entries the ledger keeps (oldest dropped first); orders and checkouts are always kept.
     max_ledger_requests: int = 1_000_000
+    # Seconds after which a pending_payment or in_review order settles by itself to `settle_to` (0: never; the
+    # src_settle_* sources settle after this, or after 1 second when it is 0).
+    settle_after_seconds: float = 0.0
+    settle_to: str = "accepted"
+    # Where every event is POSTed (None: nowhere), signed with `webhook_secret` (None: no signature header).
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    # A delay uniform in [0, webhook_delay_ms] before each delivery, so deliveries arrive out of order.
+    webhook_delay_ms: float = 0.0
+    # Share of events delivered twice; share never delivered (still listed by GET /events).
+    webhook_duplicate_rate: float = 0.0
+    webhook_drop_rate: float = 0.0
+    # Retry a delivery answered non-2xx (or not answered) after 0.2 s, 0.5 s and 1 s.
+    webhook_retry: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +94,14 @@ class SandboxConfig:
                 raise ConfigError(f"fault_endpoints: unknown endpoint {endpoint!r}; known: {', '.join(ENDPOINTS)}")
         if self.max_ledger_requests < 0:
             raise ConfigError("max_ledger_requests must be >= 0")
+        if self.settle_after_seconds < 0:
+            raise ConfigError("settle_after_seconds must be >= 0")
+        if self.settle_to not in SETTLE_OUTCOMES:
+            raise ConfigError(f"settle_to must be one of {', '.join(SETTLE_OUTCOMES)}, got {self.settle_to!r}")
+        if self.webhook_url is not None and not self.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(f"webhook_url must be an http:// or https:// URL, got {self.webhook_url!r}")
+        if self.webhook_delay_ms < 0:
+            raise ConfigError("webhook_delay_ms must be >= 0")
 
     def updated(self, changes: Mapping[str, Any]) -> SandboxConfig:
         """A validated copy with `changes` (field name → value) applied; unknown names raise `ConfigError`."""
@@ -93,19 +119,24 @@ class SandboxConfig:
     def as_json(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["fault_endpoints"] = list(self.fault_endpoints)
-        if values["api_key"]:
-            values["api_key"] = "[set]"
+        for secret in ("api_key", "webhook_secret"):
+            if values[secret]:
+                values[secret] = "[set]"
         return values
 
 
 _FLOATS = {"latency_ms", "latency_max_ms", "error_rate", "timeout_rate", "timeout_seconds", "throttle_rate",
-           "rate_limit", "retry_after_seconds", "drop_after_order_rate", "drop_after_fulfillment_rate"}
+           "rate_limit", "retry_after_seconds", "drop_after_order_rate", "drop_after_fulfillment_rate",
+           "settle_after_seconds", "webhook_delay_ms", "webhook_duplicate_rate", "webhook_drop_rate"}
 _INTS = {"seed", "max_ledger_requests"}
+_BOOLS = {"amount_rules", "webhook_retry"}
+# Settings that may be null; for the webhook ones an empty string is null too.
+_NULLABLE = {"api_key", "latency_max_ms", "rate_limit", "webhook_url", "webhook_secret"}
 
 
 def _coerce(name: str, value: Any, current: Any) -> Any:
     """JSON values into field types, rejecting what cannot be one."""
-    if value is None and name in {"api_key", "latency_max_ms", "rate_limit"}:
+    if name in _NULLABLE and (value is None or (value == "" and name.startswith("webhook_"))):
         return None
     try:
         if name in _FLOATS:
@@ -116,7 +147,7 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)
-        if name == "amount_rules":
+        if name in _BOOLS:
             if not isinstance(value, bool):
                 raise TypeError
             return value
@@ -155,6 +186,16 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-endpoints", default="", help=f"comma-separated subset of: {', '.join(ENDPOINTS)}")
     p.add_argument("--no-amount-rules", action="store_false", dest="amount_rules")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settle-after-seconds", type=float, default=0.0,
+                   help="pending_payment / in_review orders settle by themselves after this (0: never)")
+    p.add_argument("--settle-to", choices=SETTLE_OUTCOMES, default="accepted", help="what they settle to")
+    p.add_argument("--webhook-url", help="POST every event here")
+    p.add_argument("--webhook-secret", help="sign webhooks with this secret (DigitalRiver-Signature)")
+    p.add_argument("--webhook-delay-ms", type=float, default=0.0, help="random delay per delivery, up to this")
+    p.add_argument("--webhook-duplicate-rate", type=float, default=0.0, help="share of events delivered twice (0-1)")
+    p.add_argument("--webhook-drop-rate", type=float, default=0.0, help="share of events never delivered (0-1)")
+    p.add_argument("--no-webhook-retry", action="store_false", dest="webhook_retry",
+                   help="do not retry a delivery answered non-2xx or not answered")
     return p
 
 

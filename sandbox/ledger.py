@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 
@@ -34,7 +36,8 @@ class ItemProgress:
 
 
 class Ledger:
-    """Every request, checkout, order (by id, by checkout and by upstream id), decline and fulfillment."""
+    """Every request, checkout, order (by id, by checkout and by upstream id), decline, fulfillment, event and
+    webhook delivery attempt."""
 
     def __init__(self, max_requests: int = 1_000_000) -> None:
         self.requests: deque[RequestEntry] = deque(maxlen=max_requests)
@@ -52,6 +55,17 @@ class Ledger:
         self.dropped_fulfillments: list[str] = []
         # Every `digitalriver-version` header seen (None: a request without one), with its count.
         self.api_versions: dict[str | None, int] = {}
+        # Every event Digital River would emit (GET /events lists them; webhooks deliver them), in creation
+        # order, which is also createdTime order (strictly increasing).
+        self.events: list[dict[str, Any]] = []
+        self.events_by_id: dict[str, dict[str, Any]] = {}
+        self.events_by_order: dict[str, list[str]] = {}
+        # Every webhook delivery attempt: eventId, type, attempt (1, 2, ... for retries), status (0: connection
+        # error or timeout), durationMs, at (Unix time the attempt started), url.
+        self.webhook_deliveries: list[dict[str, Any]] = []
+        # Called with each new event (the server schedules its webhook deliveries); kept by `clear()`.
+        self.event_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._last_event_ms = 0
 
     def record_request(self, method: str, path: str, status: int, api_version: str | None = None) -> None:
         self.requests.append(RequestEntry(time.time(), method, path, status))
@@ -72,6 +86,24 @@ class Ledger:
     def add_fulfillment(self, fulfillment: dict[str, Any]) -> None:
         self.fulfillments[fulfillment["id"]] = fulfillment
 
+    def next_event_time(self) -> str:
+        """An event createdTime (ISO-8601 UTC, milliseconds, Z) later than every earlier one: now, or 1 ms
+        after the last when the clock did not move (or went back), so ordering by createdTime is total."""
+        now_ms = max(time.time_ns() // 1_000_000, self._last_event_ms + 1)
+        self._last_event_ms = now_ms
+        seconds, ms = divmod(now_ms, 1000)
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        """Record an event (its id and createdTime already set) and tell the listeners."""
+        self.events.append(event)
+        self.events_by_id[event["id"]] = event
+        obj = event.get("data", {}).get("object")
+        if isinstance(obj, dict) and isinstance(obj.get("id"), str):
+            self.events_by_order.setdefault(obj["id"], []).append(event["id"])
+        for listener in self.event_listeners:
+            listener(event)
+
     # -- questions tests ask --------------------------------------------------------------------------------
 
     def orders_for_checkout(self, checkout_id: str) -> list[dict[str, Any]]:
@@ -84,6 +116,10 @@ class Ledger:
 
     def fulfillments_for_order(self, order_id: str) -> list[dict[str, Any]]:
         return [f for f in self.fulfillments.values() if f["orderId"] == order_id]
+
+    def events_for_order(self, order_id: str) -> list[dict[str, Any]]:
+        """The events about that order, oldest first."""
+        return [self.events_by_id[i] for i in self.events_by_order.get(order_id, ())]
 
     def count_requests(self, method: str | None = None, path: str | None = None, status: int | None = None) -> int:
         """Requests matching all given filters; `path` matches exactly, or as a prefix when it ends with '*'."""
@@ -108,6 +144,8 @@ class Ledger:
                 "orders": len(self.orders),
                 "declines": len(self.declines),
                 "fulfillments": len(self.fulfillments),
+                "events": len(self.events),
+                "webhookDeliveries": len(self.webhook_deliveries),
             },
             "checkouts": list(self.checkouts.values()),
             "orders": list(self.orders.values()),
@@ -118,6 +156,8 @@ class Ledger:
             "droppedOrders": self.dropped_orders,
             "droppedFulfillments": self.dropped_fulfillments,
             "apiVersions": {str(k): v for k, v in self.api_versions.items()},
+            "events": self.events,
+            "webhookDeliveries": self.webhook_deliveries,
         }
         if include_requests:
             data["requests"] = [r._asdict() for r in self.requests]
@@ -127,5 +167,6 @@ class Ledger:
         """Forget everything (`POST /_sandbox/reset`)."""
         for container in (self.requests, self.checkouts, self.orders, self.orders_by_checkout,
                           self.orders_by_upstream, self.declines, self.fulfillments, self.items,
-                          self.dropped_orders, self.dropped_fulfillments, self.api_versions):
+                          self.dropped_orders, self.dropped_fulfillments, self.api_versions, self.events,
+                          self.events_by_id, self.events_by_order, self.webhook_deliveries):
             container.clear()

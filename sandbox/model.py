@@ -6,12 +6,14 @@ a success. Money is computed in Decimal and written as JSON numbers, as Digital 
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
+from sandbox.config import SETTLE_OUTCOMES
 from sandbox.ledger import ItemProgress, Ledger
 
 CENT = Decimal("0.01")
@@ -47,7 +49,13 @@ FULFILLMENT_ITEM_FIELDS = frozenset({"itemId", "skuId", "quantity", "cancelQuant
 
 # Scripted outcomes of POST /orders chosen by the checkout's sourceId (prefixes; see docs/sandbox.md).
 DECLINE_PREFIXES = ("src_soft_decline_", "src_hard_decline_", "src_decline_")
-STATE_PREFIXES = {"src_pending_payment": "pending_payment", "src_in_review": "in_review"}
+STATE_PREFIXES = {"src_pending_payment": "pending_payment", "src_in_review": "in_review",
+                  # Orders that settle by themselves (`settle_after_seconds`, else 1 s) to the outcome named.
+                  "src_settle_accept": "pending_payment", "src_settle_fail": "pending_payment",
+                  "src_settle_block": "pending_payment"}
+SETTLE_PREFIXES = {"src_settle_accept": "accepted", "src_settle_fail": "charge_failed",
+                   "src_settle_block": "blocked"}
+SETTLING_STATES = frozenset({"pending_payment", "in_review"})
 SUBMIT_FAILED_PREFIX = "src_order_submit_failed"
 # ... and by the cents of an item's unit price, when `amount_rules` is on.
 AMOUNT_RULES: dict[Decimal, tuple[str, str]] = {
@@ -509,11 +517,104 @@ def _update_states(order: dict[str, Any], ledger: Ledger) -> None:
         if progress.cancelled != progress.quantity:
             all_cancelled = False
     if done:
-        set_order_state(order, "cancelled" if all_cancelled else "complete")
+        state = "cancelled" if all_cancelled else "complete"
+        if order.get("state") != state:
+            set_order_state(order, state, ledger)
 
 
-def set_order_state(order: dict[str, Any], state: str) -> None:
+def scripted_settlement(checkout: dict[str, Any]) -> str | None:
+    """The outcome an order from this checkout settles to by itself when its source scripts one
+    (`src_settle_accept`, `src_settle_fail`, `src_settle_block`), else None (then `settle_to` applies)."""
+    source_id = checkout.get("sourceId") or ""
+    for prefix, outcome in SETTLE_PREFIXES.items():
+        if source_id.startswith(prefix):
+            return outcome
+    return None
+
+
+def set_order_state(order: dict[str, Any], state: str, ledger: Ledger | None = None) -> None:
+    """Move the order to `state`. A pending charge moves with it (capturable when accepted, cancelled when the
+    order is cancelled or blocked); a blocked order's fraudState is blocked, an in_review order accepted has
+    passed. With a `ledger`, the state's event is emitted (ORDER_STATE_EVENTS; a state without one, none)."""
     stamp = now_iso()
+    previous = order.get("state")
     order["state"] = state
     order["updatedTime"] = stamp
     order.setdefault("stateTransitions", {})[state] = stamp
+    charges = order.get("payment", {}).get("charges") or []
+    if charges and charges[0].get("state") == "pending":
+        if state == "accepted":
+            charges[0]["state"] = "capturable"
+        elif state in ("cancelled", "blocked"):
+            charges[0]["state"] = "cancelled"
+    if state == "blocked":
+        order["fraudState"] = "blocked"
+    elif state == "accepted" and previous == "in_review":
+        order["fraudState"] = "passed"
+    if ledger is not None and state in ORDER_STATE_EVENTS:
+        emit_order_event(ledger, ORDER_STATE_EVENTS[state], order)
+
+
+# The charge can fail while the order is still open; not once it is complete, fulfilled or cancelled.
+CHARGE_FAILABLE_STATES = frozenset({"pending_payment", "in_review", "accepted"})
+
+
+def fail_charge(order: dict[str, Any], ledger: Ledger) -> None:
+    """The order's charge fails: `payment.charges[0].state` becomes failed (event `order.charge.failed`), then
+    the order is cancelled (`order.cancelled`). Which state Digital River gives an order after a failed charge
+    is the sandbox's choice (docs/sandbox.md). Raises ValueError for an order that is no longer open."""
+    if order.get("state") not in CHARGE_FAILABLE_STATES:
+        raise ValueError(f"order {order.get('id')} is {order.get('state')}: its charge can no longer fail")
+    charges = order.setdefault("payment", {}).setdefault("charges", [])
+    if not charges:
+        charges.append({"id": new_id("chg_"), "orderId": order.get("id"), "liveMode": False})
+    charges[0]["state"] = "failed"
+    order["updatedTime"] = now_iso()
+    emit_order_event(ledger, "order.charge.failed", order)
+    set_order_state(order, "cancelled", ledger)
+
+
+def settle(order: dict[str, Any], outcome: str, ledger: Ledger) -> bool:
+    """Settle a pending_payment or in_review order to `outcome` (one of SETTLE_OUTCOMES: accepted, charge_failed,
+    blocked), emitting its events. False (and nothing done) when the order already left those states."""
+    if outcome not in SETTLE_OUTCOMES:
+        raise ValueError(f"unknown settle outcome {outcome!r}")
+    if order.get("state") not in SETTLING_STATES:
+        return False
+    if outcome == "charge_failed":
+        fail_charge(order, ledger)
+    else:
+        set_order_state(order, outcome, ledger)
+    return True
+
+
+# -- events ---------------------------------------------------------------------------------------------------
+
+# The event each order state emits, when an order is created in it or moved to it.
+ORDER_STATE_EVENTS = {
+    "accepted": "order.accepted",
+    "pending_payment": "order.pending_payment",
+    "in_review": "order.review_opened",
+    "cancelled": "order.cancelled",
+    "blocked": "order.blocked",
+    "complete": "order.complete",
+    "fulfilled": "order.fulfilled",
+}
+
+
+def new_event_id() -> str:
+    return f"evt_{uuid.uuid4().hex}"
+
+
+def emit_order_event(ledger: Ledger, event_type: str, order: dict[str, Any]) -> dict[str, Any]:
+    """Record an event about the order as it is now (a deep copy: later changes do not alter it), in Digital
+    River's Event shape (DigitalRiver/digital-river-php docs/Model/Event.md, EventData.md)."""
+    event: dict[str, Any] = {
+        "id": new_event_id(),
+        "type": event_type,
+        "createdTime": ledger.next_event_time(),
+        "data": {"object": json.loads(json.dumps(order))},
+        "liveMode": False,
+    }
+    ledger.add_event(event)
+    return event

@@ -6,6 +6,8 @@
         assert len(sb.ledger.orders_for_checkout(checkout.id)) == 1
         sb.configure(error_rate=0.2)                         # change behaviour mid-test
 
+Every order change emits a Digital River event (`ledger.events`, GET /events), POSTed to `webhook_url` when
+that is set (sandbox/webhooks.py); pending orders can settle by themselves (`settle_after_seconds`).
 `serve(host, port, config)` runs it until cancelled (or until `stop` is set), for `python run.py sandbox
 --port N` and `python -m sandbox`; `config_from_args(argv)` reads that command's flags. docs/sandbox.md
 describes endpoints, scripted behaviours, control endpoints and the ledger.
@@ -17,9 +19,11 @@ import asyncio
 import json
 import math
 import random
+import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -29,6 +33,7 @@ from sandbox import model
 from sandbox.config import ConfigError, SandboxConfig, config_from_args
 from sandbox.ledger import Ledger
 from sandbox.model import ApiError
+from sandbox.webhooks import WebhookSender
 
 __all__ = ["Sandbox", "SandboxConfig", "SandboxState", "config_from_args", "main", "make_app", "serve"]
 
@@ -48,16 +53,70 @@ class _TooMany(Exception):
         self.retry_after = retry_after
 
 
+# A src_settle_* order settles after `settle_after_seconds`, or after this when that is 0.
+SCRIPTED_SETTLE_SECONDS = 1.0
+
+
 class SandboxState:
-    """The live configuration, the ledger, the seeded random source and the rate-limit window."""
+    """The live configuration, the ledger, the seeded random source, the rate-limit window, the orders waiting
+    to settle and the webhook deliveries in flight."""
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self.ledger = Ledger(config.max_ledger_requests)
         self.rng = random.Random(config.seed)
+        self.webhooks = WebhookSender()
+        self.ledger.event_listeners.append(self._on_event)
+        self._settling: set[asyncio.Task[None]] = set()
         self._window_start = -math.inf
         self._window_count = 0
         self._blocked_until = -math.inf
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self.webhooks.schedule(event, self.config, self.rng, self.ledger)
+
+    def order_created(self, order: dict[str, Any], checkout: dict[str, Any]) -> None:
+        """Emit the new order's event and, when it is to settle by itself, start its timer: the src_settle_*
+        sources after `settle_after_seconds` (1 s when 0), other pending_payment and in_review orders to
+        `settle_to` after `settle_after_seconds` when it is set."""
+        event_type = model.ORDER_STATE_EVENTS.get(order["state"])
+        if event_type is not None:
+            model.emit_order_event(self.ledger, event_type, order)
+        outcome = model.scripted_settlement(checkout)
+        delay = self.config.settle_after_seconds
+        if outcome is not None:
+            delay = delay or SCRIPTED_SETTLE_SECONDS
+        elif order["state"] in model.SETTLING_STATES and delay > 0:
+            outcome = self.config.settle_to
+        if outcome is not None:
+            self._spawn(self._settle_later(order, outcome, delay))
+
+    async def _settle_later(self, order: dict[str, Any], outcome: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        ledger = self.ledger
+        if ledger.orders.get(order["id"]) is order:
+            model.settle(order, outcome, ledger)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine, name="sandbox-settle")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    @property
+    def settling(self) -> int:
+        """Orders waiting to settle by themselves."""
+        return len(self._settling)
+
+    async def start(self) -> None:
+        await self.webhooks.start()
+
+    async def stop(self) -> None:
+        """Cancel the settle timers and the webhook deliveries; close the webhook session."""
+        tasks = list(self._settling)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.webhooks.close()
 
     def reconfigure(self, changes: dict[str, Any]) -> SandboxConfig:
         """Apply field changes (validated as a whole; nothing changes on error). A new seed restarts the
@@ -73,7 +132,12 @@ class SandboxState:
         return config
 
     def reset(self) -> None:
-        """Empty the ledger and restart the random sequence and the rate window."""
+        """Empty the ledger, cancel the settle timers and webhook deliveries, and restart the random sequence
+        and the rate window."""
+        for task in self._settling:
+            task.cancel()
+        self._settling.clear()
+        self.webhooks.cancel_soon()
         self.ledger.clear()
         self.rng.seed(self.config.seed)
         self._window_start = self._blocked_until = -math.inf
@@ -242,8 +306,9 @@ async def create_order(request: web.Request, state: SandboxState) -> Answer:
     ledger = state.ledger
     checkout = ledger.checkouts.get(checkout_id)
     if checkout is None or checkout_id in ledger.orders_by_checkout:
-        # Digital River answers the same for a checkout that never existed and one already turned into an order.
-        raise model.not_found(f"Checkout '{checkout_id}' not found.", "checkoutId")
+        # Digital River answers the same for a checkout that never existed and one already turned into an order,
+        # with `parameter` "orderId" in its example (docs/digital-river.md): the engine reads neither.
+        raise model.not_found(f"Checkout '{checkout_id}' not found.", "orderId")
     if checkout_id in ledger.declines:
         code = ledger.declines[checkout_id]
         raise model.conflict(code, f"The payment for checkout '{checkout_id}' was declined ({code}).")
@@ -259,6 +324,7 @@ async def create_order(request: web.Request, state: SandboxState) -> Answer:
         raise model.bad_request("order_submit_failed", None, "Order submission failed (scripted by the source).")
     order = model.build_order(checkout, value)
     ledger.add_order(order)
+    state.order_created(order, checkout)
     rate = state.config.drop_after_order_rate
     if rate and (not state.config.fault_endpoints or "POST /orders" in state.config.fault_endpoints) \
             and state.rng.random() < rate:
@@ -370,7 +436,81 @@ async def list_fulfillments(request: web.Request, state: SandboxState) -> Answer
     return 200, {"hasMore": len(found) > limit, "data": found[:limit]}
 
 
-_KNOWN_PATHS = ("/checkouts", "/orders", "/fulfillments")
+_EVENT_LIST_PARAMS = frozenset({"type", "types", "ids", "createdTime", "createdTime[gt]", "createdTime[gte]",
+                                "createdTime[lt]", "createdTime[lte]", "limit", "startingAfter", "endingBefore"})
+_TIME_FILTERS: dict[str, Callable[[datetime, datetime], bool]] = {
+    "createdTime": lambda t, v: t == v,
+    "createdTime[gt]": lambda t, v: t > v,
+    "createdTime[gte]": lambda t, v: t >= v,
+    "createdTime[lt]": lambda t, v: t < v,
+    "createdTime[lte]": lambda t, v: t <= v,
+}
+
+
+def _iso_time(text: str, name: str) -> datetime:
+    """An ISO-8601 time (`Z` or an offset; none means UTC), else 400 invalid_parameter naming `name`."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise model.bad_request("invalid_parameter", name, f"'{name}' must be an ISO-8601 date and time.") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _type_pattern(pattern: str) -> re.Pattern[str]:
+    """`type` names one event type, or a group with `*` as a wildcard (`order.*`)."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+async def list_events(request: web.Request, state: SandboxState) -> Answer:
+    """GET /events: Digital River's `listEvents` (DigitalRiver/digital-river-php docs/Api/EventsApi.md): filters
+    `type` (one type, `*` as a wildcard) or `types` (comma-separated, fewer than 20; not both), `ids`,
+    `createdTime` and `createdTime[gt|gte|lt|lte]` (ISO-8601); newest first; `limit` 1-100 (default 10);
+    cursors `startingAfter` / `endingBefore`; `{hasMore, data}`."""
+    query = request.query
+    for name in query:
+        if name not in _EVENT_LIST_PARAMS:
+            raise model.bad_request("unknown_parameter", name, f"'{name}' is not a valid parameter.")
+    limit_text = query.get("limit", "10")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+        raise model.bad_request("invalid_parameter", "limit", "'limit' must be a whole number from 1 to 100.")
+    limit = int(limit_text)
+    if "type" in query and "types" in query:
+        raise model.bad_request("invalid_parameter", "types", "Pass either 'type' or 'types', not both.")
+    times = [(_TIME_FILTERS[name], _iso_time(query[name], name)) for name in _TIME_FILTERS if name in query]
+    found = state.ledger.events
+    if "type" in query:
+        pattern = _type_pattern(query["type"])
+        found = [e for e in found if pattern.fullmatch(e["type"])]
+    if "types" in query:
+        wanted = {v.strip() for raw in query.getall("types") for v in raw.split(",") if v.strip()}
+        if len(wanted) >= 20:
+            raise model.bad_request("invalid_parameter", "types", "'types' must name fewer than 20 event types.")
+        found = [e for e in found if e["type"] in wanted]
+    if "ids" in query:
+        ids_wanted = {v for raw in query.getall("ids") for v in raw.split(",") if v}
+        found = [e for e in found if e["id"] in ids_wanted]
+    if times:
+        found = [e for e in found
+                 if all(test(datetime.fromisoformat(e["createdTime"]), value) for test, value in times)]
+    found = found[::-1]  # newest first (the ledger keeps them in createdTime order)
+    ids = [e["id"] for e in found]
+    if "startingAfter" in query:
+        found = found[ids.index(query["startingAfter"]) + 1 if query["startingAfter"] in ids else len(ids):]
+    elif "endingBefore" in query:
+        end = ids.index(query["endingBefore"]) if query["endingBefore"] in ids else 0
+        found = found[max(0, end - limit):end]
+    return 200, {"hasMore": len(found) > limit, "data": found[:limit]}
+
+
+async def get_event(request: web.Request, state: SandboxState) -> Answer:
+    """GET /events/{id}: Digital River's `retrieveEvents`; 404 `not_found` for an unknown id."""
+    event = state.ledger.events_by_id.get(request.match_info["id"])
+    if event is None:
+        raise model.not_found(f"Event '{request.match_info['id']}' not found.", "id")
+    return 200, event
+
+
+_KNOWN_PATHS = ("/checkouts", "/orders", "/fulfillments", "/events")
 
 
 async def fallback(request: web.Request) -> web.StreamResponse:
@@ -427,8 +567,30 @@ async def post_order_state(request: web.Request) -> web.StreamResponse:
     state = body.get("state") if isinstance(body, dict) else None
     if not isinstance(state, str) or not state:
         return _json({"error": 'expected {"state": "<order state>"}'}, 400)
-    model.set_order_state(order, state)
+    model.set_order_state(order, state, request.app[STATE].ledger)
     return _json(order, 200)
+
+
+async def post_charge_failed(request: web.Request) -> web.StreamResponse:
+    """The order's charge fails: charge `failed`, order `cancelled`, events `order.charge.failed` then
+    `order.cancelled`. 409 for an order that is complete, fulfilled, cancelled or blocked."""
+    ledger = request.app[STATE].ledger
+    order = ledger.orders.get(request.match_info["id"])
+    if order is None:
+        return _json({"error": "no such order"}, 404)
+    try:
+        model.fail_charge(order, ledger)
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 409)
+    return _json(order, 200)
+
+
+async def _start_state(app: web.Application) -> None:
+    await app[STATE].start()
+
+
+async def _stop_state(app: web.Application) -> None:
+    await app[STATE].stop()
 
 
 def make_app(config: SandboxConfig | None = None) -> web.Application:
@@ -444,12 +606,18 @@ def make_app(config: SandboxConfig | None = None) -> web.Application:
     r.add_get("/orders/{id}", api("GET /orders/{id}", get_order), allow_head=False)
     r.add_post("/fulfillments", api("POST /fulfillments", create_fulfillment))
     r.add_get("/fulfillments", api("GET /fulfillments", list_fulfillments), allow_head=False)
+    r.add_get("/events", api("GET /events", list_events), allow_head=False)
+    r.add_get("/events/{id}", api("GET /events/{id}", get_event), allow_head=False)
     r.add_get("/_sandbox/config", get_config, allow_head=False)
     r.add_post("/_sandbox/config", post_config)
     r.add_get("/_sandbox/ledger", get_ledger, allow_head=False)
     r.add_post("/_sandbox/reset", post_reset)
     r.add_post("/_sandbox/orders/{id}/state", post_order_state)
+    r.add_post("/_sandbox/orders/{id}/charge_failed", post_charge_failed)
     r.add_route("*", "/{tail:.*}", fallback)
+    # The webhook session opens with the app and closes with it; settle timers and deliveries stop with it.
+    app.on_startup.append(_start_state)
+    app.on_cleanup.append(_stop_state)
     return app
 
 
@@ -492,6 +660,31 @@ class Sandbox:
 
     def reset(self) -> None:
         self.state.reset()
+
+    def _order(self, order_id: str) -> dict[str, Any]:
+        order = self.ledger.orders.get(order_id)
+        if order is None:
+            raise KeyError(f"no order {order_id!r} in the sandbox")
+        return order
+
+    def set_order_state(self, order_id: str, state: str) -> dict[str, Any]:
+        """Move an order to `state` and emit its event, as `POST /_sandbox/orders/{id}/state` does; answers the
+        order. KeyError for an unknown order."""
+        order = self._order(order_id)
+        model.set_order_state(order, state, self.ledger)
+        return order
+
+    def fail_charge(self, order_id: str) -> dict[str, Any]:
+        """Fail the order's charge (charge `failed`, order `cancelled`; events `order.charge.failed`,
+        `order.cancelled`), as `POST /_sandbox/orders/{id}/charge_failed` does; answers the order. KeyError for an
+        unknown order, ValueError for one that is no longer open."""
+        order = self._order(order_id)
+        model.fail_charge(order, self.ledger)
+        return order
+
+    async def webhooks_idle(self) -> None:
+        """Wait until no webhook delivery or retry is in flight (bound it with `asyncio.timeout`)."""
+        await self.state.webhooks.wait_idle()
 
     async def start(self) -> Sandbox:
         # handler_cancellation: a client that gave up (timeout) cancels the hanging handler instead of

@@ -36,6 +36,8 @@ def engine_env(database_url: str | None, **overrides: str) -> dict[str, str]:
         "LOG_LEVEL": "info",
         # Several engines run at once in tests: each takes a free port for /healthz, /readyz, /metrics.
         "HTTP_PORT": "0",
+        # and for Digital River's webhooks.
+        "WEBHOOK_PORT": "0",
         "PYTHONUNBUFFERED": "1",
     })
     for job in JOBS:

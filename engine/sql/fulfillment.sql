@@ -101,9 +101,10 @@ RETURNING id;
 SELECT efn_status AS status, dr_fulfillment_id, locked_by FROM fulfillments WHERE id = $1;
 
 -- name: orders_awaiting_acceptance
--- line-item-fulfillment: up to $1 orders with due lines whose state is pending_payment, in_review or unknown,
--- least recently touched first: their state is asked of Digital River once per run. Found from the due lines,
--- so the cost follows the backlog, not the history of orders.
+-- line-item-fulfillment: up to $1 orders with due lines whose state is pending_payment, in_review or unknown and
+-- that had no news (an answer to GET /orders/{id}, or an event) for $2 seconds, least recently touched first:
+-- their state is asked of Digital River. Normally `order.accepted` says it first (digital-river-events). Found
+-- from the due lines, so the cost follows the backlog, not the history of orders.
 SELECT f.id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id,
        coalesce(f.dr_order_state, o.dr_order_state) AS dr_order_state
   FROM fulfillments f
@@ -114,12 +115,13 @@ SELECT f.id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS d
    AND coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NOT NULL
    AND (coalesce(f.dr_order_state, o.dr_order_state) IS NULL
         OR coalesce(f.dr_order_state, o.dr_order_state) IN ('pending_payment', 'in_review'))
+   AND coalesce(f.dr_state_checked_at, f.created_at) <= now() - make_interval(secs => $2)
  ORDER BY f.updated_at, f.id
  LIMIT $1;
 
 -- name: save_order_state
 -- line-item-fulfillment: the order state Digital River just answered.
-UPDATE fulfillments SET dr_order_state = $2 WHERE id = $1;
+UPDATE fulfillments SET dr_order_state = $2, dr_state_checked_at = now() WHERE id = $1;
 
 -- name: claim_line_item_orders
 -- line-item-fulfillment: lease up to $2 orders that have due, unleased lines and that Digital River accepted

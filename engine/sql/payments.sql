@@ -6,10 +6,10 @@
 -- fragment: payment_record_due
 -- recurring-payments: the rule for a due installment record `p`, written once for the claim, drain's count and
 -- /metrics: Open, unprocessed, its next attempt has come, and no earlier installment of its subscription is Open
--- (installments of one subscription are charged one after another).
+-- or Pending (installments of one subscription are charged one after another; a Pending one may still fail).
 p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed AND p.next_attempt_at <= now()
 AND NOT EXISTS (SELECT 1 FROM subscription_process_data e
-                 WHERE e.subscription_id = p.subscription_id AND e.subscription_job_run_status = 'Open'
+                 WHERE e.subscription_id = p.subscription_id AND e.subscription_job_run_status IN ('Open', 'Pending')
                    AND e.installment_number < p.installment_number)
 
 -- name: claim_payment_records
@@ -46,7 +46,7 @@ SELECT count(*) FROM subscription_process_data p WHERE {{payment_record_due}};
 -- subscription's current one (a card replaced after the record was made is the one charged), the record's own
 -- only when the subscription has none.
 SELECT p.id, p.subscription_id, p.installment_number, p.installment_run_date, p.upstream_id,
-       p.dr_checkout_id, p.dr_checkout_source_id, p.checkout_looks, p.dr_order_id, p.subscription_retry_count,
+       p.dr_failed_order_ids, p.dr_checkout_id, p.dr_checkout_source_id, p.checkout_looks, p.dr_order_id, p.subscription_retry_count,
        p.outage_count, p.cart_id, p.parent_order_id, p.product_id, s.status AS subscription_status,
        coalesce(s.stored_payment_id, p.stored_payment_id) AS stored_payment_id,
        coalesce(c.currency, s.currency) AS currency,
@@ -132,7 +132,8 @@ RETURNING id;
 -- recurring-payments: for each charged record in $2 (jsonb [{record_id, token, dr_order_id, dr_checkout_id,
 -- state, fraud_state, charge_state, currency, subtotal, total_tax, total_amount, items: [{dr_item_id, quantity, unit_price, tax_amount,
 -- state, billing_agreement_id}]}]), in one transaction: the installment's order and items, the cart closed, the
--- attempt, and the record Successful and processed, only under the claim's lease token (fencing) and never on
+-- attempt, and the record Successful and processed (Pending when the order's payment is not confirmed yet), only
+-- under the claim's lease token (fencing) and never on
 -- a record already processed. Never waits on a row another session has locked. $1 is this node, for the attempt
 -- row. One row per input: `result` is `written` (with `order_id`), `busy`, `lease_lost`, or `settled` (already
 -- processed, with the order it was settled with in `settled_dr_order_id`).
@@ -189,18 +190,25 @@ WITH input AS (
     SELECT rec.id, rec.subscription_id, 'charged', rec.dr_checkout_id, rec.dr_order_id, rec.total_amount,
            rec.currency, $1
       FROM rec
+     WHERE rec.state NOT IN ('pending_payment', 'in_review')
     RETURNING id
 ), done AS (
+    -- An order whose payment Digital River has not confirmed (pending_payment, in_review) leaves the record
+    -- Pending, settled later by its events, or looked at after an hour without one (digital-river-events).
     UPDATE subscription_process_data p
-       SET subscription_job_run_status = 'Successful', is_recurring_payment_processed = true,
+       SET subscription_job_run_status = CASE WHEN rec.state IN ('pending_payment', 'in_review') THEN 'Pending'
+                                              ELSE 'Successful' END,
+           is_recurring_payment_processed = rec.state NOT IN ('pending_payment', 'in_review'),
+           next_attempt_at = CASE WHEN rec.state IN ('pending_payment', 'in_review')
+                                  THEN now() + interval '1 hour' ELSE p.next_attempt_at END,
            dr_order_id = rec.dr_order_id, dr_checkout_id = coalesce(rec.dr_checkout_id, p.dr_checkout_id),
            order_id = ord.id, last_error_code = NULL, last_error_message = NULL, outage_count = 0,
            checkout_looks = 0, locked_by = NULL, locked_until = NULL, lease_token = NULL
       FROM rec JOIN ord ON ord.dr_order_id = rec.dr_order_id
      WHERE p.id = rec.id
-    RETURNING p.id, p.order_id
+    RETURNING p.id, p.order_id, p.subscription_job_run_status AS status
 )
-SELECT input.record_id AS id, done.order_id,
+SELECT input.record_id AS id, done.order_id, done.status,
        CASE WHEN done.id IS NOT NULL THEN 'written'
             WHEN locked.id IS NULL THEN 'busy'
             WHEN locked.processed THEN 'settled'
@@ -215,7 +223,7 @@ SELECT input.record_id AS id, done.order_id,
 -- attempt, keep the reason on the record and its cart, write the attempt. Only under the claim's lease token;
 -- returns nothing otherwise. $1 record, $2 lease token, $3 status, $4 next attempt, $5 code, $6 message,
 -- $7 outcome, $8 clear the checkout, $9 the cart's payment state (NULL keeps it), $10 amount, $11 currency,
--- $12 node
+-- $12 node, $13 the Digital River order that failed (kept in the record's failed orders, never adopted; NULL: none)
 WITH old AS (
     SELECT dr_checkout_id FROM subscription_process_data WHERE id = $1
 ), rec AS (
@@ -224,6 +232,9 @@ WITH old AS (
            next_attempt_at = $4, last_error_code = $5, last_error_message = $6, last_attempt_at = now(),
            dr_checkout_id = CASE WHEN $8 THEN NULL ELSE p.dr_checkout_id END,
            dr_checkout_source_id = CASE WHEN $8 THEN NULL ELSE p.dr_checkout_source_id END, outage_count = 0,
+           dr_failed_order_ids = CASE WHEN $13::text IS NULL OR $13::text = ANY(p.dr_failed_order_ids)
+                                      THEN p.dr_failed_order_ids ELSE p.dr_failed_order_ids || $13::text END,
+           dr_order_id = CASE WHEN p.dr_order_id = $13::text THEN NULL ELSE p.dr_order_id END,
            checkout_looks = 0, locked_by = NULL, locked_until = NULL, lease_token = NULL
      WHERE p.id = $1 AND p.lease_token = $2 AND NOT p.is_recurring_payment_processed
     RETURNING p.id, p.subscription_id, p.cart_id, p.subscription_retry_count
@@ -235,8 +246,8 @@ WITH old AS (
     RETURNING c.id
 ), attempt AS (
     INSERT INTO payment_attempts (process_data_id, subscription_id, outcome, code, message, dr_checkout_id, amount,
-                                  currency, node)
-    SELECT rec.id, rec.subscription_id, $7, $5, $6, (SELECT dr_checkout_id FROM old), $10, $11, $12 FROM rec
+                                  currency, node, dr_order_id)
+    SELECT rec.id, rec.subscription_id, $7, $5, $6, (SELECT dr_checkout_id FROM old), $10, $11, $12, $13 FROM rec
      -- One decline of a checkout is one attempt, however many workers heard it (a late worker's
      -- record_decline_without_lease may have stored it already).
      WHERE NOT ($7 IN ('soft_decline', 'hard_decline') AND EXISTS (

@@ -56,6 +56,10 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "HTTP_HOST": [("bad host", "host name or an IP address"), ("-start", "host name"), ("a" * 254, "host name"),
                   ("http://0.0.0.0", "host name")],
     "HTTP_PORT": [("70000", "0 to 65535"), ("-1", "0 to 65535"), ("http", "whole number")],
+    "WEBHOOK_HOST": [("bad host", "host name or an IP address"), ("http://0.0.0.0", "host name")],
+    "WEBHOOK_PORT": [("70000", "0 to 65535"), ("of", "whole number"), ("-1", "0 to 65535")],
+    "WEBHOOK_TOLERANCE_SECONDS": [("0", "1 to 86400"), ("5m", "whole number"), ("86401", "86400")],
+    "DR_WEBHOOK_SECRET": [("whsec has space", "without spaces"), ("whsec_\x1b[31m", "control characters")],
     "NODE_NAME": [("x" * 201, "at most 200 characters"), ("node\x07one", "printable")],
     "DATABASE_POOL_SIZE": [("1", "2 to 200"), ("201", "2 to 200"), ("many", "whole number")],
     "NODE_LOST_SECONDS": [("2", "3.0 to 3600.0"), ("3601", "3600"), ("a minute", "a number")],
@@ -135,7 +139,7 @@ def test_bad_value_is_one_line_naming_the_variable_and_what_is_allowed(name: str
     assert refused.value.name == name
     assert_one_line_naming(message, name)
     assert allowed in message, message
-    if name == "DR_API_KEY":
+    if name in ("DR_API_KEY", "DR_WEBHOOK_SECRET"):
         assert f"{name}=<redacted>" in message and value not in message
     for secret in ("hunter2", "u:p@"):
         assert secret not in message

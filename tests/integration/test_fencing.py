@@ -91,8 +91,9 @@ def ending_args(name: str) -> tuple[Any, ...]:
         return (later(), "dr_outage", "Digital River unavailable", 1, 0)
     if name == "finish_failed_attempt":
         # $3 status, $4 next attempt, $5 code, $6 message, $7 outcome, $8 clear the checkout, $9 cart payment
-        # state, $10 amount, $11 currency, $12 node
-        return ("Open", later(), "card_declined", "declined", "soft_decline", True, "Declined", 10, "USD", "node")
+        # state, $10 amount, $11 currency, $12 node, $13 the order that failed
+        return ("Open", later(), "card_declined", "declined", "soft_decline", True, "Declined", 10, "USD", "node",
+                None)
     # fail_record_uncounted: $3 code, $4 message
     return ("subscription_inactive", "the subscription is Cancelled")
 

@@ -279,8 +279,8 @@ async def test_transient_failures_back_off_and_fail_past_the_retry_limit(store: 
     assert len(sandbox.ledger.fulfillments) == 0
 
 
-async def test_orders_not_yet_accepted_are_asked_once_per_run_and_sent_once_accepted(store: Store,
-                                                                                   sandbox: Sandbox) -> None:
+async def test_orders_not_yet_accepted_are_asked_about_after_an_hour_without_news_and_sent_once_accepted(
+        store: Store, sandbox: Sandbox) -> None:
     waiting = dr_order(sandbox, 1, 1, state="pending_payment")
     ful, _ = await seed(store, waiting, [{"item": 0, "fulfill_quantity": 1}, {"item": 1, "fulfill_quantity": 1}],
                         dr_order_state="pending_payment")
@@ -291,15 +291,24 @@ async def test_orders_not_yet_accepted_are_asked_once_per_run_and_sent_once_acce
     def gets(order: dict[str, Any]) -> int:
         return sandbox.ledger.count_requests("GET", f"/orders/{order['id']}")
 
+    async def an_hour_passes() -> None:
+        await store.pool.execute("UPDATE fulfillments SET created_at = created_at - interval '61 minutes', "
+                                 "dr_state_checked_at = dr_state_checked_at - interval '61 minutes'")
+
     async with engine_on(store, sandbox) as engine:
         assert await engine.run_job(LINES) == 0
-        assert (gets(waiting), gets(reviewed), posts(sandbox)) == (1, 1, 0)
+        assert (gets(waiting), gets(reviewed), posts(sandbox)) == (0, 0, 0)  # order.accepted normally says it
+        await an_hour_passes()
+        assert await engine.run_job(LINES) == 0
+        assert await engine.run_job(LINES) == 0
+        assert (gets(waiting), gets(reviewed), posts(sandbox)) == (1, 1, 0)  # once in the hour, not every run
         lines = await lines_of(store, ful)
         assert [(r["efn_status"], r["retry_count"], r["locked_by"]) for r in lines] == [("Open", 0, None)] * 2
         assert (await fulfillment_row(store, other))["dr_order_state"] == "in_review"
         assert await engine.jobs[LINES].due_count() == 0  # waiting, not due: drain does not spin on them
 
         model.set_order_state(sandbox.ledger.orders[waiting["id"]], "accepted")
+        await an_hour_passes()
         assert await engine.run_job(LINES) == 0
     assert (gets(waiting), gets(reviewed), posts(sandbox)) == (2, 2, 1)
     assert (await fulfillment_row(store, ful))["dr_order_state"] == "accepted"
