@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from engine.digital_river import AuthError, DigitalRiverError, Order, dr_message
+from engine.digital_river import AuthError, DigitalRiverError, Order, decline_is_soft, dr_message
 from engine.jobs import FAILED, SUCCEEDED, Job, Outcome, Outcomes, Run
 from engine.logs import error_text
 from engine.store import LeaseLost, Leases, sql
@@ -63,6 +63,21 @@ FIRST_POLL_LOOKBACK = timedelta(days=1)
 POLL_OVERLAP = timedelta(minutes=1)
 PENDING_LOOK_AFTER = timedelta(hours=1)
 APPLY_BATCH = 200
+# Order states that mean the charge went through (a later dispute or return is about money already taken).
+PAID_STATES = ("accepted", "fulfilled", "complete", "dispute", "returned")
+# (level, message, record id) of an application_logs row.
+AppLog = tuple[str, str, object]
+
+
+def _failure_code(obj: dict[str, Any]) -> str | None:
+    """The decline code of a failed charge: `failureCode` of the event's charge, or of the order's first charge."""
+    charge: Any = obj
+    if "failureCode" not in obj:
+        payment = obj.get("payment")
+        charges = payment.get("charges") if isinstance(payment, dict) else None
+        charge = charges[0] if isinstance(charges, list) and charges else {}
+    code = charge.get("failureCode") if isinstance(charge, dict) else None
+    return code[:100] if isinstance(code, str) and code.isprintable() and code.strip() else None
 
 
 def charge_state(obj: dict[str, Any]) -> str | None:
@@ -111,6 +126,7 @@ class DigitalRiverEvents(Job):
         since = (cursor["seen_until"] - POLL_OVERLAP) if cursor else datetime.now(UTC) - FIRST_POLL_LOOKBACK
         newest: tuple[datetime, str] | None = None
         listed = stored = 0
+        complete = False
         after: str | None = None
         try:
             while await self.may_claim():
@@ -124,6 +140,7 @@ class DigitalRiverEvents(Job):
                         if e.created_time is not None and (newest is None or e.created_time > newest[0]):
                             newest = (e.created_time, e.id)
                 if not more or not page or page[-1].id == after:
+                    complete = True
                     break
                 after = page[-1].id
         except AuthError:
@@ -136,10 +153,12 @@ class DigitalRiverEvents(Job):
                                                              "stored": stored}), started)
             return
         finally:
-            if newest is not None:
-                await self.store.execute("save_event_cursor", STOREFRONT, *newest)
             self.services.metrics.dr_events_stored("poll", stored)
-        self.settle(None, Outcome("events_polled", {"listed": listed, "stored": stored,
+        # The cursor moves only after every page was read: pages come newest first, so a poll cut short (an
+        # error, a pause, a stop) must not skip the older events it did not reach.
+        if complete and newest is not None:
+            await self.store.execute("save_event_cursor", STOREFRONT, *newest)
+        self.settle(None, Outcome("events_polled", {"listed": listed, "stored": stored, "complete": complete,
                                                     "since": since.isoformat()}), started)
 
     # -- 2. apply ------------------------------------------------------------------------------------------------
@@ -167,7 +186,7 @@ class DigitalRiverEvents(Job):
                 run.claimed += 1
                 status, message, app_log = await self.apply(conn, event["type"], event["dr_order_id"],
                                                             _payload(event["payload"]), event["event_id"])
-                await conn.execute(sql("finish_event"), row_id, status, message)
+                await conn.fetchval(sql("finish_event"), row_id, status, message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -176,7 +195,8 @@ class DigitalRiverEvents(Job):
             await self._fail_event(run, row_id, error_text(exc), started)
             return
         if app_log is not None:
-            self.services.app_log.write("ERROR", self.job_name, app_log, record_id=event["dr_order_id"])
+            level, text, record_id = app_log
+            self.services.app_log.write(level, self.job_name, text, record_id=record_id)
         self.services.metrics.dr_event_applied(event["type"], status)
         self.settle(run, Outcome("event_ignored" if status == "Ignored" else "event_applied",
                                  {"status": status, "reason": message}), started, event_id=event["event_id"],
@@ -184,14 +204,16 @@ class DigitalRiverEvents(Job):
 
     async def _fail_event(self, run: Run, row_id: int, error: str, started: float) -> None:
         try:
-            await self.store.execute("finish_event", row_id, "Failed", f"could not be applied: {error}"[:2000])
+            kind = await self.store.fetchval("finish_event", row_id, "Failed", f"could not be applied: {error}"[:2000])
         except Exception:  # the database is gone: the event stays Pending and is applied later
             return
-        self.settle(run, Outcome("event_failed", {"reason": error}), started, event_row=row_id)
+        self.services.metrics.dr_event_applied(str(kind), "Failed")
+        self.settle(run, Outcome("event_failed", {"reason": error}), started, event_row=row_id, type=kind)
 
     async def apply(self, conn: asyncpg.Connection, kind: str, order_id: str | None, obj: dict[str, Any],
-                    event_id: str) -> tuple[str, str, str | None]:
-        """Apply one event inside the caller's transaction: (status, message, an ERROR application log or None)."""
+                    event_id: str) -> tuple[str, str, AppLog | None]:
+        """Apply one event inside the caller's transaction: (status, message, the application log to write once it
+        is committed, or None)."""
         if kind not in HANDLED_TYPES:
             return "Ignored", f"{kind} is not an event the engine acts on", None
         if not order_id:
@@ -202,13 +224,18 @@ class DigitalRiverEvents(Job):
         if kind == "order.charge.capture.failed":
             message = f"Digital River could not capture the payment of order {order_id} ({kind}, {event_id})"
             await conn.fetch(sql("note_capture_failed"), order_id, message)
-            return "Processed", message, message
+            return "Processed", message, ("ERROR", message, order_id)
         if kind == "order.charge.failed":
-            await conn.fetchval(sql("advance_order_state"), order_id, "cancelled", charge_state(obj) or "failed",
-                                False, False)
-            failed = await conn.fetchrow(sql("fail_pending_record"), order_id, False, retry_limit, "charge_failed",
-                                         f"Digital River could not charge order {order_id} ({kind})", node)
-            return "Processed", _record_note(kind, failed), None
+            # The charge state only: the order's own state moves with its own events (order.cancelled, …). The
+            # charge's failureCode, when the event carries it, is read with Digital River's decline table: a hard
+            # code fails the installment at once.
+            await conn.fetchval(sql("advance_order_state"), order_id, None, "failed", False, False)
+            code = _failure_code(obj)
+            hard = code is not None and not decline_is_soft(code)
+            reason = f"Digital River could not charge order {order_id} ({kind}" + (f", {code})" if code else ")")
+            failed = await conn.fetchrow(sql("fail_pending_record"), order_id, hard, retry_limit,
+                                         code or "charge_failed", reason, node)
+            return "Processed", _record_note(kind, failed), _failure_log(failed, reason)
         state = ORDER_STATE_EVENTS[kind]
         await conn.fetchval(sql("advance_order_state"), order_id, state, charge_state(obj),
                             kind == "order.accepted", kind == "order.complete")
@@ -219,10 +246,10 @@ class DigitalRiverEvents(Job):
         if state in ("blocked", "cancelled"):
             hard = state == "blocked"
             code = "order_blocked" if hard else "order_cancelled"
-            failed = await conn.fetchrow(sql("fail_pending_record"), order_id, hard, retry_limit, code,
-                                         f"Digital River {'blocked' if hard else 'cancelled'} order {order_id} "
-                                         f"({kind})", node)
-            return "Processed", _record_note(kind, failed), None
+            reason = f"Digital River {'blocked' if hard else 'cancelled'} order {order_id} ({kind})"
+            failed = await conn.fetchrow(sql("fail_pending_record"), order_id, hard, retry_limit, code, reason,
+                                         node)
+            return "Processed", _record_note(kind, failed), _failure_log(failed, reason)
         return "Processed", f"{kind}: state {state}", None
 
     # -- 3. look at Pending installments ---------------------------------------------------------------------
@@ -275,10 +302,22 @@ def _event_for(order: Order) -> str | None:
     """The event an order's state stands for, when it settles a Pending installment; None while unconfirmed."""
     if order.charge_state == "failed":
         return "order.charge.failed"
-    for kind, state in ORDER_STATE_EVENTS.items():
-        if order.state == state and state not in ("pending_payment", "in_review"):
-            return kind
-    return None
+    if order.state in ("accepted", "fulfilled", "complete"):
+        return f"order.{order.state}"
+    if order.state in PAID_STATES:
+        return "order.accepted"
+    if order.state in ("blocked", "cancelled"):
+        return f"order.{order.state}"
+    return None  # pending_payment, in_review, or a state this code does not know: looked at again in an hour
+
+
+def _failure_log(failed: asyncpg.Record | None, reason: str) -> AppLog | None:
+    """The application log of an installment an event failed: WARN while it will be tried again, ERROR when it
+    ended Failed (billing-rules.md: every failure writes one)."""
+    if failed is None:
+        return None
+    level = "ERROR" if failed["status"] == "Failed" else "WARN"
+    return level, f"installment {failed['status']} after its order failed: {reason}", failed["id"]
 
 
 def _record_note(kind: str, failed: asyncpg.Record | None) -> str:

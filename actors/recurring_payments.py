@@ -220,7 +220,6 @@ class RecurringPayments(Job):
         "installment_charged": ("info", SUCCEEDED),
         "installment_adopted": ("info", SUCCEEDED),
         "installment_pending": ("info", None),
-        "installment_order_failed": ("warning", FAILED),
         "installment_deferred": ("info", None),
         "installment_declined": ("warning", FAILED),
         "installment_failed": ("error", FAILED),

@@ -57,10 +57,22 @@ class Refused(Exception):
         self.reason = reason
 
 
+def event_order_id(kind: str, obj: dict[str, Any]) -> str | None:
+    """The Digital River order an `order.*` event is about: its `data.object` is the order (`id`), or for the
+    `order.charge.*` events possibly the charge, which names its order in `orderId` (Charge in
+    DigitalRiver/digital-river-php)."""
+    if not kind.startswith("order."):
+        return None
+    for key in ("orderId", "id") if kind.startswith("order.charge.") else ("id",):
+        value = obj.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def event_row(event: Event, storefront: str) -> dict[str, Any]:
     """A `dr_events` row, as `store_events` takes it, for one event (a webhook's, or one of GET /events)."""
-    obj = event.object or {}
-    order_id = obj.get("id") if event.type.startswith("order.") and isinstance(obj.get("id"), str) else None
+    order_id = event_order_id(event.type, event.object or {})
     return {"event_id": event.id, "type": event.type, "storefront": storefront, "dr_order_id": order_id,
             "payload": event.raw, "dr_created_at": (event.created_time or datetime.now(UTC)).isoformat()}
 

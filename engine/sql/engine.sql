@@ -178,4 +178,6 @@ UNION ALL
 SELECT 'line_item_fulfillments', efn_status, count(*) FROM line_item_fulfillments GROUP BY 2
 UNION ALL
 SELECT 'application_logs', logging_level, count(*) FROM application_logs GROUP BY 2
+UNION ALL
+SELECT 'dr_events', status, count(*) FROM dr_events GROUP BY 2
 ORDER BY 1, 2;

@@ -40,8 +40,9 @@ SELECT id, event_id, type, dr_order_id, payload FROM dr_events
    FOR UPDATE SKIP LOCKED;
 
 -- name: finish_event
--- digital-river-events: event $1 applied ($2 Processed, Ignored or Failed, $3 what it did).
-UPDATE dr_events SET status = $2, message = $3, processed_at = now() WHERE id = $1;
+-- digital-river-events: event $1 applied ($2 Processed, Ignored or Failed, $3 what it did); its type.
+UPDATE dr_events SET status = $2, message = $3, processed_at = now() WHERE id = $1
+RETURNING type;
 
 -- name: order_known
 -- digital-river-events: whether Digital River order $1 is one of ours (an orders or fulfillments row, or an
@@ -82,10 +83,13 @@ SELECT (SELECT count(*) FROM o) + (SELECT count(*) FROM f) + (SELECT count(*) FR
 -- digital-river-events: the installment record Pending on Digital River order $1 is paid: Successful and
 -- processed, with its `charged` attempt ($2 node). Returns the record, or nothing when none was Pending on it.
 WITH rec AS (
-    SELECT p.id, p.subscription_id, p.dr_checkout_id
+    SELECT p.id, p.subscription_id, p.dr_checkout_id, p.cart_id
       FROM subscription_process_data p
      WHERE p.dr_order_id = $1 AND p.subscription_job_run_status = 'Pending'
        FOR UPDATE
+), cart AS (
+    UPDATE carts c SET dr_payment_state = 'Successful' FROM rec WHERE c.id = rec.cart_id
+    RETURNING c.id
 ), done AS (
     UPDATE subscription_process_data p
        SET subscription_job_run_status = 'Successful', is_recurring_payment_processed = true,

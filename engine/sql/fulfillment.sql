@@ -120,8 +120,13 @@ SELECT f.id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS d
  LIMIT $1;
 
 -- name: save_order_state
--- line-item-fulfillment: the order state Digital River just answered.
-UPDATE fulfillments SET dr_order_state = $2, dr_state_checked_at = now() WHERE id = $1;
+-- line-item-fulfillment: the order state Digital River just answered (never moving back past what an event said
+-- meanwhile: drjobs_order_state_rank).
+UPDATE fulfillments
+   SET dr_order_state = CASE WHEN drjobs_order_state_rank($2) > drjobs_order_state_rank(dr_order_state)
+                             THEN $2 ELSE dr_order_state END,
+       dr_state_checked_at = now()
+ WHERE id = $1;
 
 -- name: claim_line_item_orders
 -- line-item-fulfillment: lease up to $2 orders that have due, unleased lines and that Digital River accepted

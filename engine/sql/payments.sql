@@ -181,7 +181,9 @@ WITH input AS (
 ), cart AS (
     UPDATE carts c
        SET status = 'Closed', dr_order_id = rec.dr_order_id, dr_checkout_id = coalesce(rec.dr_checkout_id,
-           c.dr_checkout_id), dr_payment_state = 'Successful', dr_payment_failure_reason = NULL
+           c.dr_checkout_id), dr_payment_failure_reason = NULL,
+           -- Paid only once Digital River confirms it (a Pending record's cart waits for its events).
+           dr_payment_state = CASE WHEN rec.state IN ('pending_payment', 'in_review') THEN NULL ELSE 'Successful' END
       FROM rec WHERE c.id = rec.cart_id
     RETURNING c.id
 ), attempt AS (

@@ -68,6 +68,8 @@ async def test_an_unconfirmed_order_leaves_the_installment_pending_not_due_and_n
     assert rec["next_attempt_at"] > datetime.now(UTC) + timedelta(minutes=59)  # looked at after an hour
     assert (await order_row(store, rec["dr_order_id"]))["dr_order_state"] == "pending_payment"
     assert await attempts(store, rec["id"]) == []  # not charged yet
+    cart = await store.pool.fetchrow("SELECT status, dr_payment_state FROM carts WHERE id = $1", rec["cart_id"])
+    assert (cart["status"], cart["dr_payment_state"]) == ("Closed", None)  # its order exists; paid, not yet
     assert await store.fetchval("count_due_payment_records") == 0
     assert len(sandbox.ledger.orders_for_upstream(rec["upstream_id"])) == 1
 
@@ -80,6 +82,8 @@ async def test_order_accepted_pays_the_installment_and_opens_the_order_for_fulfi
     now = await record_of(store, rec["subscription_id"])
     assert (now["subscription_job_run_status"], now["is_recurring_payment_processed"]) == ("Successful", True)
     assert await attempts(store, rec["id"]) == [("charged", rec["dr_order_id"])]
+    cart = await store.pool.fetchrow("SELECT status, dr_payment_state FROM carts WHERE id = $1", rec["cart_id"])
+    assert (cart["status"], cart["dr_payment_state"]) == ("Closed", "Successful")
     order = await order_row(store, rec["dr_order_id"])
     assert order["dr_order_state"] == "accepted"
     ful = await store.pool.fetchrow("SELECT * FROM fulfillments WHERE order_id = $1", order["id"])
@@ -103,7 +107,13 @@ async def test_order_charge_failed_is_a_soft_decline_and_the_failed_order_is_nev
     assert await attempts(store, rec["id"]) == [("soft_decline", failed_order)]
     cart = await store.pool.fetchrow("SELECT * FROM carts WHERE id = $1", rec["cart_id"])
     assert (cart["status"], cart["dr_payment_state"], cart["dr_order_id"]) == ("Open-DR", "Declined", None)
-    assert (await order_row(store, failed_order))["dr_order_state"] == "cancelled"  # kept, as history
+    order = await order_row(store, failed_order)  # kept, as history
+    # Its charge failed; its own state moves only with its own events (order.cancelled, …).
+    assert (order["dr_order_state"], order["dr_charge_state"]) == ("pending_payment", "failed")
+    logs = await store.pool.fetch("SELECT logging_level, message, record_id FROM application_logs "
+                                  "WHERE module_name = $1", EVENTS)
+    assert [(r["logging_level"], r["record_id"]) for r in logs] == [("WARN", str(rec["id"]))]
+    assert "could not charge" in logs[0]["message"]
 
     # A day later the next attempt makes a new checkout; Digital River refuses the order (500, no order made),
     # and the lookup by upstream id lists only the failed order: it must not be adopted.
@@ -133,6 +143,8 @@ async def test_order_blocked_is_a_hard_decline(store: Store, sandbox: Sandbox) -
     assert await run_job(store, sandbox, EVENTS) == 0
     now = await record_of(store, rec["subscription_id"])
     assert (now["subscription_job_run_status"], now["last_error_code"]) == ("Failed", "order_blocked")
+    assert await store.pool.fetchval("SELECT logging_level FROM application_logs WHERE module_name = $1 "
+                                     "AND record_id = $2", EVENTS, str(rec["id"])) == "ERROR"
     assert await attempts(store, rec["id"]) == [("hard_decline", rec["dr_order_id"])]
     assert (await order_row(store, rec["dr_order_id"]))["dr_order_state"] == "blocked"
 
@@ -238,3 +250,21 @@ async def test_a_pending_installment_still_unconfirmed_is_looked_at_again_an_hou
     now = await record_of(store, rec["subscription_id"])
     assert now["subscription_job_run_status"] == "Pending" and now["locked_by"] is None
     assert now["next_attempt_at"] > datetime.now(UTC) + timedelta(minutes=59)
+
+
+async def test_a_charge_failed_event_about_the_charge_names_its_order_and_a_hard_code_fails_at_once(
+        store: Store, sandbox: Sandbox) -> None:
+    # data.object may be the charge (Charge in Digital River's SDK: id, orderId, state, failureCode).
+    rec = await pending_record(store, sandbox)
+    event_id = "evt_charge_object"
+    payload = {"id": event_id, "type": "order.charge.failed", "createdTime": datetime.now(UTC).isoformat(),
+               "data": {"object": {"id": "chg_1", "orderId": rec["dr_order_id"], "state": "failed",
+                                   "failureCode": "fraud_block"}}}
+    from engine.digital_river import parse_event
+    from engine.webhooks import event_row
+    await store.fetch("store_events", json.dumps([event_row(parse_event(payload), "DefaultStore")]), "webhook")
+    assert await run_job(store, sandbox, EVENTS) == 0
+    now = await record_of(store, rec["subscription_id"])
+    assert (now["subscription_job_run_status"], now["last_error_code"]) == ("Failed", "fraud_block")
+    assert await attempts(store, rec["id"]) == [("hard_decline", rec["dr_order_id"])]
+    assert (await event_status(store, event_id))[0] == "Processed"

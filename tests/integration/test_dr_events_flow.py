@@ -19,7 +19,7 @@ from engine.webhooks import PATH, WebhookServer, sign
 from sandbox.server import Sandbox
 from tests.integration.engines import drain, run_job
 from tests.integration.factories import due_subscription
-from tests.support import EngineProcess, serving_env, sandbox_fixture
+from tests.support import EngineProcess, sandbox_fixture, serving_env
 
 EVENTS = "digital-river-events"
 SECRET = "whsec_flow_Canary_0123456789"
