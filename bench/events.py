@@ -29,14 +29,14 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors import build_jobs  # noqa: E402
-from bench.common import database_server, fresh_database  # noqa: E402
-from engine.app import Engine  # noqa: E402
-from engine.logs import configure as configure_logging  # noqa: E402
-from engine.metrics import Metrics  # noqa: E402
-from engine.settings import load  # noqa: E402
-from engine.store import Store  # noqa: E402
-from engine.webhooks import PATH, WebhookServer, sign  # noqa: E402
+from actors import build_jobs
+from bench.common import database_server, fresh_database
+from engine.app import Engine
+from engine.logs import configure as configure_logging
+from engine.metrics import Metrics
+from engine.settings import load
+from engine.store import Store
+from engine.webhooks import PATH, WebhookServer, sign
 
 SECRET = "whsec_bench_0123456789"
 
