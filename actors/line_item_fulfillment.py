@@ -66,6 +66,9 @@ def line_problem(line: asyncpg.Record) -> str | None:
     """Why this line can never be sent, naming the field; None when it can."""
     if not line["dr_order_id"]:
         return "fulfillments.dr_order_id is empty and so is orders.dr_order_id: no Digital River order to fulfil"
+    if line["dr_order_state"] == "blocked":
+        return (f"fulfillments.dr_order_state is blocked: Digital River blocked order {line['dr_order_id']} (its "
+                "payment was refused), so nothing of it can be fulfilled")
     if line["order_item_id"] is not None and line["item_found"] is None:
         return f"line_item_fulfillments.order_item_id {line['order_item_id']} does not exist"
     if line["item_found"] is not None and line["item_order_id"] != line["order_id"]:

@@ -21,8 +21,9 @@ l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now()
 
 -- fragment: line_item_order_sendable
 -- line-item-fulfillment: whether the order (`f`, `o`) of due lines can be sent: Digital River accepted it, or it
--- has no Digital River id (its lines are failed). Lines of orders not accepted yet are waiting, not due.
-coalesce(f.dr_order_state, o.dr_order_state) = 'accepted'
+-- has no Digital River id or Digital River blocked it (its lines are failed). Lines of orders not accepted yet are
+-- waiting, not due; those of a cancelled order are order-fulfillment's.
+coalesce(f.dr_order_state, o.dr_order_state) IN ('accepted', 'blocked')
 OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'cancelled')
 OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL
 
@@ -209,7 +210,8 @@ SELECT l.id, l.fulfillment_id, l.order_item_id, l.fulfill_quantity, l.cancel_qua
        l.tracking_company, l.tracking_number, l.tracking_url,
        coalesce(nullif(l.dr_order_item_id, ''), nullif(oi.dr_order_item_id, '')) AS dr_item_id,
        oi.id AS item_found, oi.order_id AS item_order_id, oi.quantity AS item_quantity,
-       f.order_id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id
+       f.order_id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id,
+       coalesce(f.dr_order_state, o.dr_order_state) AS dr_order_state
   FROM line_item_fulfillments l
   JOIN fulfillments f ON f.id = l.fulfillment_id
   JOIN orders o ON o.id = f.order_id

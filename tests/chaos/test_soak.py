@@ -24,6 +24,7 @@ import asyncio
 import os
 import random
 import signal
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,7 +46,8 @@ OUTAGE_SECONDS = 8
 MAX_OUTAGES = 2
 SUBSCRIPTIONS = 600
 # Outcomes the rules allow for an installment without an order (last_error_code values).
-DECLINE_CODES = {"insufficient_funds", "fraud", "decline_limit"}
+DECLINE_CODES = {"insufficient_funds", "fraud", "decline_limit", "charge_failed", "order_blocked", "order_cancelled"}
+WEBHOOK_SECRET = "whsec_soak_0123456789"
 OUTAGE_CODES = ("dr_unavailable", "outcome_unknown", "checkout_consumed", "order_not_found")
 # Open records the rules make wait a day: a declined one, and the later installments of its subscription
 # (installments of one subscription go one after another).
@@ -60,6 +62,12 @@ WAITING_FOR_A_DAY = """
 
 
 sandbox = sandbox_fixture(seed=2026)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -126,6 +134,9 @@ async def fast_forward(store: Store) -> None:
     await store.pool.execute("UPDATE fulfillments SET next_attempt_at = now() WHERE efn_status IN ('Open', 'Pending')")
     await store.pool.execute(
         "UPDATE line_item_fulfillments SET next_attempt_at = now() WHERE efn_status IN ('Open', 'Pending')")
+    # Pending payments whose events were lost are looked up now rather than in an hour.
+    await store.pool.execute("UPDATE subscription_process_data SET next_attempt_at = now() "
+                             "WHERE subscription_job_run_status = 'Pending'")
 
 
 async def unfinished(store: Store) -> dict[str, int]:
@@ -137,7 +148,11 @@ async def unfinished(store: Store) -> dict[str, int]:
         "        AND s.installment_next_run_date < current_date) AS subscriptions,"
         " (SELECT count(*) FROM fulfillments WHERE efn_status IN ('Open', 'Pending') "
         "        AND dr_order_state = 'cancelled') AS cancellations,"
-        " (SELECT count(*) FROM line_item_fulfillments WHERE efn_status IN ('Open', 'Pending')) AS lines",
+        # Lines of an order Digital River cancelled (its charge failed) are order-fulfillment's: they wait.
+        " (SELECT count(*) FROM line_item_fulfillments l JOIN fulfillments f ON f.id = l.fulfillment_id "
+        "        WHERE l.efn_status IN ('Open', 'Pending') AND f.dr_order_state IS DISTINCT FROM 'cancelled') AS lines,"
+        " (SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Pending') AS pending,"
+        " (SELECT count(*) FROM dr_events WHERE status = 'Pending') AS events",
         list(DECLINE_CODES))
     return {kind: count for kind, count in dict(row).items() if count}
 
@@ -147,17 +162,29 @@ async def test_two_engines_under_faults_kills_stalls_and_outages_charge_everyone
         soak_database: tuple[str, Store], private_server: object, sandbox: Sandbox) -> None:
     dsn, store = soak_database
     await seed(store, SUBSCRIPTIONS)  # the demo's book: accounts, payments, acquisition orders, subscriptions
+    # Payments Digital River confirms later: accepted, failed or blocked a second after the order.
+    await store.pool.execute(
+        "UPDATE stored_payments SET dr_source_id = CASE WHEN id % 10 = 1 THEN 'src_settle_accept' "
+        "WHEN id % 20 = 3 THEN 'src_settle_fail' WHEN id % 40 = 7 THEN 'src_settle_block' ELSE dr_source_id END "
+        "WHERE dr_source_id LIKE 'src_demo_card_%'")
     env = engine_env(
         dsn, DR_API_URL=sandbox.url, DR_TIMEOUT_SECONDS="1", DR_MAX_REQUESTS_PER_SECOND="2000",
         LEASE_SECONDS=str(LEASE_SECONDS), SHUTDOWN_GRACE_SECONDS="5", LOG_LEVEL="warning", NODE_LOST_SECONDS="4",
         SUBSCRIPTION_INSTALLMENTS_SCHEDULE="every 1s", RECURRING_PAYMENTS_SCHEDULE="every 1s",
         ORDER_FULFILLMENT_SCHEDULE="every 1s", LINE_ITEM_FULFILLMENT_SCHEDULE="every 1s",
+        DIGITAL_RIVER_EVENTS_SCHEDULE="every 2s", DR_WEBHOOK_SECRET=WEBHOOK_SECRET, WEBHOOK_PORT="off",
         CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE="50", RECURRING_PAYMENT_BATCH_SIZE="20")
+    # Webhooks go to the first engine (a fixed port it binds again after each restart); the second hears Digital
+    # River only by polling. A tenth of the deliveries are lost, a fifth come twice, all of them late and reordered.
+    port = free_port()
+    envs = [env | {"WEBHOOK_PORT": str(port)}, env]
     sandbox.configure(error_rate=0.05, timeout_rate=0.02, timeout_seconds=1.5, throttle_rate=0.02,
-                      retry_after_seconds=0.2, drop_after_order_rate=0.01)
+                      retry_after_seconds=0.2, drop_after_order_rate=0.01, settle_after_seconds=1.0,
+                      webhook_url=f"http://127.0.0.1:{port}/webhooks/digital-river", webhook_secret=WEBHOOK_SECRET,
+                      webhook_drop_rate=0.1, webhook_duplicate_rate=0.2, webhook_delay_ms=500)
     rng = random.Random(7)
     started: list[EngineProcess] = []  # every process, killed ones too (their log lines count)
-    engines = [await start_engine(env, store, started) for _ in range(2)]
+    engines = [await start_engine(envs[i], store, started) for i in range(2)]
     stop_erp = asyncio.Event()
     erp_task = asyncio.create_task(erp(store, stop_erp), name="erp")
     stats: Counter[str] = Counter()
@@ -184,7 +211,7 @@ async def test_two_engines_under_faults_kills_stalls_and_outages_charge_everyone
             engines[victim].kill()
             await engines[victim].wait()
             kills += 1
-            engines[victim] = await start_engine(env, store, started)
+            engines[victim] = await start_engine(envs[victim], store, started)
         if stalls:
             await asyncio.gather(*stalls)
 
@@ -212,6 +239,11 @@ async def test_two_engines_under_faults_kills_stalls_and_outages_charge_everyone
     ledger = sandbox.ledger
     assert ledger.count_requests(status=500) > 0 and ledger.count_requests(status=429) > 0
     assert ledger.dropped_orders, "no unknown outcome was exercised"
+    # Payments settled later, by webhooks (some lost, some twice) and by polling.
+    settled = Counter(r["type"] for r in await store.pool.fetch("SELECT type FROM dr_events WHERE status = 'Processed'"))
+    assert settled["order.accepted"] and settled["order.charge.failed"] and settled["order.blocked"], settled
+    sources = Counter(r["source"] for r in await store.pool.fetch("SELECT source FROM dr_events"))
+    assert sources["webhook"] and sources["poll"], sources
 
     # Every installment: exactly one order, or none and a reason the rules allow.
     records = await assert_charged_once(store, sandbox)
@@ -227,8 +259,10 @@ async def test_two_engines_under_faults_kills_stalls_and_outages_charge_everyone
     assert not declined or max(declined.values()) == 1, declined.most_common(3)
 
     # Every fulfillment line reported at most once, and finished.
-    lines = await store.pool.fetch("SELECT * FROM line_item_fulfillments")
-    assert lines and all(line["efn_status"] in ("Completed", "Failed") for line in lines)
+    lines = await store.pool.fetch("SELECT l.*, f.dr_order_state FROM line_item_fulfillments l "
+                                   "JOIN fulfillments f ON f.id = l.fulfillment_id")
+    assert lines and all(line["efn_status"] in ("Completed", "Failed") for line in lines
+                         if line["dr_order_state"] != "cancelled")
     captured: Counter[str] = Counter()
     for fulfillment in ledger.fulfillments.values():
         for item in fulfillment["items"]:
