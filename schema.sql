@@ -174,10 +174,12 @@ CREATE TABLE IF NOT EXISTS subscription_process_data (
     CHECK (is_recurring_payment_processed = (subscription_job_run_status = 'Successful')),
     CHECK (subscription_job_run_status <> 'Successful' OR dr_order_id IS NOT NULL)
 );
--- Due payment records: the recurring-payments claim.
-CREATE INDEX IF NOT EXISTS subscription_process_data_due
-    ON subscription_process_data (installment_run_date, id)
+-- Due payment records: the recurring-payments claim walks this index in order (oldest installment date first;
+-- a record without a date first of all) and stops when it has its rows.
+CREATE INDEX IF NOT EXISTS subscription_process_data_claim
+    ON subscription_process_data ((coalesce(installment_run_date, '-infinity'::date)), id)
     WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed;
+DROP INDEX IF EXISTS subscription_process_data_due;
 CREATE INDEX IF NOT EXISTS subscription_process_data_subscription
     ON subscription_process_data (subscription_id, installment_number);
 
@@ -456,3 +458,21 @@ CREATE OR REPLACE TRIGGER dr_event_cursors_touch BEFORE UPDATE ON dr_event_curso
 -- to be accepted, or an event said how it stands: orders are asked about only after an hour without news, since
 -- `order.accepted` normally says it first.
 ALTER TABLE fulfillments ADD COLUMN IF NOT EXISTS dr_state_checked_at timestamptz;
+
+-- recurring-payments' claim window (engine/sql/payments.sql): the next `size` open installment records in claim
+-- order after the cursor. A function of its own so it can plan as it must whatever the statistics say: right
+-- after the installment job's bulk insert the planner knows nothing of the new rows and would read every one of
+-- them through a bitmap and sort them; with bitmaps, sorts and sequential scans off for this one statement it
+-- walks the claim index in order and stops at the limit, so a claim reads a window, never the backlog (issue 14).
+CREATE OR REPLACE FUNCTION drjobs_payment_claim_window(after_date date, after_id bigint, size integer)
+RETURNS TABLE (id bigint, claim_date date)
+LANGUAGE sql STABLE
+SET enable_bitmapscan = off SET enable_sort = off SET enable_seqscan = off
+AS $$
+    SELECT w.id, coalesce(w.installment_run_date, '-infinity'::date)
+      FROM subscription_process_data w
+     WHERE w.subscription_job_run_status = 'Open' AND NOT w.is_recurring_payment_processed
+       AND (coalesce(w.installment_run_date, '-infinity'::date), w.id) > (after_date, after_id)
+     ORDER BY coalesce(w.installment_run_date, '-infinity'::date), w.id
+     LIMIT size
+$$;

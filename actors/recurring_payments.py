@@ -36,7 +36,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -55,6 +55,7 @@ from engine.digital_river import (
 )
 from engine.failpoints import failpoint
 from engine.jobs import FAILED, SUCCEEDED, BadData, Job, Outcome, Outcomes, Run, Services, backoff
+from engine.metrics import first_due_payment
 from engine.money import cents, is_currency
 from engine.store import LeaseLost, Leases
 
@@ -187,6 +188,13 @@ def charged_row(rec: asyncpg.Record, order: Order) -> dict[str, Any]:
     }
 
 
+# The claim order's beginning (asyncpg sends date.min as -infinity), and the windows of it a claim and drain's
+# check read (payments.sql, `payment_claim_window`).
+CLAIM_START: tuple[date, int] = (date.min, 0)
+CLAIM_WINDOW = 1000
+HAS_DUE_WINDOW = 5000
+
+
 def order_failure(order: Order) -> tuple[str, str, bool] | None:
     """(code, message, hard) when Digital River's order failed after it was made: blocked (a hard decline),
     cancelled or its charge failed (a soft one, billing-rules.md); None for a live order."""
@@ -256,14 +264,37 @@ class RecurringPayments(Job):
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_payment_records"))
 
+    async def has_due(self) -> bool:
+        """Whether any record is due: the claim order walked a window at a time, never a count of the backlog."""
+        return await first_due_payment(self.store, HAS_DUE_WINDOW) is not None
+
     async def run_once(self, run: Run) -> None:
         leases = self.leases("subscription_process_data")
+        # Where the run is in the claim order (installment date, id). A claim reads a window of CLAIM_WINDOW open
+        # records from there (issue 14: its cost follows what it takes, not the backlog) and the cursor moves to
+        # the last row it took, or past a window with nothing due. At the end of the order a new pass starts from
+        # the beginning (an installment whose earlier one finished since, a record given back), once per pass
+        # that took something; a pass that takes nothing ends the claiming.
+        cursor = CLAIM_START
+        took_in_pass = False
 
         async def claim(free: int, remaining: int) -> tuple[int, list[tuple[str, Any]]] | None:
-            rows = await leases.claim("claim_payment_records",
-                                      min(self.settings.recurring_payment_batch_size, free, remaining))
-            if not rows:
-                return None
+            nonlocal cursor, took_in_pass
+            size = min(self.settings.recurring_payment_batch_size, free, remaining)
+            while True:
+                rows = await leases.claim("claim_payment_records", size, *cursor, CLAIM_WINDOW)
+                if rows:
+                    cursor = max((r["claim_date"], r["id"]) for r in rows)
+                    took_in_pass = True
+                    break
+                window = await self.store.fetchrow("payment_claim_window_end", *cursor, CLAIM_WINDOW)
+                if window is not None:
+                    cursor = (window["claim_date"], window["id"])
+                    continue
+                if not took_in_pass:
+                    cursor = CLAIM_START  # called again once a record in flight finishes: look from the start
+                    return None
+                cursor, took_in_pass = CLAIM_START, False
             failpoint("after_claim")
             details = await self.store.fetch("payment_record_details", [r["id"] for r in rows])
             return len(rows), [(f"record-{rec['id']}", self._process(run, leases, rec)) for rec in details]

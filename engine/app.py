@@ -222,7 +222,7 @@ class Engine:
                     # A paused job's records are not due for drain: nobody may claim them until it is resumed.
                     due = {}
                     for name, job in self.jobs.items():
-                        due[name] = 0 if await job.is_paused() else await job.due_count()
+                        due[name] = False if await job.is_paused() else await job.has_due()
                     name = None
                     if not any(due.values()):
                         log.info("drain_finished")
@@ -242,7 +242,7 @@ class Engine:
                     return _stopped("drain_stopped", name, exc)
                 if not progress:
                     # Due rows are leased by another process (or are being finished): wait for them.
-                    log.info("drain_waiting", due={k: v for k, v in due.items() if v})
+                    log.info("drain_waiting", due=sorted(k for k, v in due.items() if v))
                     try:
                         await asyncio.wait_for(self.stop.wait(), timeout=pause_seconds)
                     except TimeoutError:

@@ -175,8 +175,13 @@ class Job(Actor[RunRequest]):
         raise NotImplementedError
 
     async def due_count(self) -> int:
-        """How many records are due for this job now (drain stops when every job says 0)."""
+        """How many records are due for this job now (status, the demo's progress)."""
         raise NotImplementedError
+
+    async def has_due(self) -> bool:
+        """Whether anything is due for this job now: all drain needs to know. Jobs whose count reads the whole
+        backlog answer this more cheaply."""
+        return await self.due_count() > 0
 
     async def handle(self, message: RunRequest) -> None:
         # Whoever waits on this request (`run JOB`, `drain`) is told how it ended, whatever happens here: a

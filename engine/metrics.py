@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -63,6 +63,8 @@ DR_REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 JOB_RUN_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
 DB_TIMEOUT_SECONDS = 2.0
 # Jobs whose oldest due record is measured (log-cleanup has no "due" record).
+# Rows of the claim order read per query when looking for recurring-payments' first due record.
+OLDEST_DUE_WINDOW = 5000
 DUE_JOBS = ("subscription-installments", "recurring-payments", "order-fulfillment", "line-item-fulfillment")
 
 Sample = tuple[tuple[str, ...], float]  # label values, value
@@ -288,10 +290,28 @@ async def _oldest_due(store: Store) -> list[Sample]:
     return [((job,), max(0.0, ages.get(job) or 0.0)) for job in DUE_JOBS]
 
 
-async def oldest_due(store: Store) -> list[asyncpg.Record]:
-    """Per job, the age in seconds of its oldest due record (`metrics_oldest_due`; also for `status`)."""
+async def first_due_payment(store: Store, window: int = OLDEST_DUE_WINDOW) -> datetime | None:
+    """The next_attempt_at of recurring-payments' first due record in claim order (None: nothing is due), found by
+    walking the claim order `window` rows at a time (`payment_claim_window_end`): it costs the rows before the
+    first due record, never a count of the backlog. Drain's check and the oldest-due age both use it."""
+    cursor: tuple[Any, int] = (date.min, 0)
+    while True:
+        found = await store.fetchrow("payment_claim_window_end", *cursor, window)
+        if found is None:
+            return None
+        if found["due"]:
+            return found["first_due_at"]  # type: ignore[no-any-return]
+        cursor = (found["claim_date"], found["id"])
+
+
+async def oldest_due(store: Store) -> list[dict[str, Any]]:
+    """Per job ({"job", "age"}), the age in seconds of its oldest due record (also for `status`): the jobs'
+    `metrics_oldest_due`, and recurring-payments' first due record in claim order (`first_due_payment`)."""
     zones = [row["time_zone"] for row in await store.fetch("account_time_zones")]
-    return await store.fetch("metrics_oldest_due", zones)
+    rows = [dict(row) for row in await store.fetch("metrics_oldest_due", zones)]
+    first_due = await first_due_payment(store)
+    age = None if first_due is None else (datetime.now(UTC) - first_due).total_seconds()
+    return [*rows, {"job": "recurring-payments", "age": age}]
 
 
 async def _expired_leases(store: Store) -> list[Sample]:

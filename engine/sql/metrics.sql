@@ -10,16 +10,14 @@ SELECT 1;
 -- name: metrics_oldest_due
 -- /metrics: per job, the age in seconds of its oldest due record (NULL when nothing is due). "Due" is each job's
 -- own rule, the fragment its claim and drain count use; a subscription's age runs from midnight UTC of its next
--- run date, and every account zone counts as valid here ($1: the zones the database knows).
+-- run date, and every account zone counts as valid here ($1: the zones the database knows). recurring-payments'
+-- is not here: engine/metrics.py walks its claim order a window at a time (`payment_claim_window_end`), so it
+-- costs the rows before the first due record, not the backlog.
 SELECT 'subscription-installments' AS job,
        extract(epoch FROM now() - (min(s.installment_next_run_date)::timestamp AT TIME ZONE 'UTC'))::float8 AS age
   FROM subscriptions s
   LEFT JOIN accounts a ON a.id = s.account_id
  WHERE {{subscription_due zones=$1}}
-UNION ALL
-SELECT 'recurring-payments', extract(epoch FROM now() - min(p.next_attempt_at))::float8
-  FROM subscription_process_data p
- WHERE {{payment_record_due}}
 UNION ALL
 SELECT 'order-fulfillment', extract(epoch FROM now() - min(f.next_attempt_at))::float8
   FROM fulfillments f

@@ -4,26 +4,38 @@
 -- filled from the fixed list of leased tables in store.py, never from input.
 
 -- fragment: payment_record_due
--- recurring-payments: the rule for a due installment record `p`, written once for the claim, drain's count and
+-- recurring-payments: the rule for a due installment record `p`, written once for the claim, drain's check and
 -- /metrics: Open, unprocessed, its next attempt has come, and no earlier installment of its subscription is Open
 -- or Pending (installments of one subscription are charged one after another; a Pending one may still fail).
+-- The earlier-installment test is a scalar subquery, not NOT EXISTS: the planner cannot turn it into an anti-join
+-- over every open record, so a claim walks the claim index in order and stops as soon as it has its rows,
+-- whatever the statistics say (issue 14; the plan is checked by tests/integration/test_claim_plans.py).
 p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed AND p.next_attempt_at <= now()
-AND NOT EXISTS (SELECT 1 FROM subscription_process_data e
-                 WHERE e.subscription_id = p.subscription_id AND e.subscription_job_run_status IN ('Open', 'Pending')
-                   AND e.installment_number < p.installment_number)
+AND (SELECT e.id FROM subscription_process_data e
+      WHERE e.subscription_id = p.subscription_id AND e.installment_number < p.installment_number
+        AND e.subscription_job_run_status IN ('Open', 'Pending')
+      LIMIT 1) IS NULL
 
 -- name: claim_payment_records
--- recurring-payments: lease due Open records, oldest installment date first. Only the lowest Open installment
--- of each subscription is eligible, so two installments of one subscription are never in flight at once. Rows this
--- node still has in flight ($4) are never taken again, even when their lease ran out under it. Each claimed row
--- gets a fresh lease token: every later write names it, so a worker that outlived its lease changes nothing.
-WITH due AS (
+-- recurring-payments: lease up to $2 due records of the claim window (`drjobs_payment_claim_window` in schema.sql:
+-- the next $7 open records in claim order, oldest installment date first, after the run's cursor $5/$6), in claim
+-- order. The window always walks the claim index and stops at its limit, so a claim reads at most $7 rows whatever
+-- the backlog and the planner's statistics (issue 14). Only the lowest Open installment of each subscription
+-- is eligible, so two installments of one subscription are never in flight at once. Rows this node still has in
+-- flight ($4) are never taken again, even when their lease ran out under it. Each claimed row gets a fresh lease
+-- token: every later write names it, so a worker that outlived its lease changes nothing. A window with nothing
+-- due claims nothing: the job moves its cursor to the window's end (`payment_claim_window_end`) and goes on.
+WITH win AS MATERIALIZED (
+    SELECT id, claim_date FROM drjobs_payment_claim_window($5, $6, $7)
+), due AS (
+    -- Each window row looked up by its id (a nested loop: the window is all that is read).
     SELECT p.id
-      FROM subscription_process_data p
+      FROM win
+      JOIN subscription_process_data p ON p.id = win.id AND p.id = (SELECT win.id OFFSET 0)
      WHERE {{payment_record_due}}
        AND (p.locked_until IS NULL OR p.locked_until < now())
        AND p.id <> ALL($4::bigint[])
-     ORDER BY p.installment_run_date, p.id
+     ORDER BY win.claim_date, win.id
      LIMIT $2
        FOR UPDATE OF p SKIP LOCKED
 )
@@ -32,11 +44,26 @@ UPDATE subscription_process_data t
        lease_token = nextval('drjobs_lease_tokens')
   FROM due
  WHERE t.id = due.id
-RETURNING t.*;
+RETURNING t.id, t.lease_token, coalesce(t.installment_run_date, '-infinity'::date) AS claim_date;
+
+-- name: payment_claim_window_end
+-- recurring-payments: where the claim window after ($1 date, $2 id) of $3 rows ends, how many of its rows are due
+-- now (leased or not) and the first due one's next_attempt_at; no row when the window is empty (the claim order
+-- is exhausted). Drain's check and /metrics' oldest due walk the claim order with it, a window at a time.
+WITH win AS MATERIALIZED (
+    SELECT id, claim_date FROM drjobs_payment_claim_window($1, $2, $3)
+)
+SELECT last.claim_date, last.id, first_due.due, first_due.next_attempt_at AS first_due_at
+  FROM (SELECT claim_date, id FROM win ORDER BY claim_date DESC, id DESC LIMIT 1) last
+ CROSS JOIN LATERAL (
+        SELECT count(*) AS due,
+               (array_agg(p.next_attempt_at ORDER BY win.claim_date, win.id))[1] AS next_attempt_at
+          FROM win JOIN subscription_process_data p ON p.id = win.id AND p.id = (SELECT win.id OFFSET 0)
+         WHERE {{payment_record_due}}) first_due;
 
 -- name: count_due_payment_records
--- recurring-payments: records due now (leased or not), for drain: the same rule as the claim, so a record
--- waiting behind an earlier installment of its subscription is not due.
+-- recurring-payments: records due now (leased or not): the same rule as the claim, so a record waiting behind an
+-- earlier installment of its subscription is not due. A count reads every due row: for status and the demo.
 SELECT count(*) FROM subscription_process_data p WHERE {{payment_record_due}};
 
 -- name: payment_record_details
