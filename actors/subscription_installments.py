@@ -21,6 +21,7 @@ from __future__ import annotations
 import calendar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
@@ -130,12 +131,13 @@ class SubscriptionInstallments(Job):
         batch = self.settings.cc_subscription_processor_batch_size
         zones = await self.known_time_zones()
         taken = 0
-        # A subscription still behind after its batch waits for the next run, so one far behind cannot take
-        # every claim of this run from those due today.
-        seen_ids: list[int] = []
+        # Where this run is in the due order (run date, id): each batch goes on from there. A subscription still
+        # due after its batch (far behind) is kept out of the rest of the run and waits for the next one.
+        cursor: list[Any] = [date.min, 0]
+        behind: list[int] = []
         while taken < limit and await self.may_claim():
             size = min(batch, limit - taken)
-            made, seen = await self._batch(run, size, zones, seen_ids)
+            made, seen = await self._batch(run, size, zones, cursor, behind)
             taken += seen
             if made:
                 self._wake_payments()
@@ -154,13 +156,15 @@ class SubscriptionInstallments(Job):
             valid.append(row["time_zone"])
         return valid
 
-    async def _batch(self, run: Run, size: int, zones: list[str], seen_ids: list[int]) -> tuple[int, int]:
-        """Claim up to `size` due subscriptions not yet seen this run and make their installments in one
-        transaction."""
+    async def _batch(self, run: Run, size: int, zones: list[str], cursor: list[Any],
+                     behind: list[int]) -> tuple[int, int]:
+        """Claim up to `size` due subscriptions after the run's `cursor` (moved past them) and make their
+        installments in one transaction; those still due after it go on `behind`."""
         now = datetime.now(UTC)
         async with self.store.pool.acquire() as conn, conn.transaction():
-            subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones, seen_ids)
-            seen_ids.extend(sub["id"] for sub in subs)
+            subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones, *cursor, behind)
+            if subs:
+                cursor[:] = max((sub["installment_next_run_date"], sub["id"]) for sub in subs)
             run.claimed += len(subs)
             plans: list[Plan] = []
             for sub in subs:
@@ -168,6 +172,9 @@ class SubscriptionInstallments(Job):
                     plans.append(plan_installments(sub, now))
                 except BadSubscription as exc:
                     await self._suspend(conn, run, sub["id"], str(exc))
+            zones_of = {sub["id"]: sub["time_zone"] for sub in subs}
+            behind.extend(p.subscription_id for p in plans if p.next_run_date is not None
+                          and p.next_run_date <= local_today(zones_of[p.subscription_id], now))
             try:
                 async with conn.transaction():
                     made = await self._write(conn, plans)
@@ -227,4 +234,7 @@ class SubscriptionInstallments(Job):
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_due_subscriptions", await self.known_time_zones()))
+
+    async def has_due(self) -> bool:
+        return bool(await self.store.fetchval("any_due_subscription", await self.known_time_zones()))
 

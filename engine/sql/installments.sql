@@ -19,16 +19,29 @@ AND s.installment_next_run_date <= (now() AT TIME ZONE
         CASE WHEN a.time_zone = ANY(:zones::text[]) THEN a.time_zone ELSE 'UTC' END)::date
 
 -- name: claim_due_subscriptions
--- subscription-installments: lock up to $1 due subscriptions for this transaction, oldest run date first,
--- leaving out those this run took already ($3). $2: the valid zones (`subscription_due`).
+-- subscription-installments: lock up to $1 due subscriptions for this transaction, oldest run date first, after
+-- the run's cursor ($3 run date, $4 id: where its last batch stopped), so each batch walks the due index from
+-- there and its cost does not grow with what is left. A subscription this run took that is still due after its
+-- batch (far behind: one batch makes at most MAX_CATCH_UP of its installments) is in $5 and waits for the next
+-- run, so it cannot take every batch from those due today. $2: the valid zones (`subscription_due`).
 SELECT s.*, a.time_zone
   FROM subscriptions s
   LEFT JOIN accounts a ON a.id = s.account_id
  WHERE {{subscription_due zones=$2}}
-   AND s.id <> ALL($3::bigint[])
+   AND (s.installment_next_run_date, s.id) > ($3::date, $4::bigint)
+   AND s.id <> ALL($5::bigint[])
  ORDER BY s.installment_next_run_date, s.id
  LIMIT $1
    FOR UPDATE OF s SKIP LOCKED;
+
+-- name: any_due_subscription
+-- subscription-installments: whether any subscription is due now (drain): the first in the due index's order.
+SELECT (SELECT s.id
+          FROM subscriptions s
+          LEFT JOIN accounts a ON a.id = s.account_id
+         WHERE {{subscription_due zones=$1}}
+         ORDER BY s.installment_next_run_date, s.id
+         LIMIT 1) IS NOT NULL;
 
 -- name: count_due_subscriptions
 -- subscription-installments: how many subscriptions are due now (for drain). $1: the valid zones.
@@ -65,6 +78,8 @@ INSERT INTO subscription_process_data (subscription_id, installment_number, cart
 SELECT subscription_id, installment_number, cart_id, cart_item_id, parent_order_id, stored_payment_id, product_id,
        account_id, run_date
   FROM s
+ -- Ids in installment order: a subscription's catch-up is numbered oldest first (the join above may reorder).
+ ORDER BY subscription_id, installment_number
 RETURNING id, subscription_id, installment_number;
 
 -- name: advance_subscriptions

@@ -85,6 +85,13 @@ async def test_catch_up_charges_missed_installments_oldest_first(store: Store, s
     recs = await records(store, sub)
     assert [r["installment_number"] for r in recs] == [1, 2, 3, 4, 5]
     assert [r["installment_run_date"] for r in recs] == sorted(r["installment_run_date"] for r in recs)
+    # Created oldest first, ids included (the contract), for many subscriptions in one statement too.
+    assert [r["id"] for r in recs] == sorted(r["id"] for r in recs)
+    others = [await due_subscription(store, months_behind=3, remaining=12) for _ in range(20)]
+    assert await drain(store, sandbox) == 0
+    for other in others:
+        numbers = [r["installment_number"] for r in sorted(await records(store, other), key=lambda r: r["id"])]
+        assert numbers == [1, 2, 3, 4]
     order_seq = list(sandbox.ledger.orders)  # creation order
     assert [order_seq.index(r["dr_order_id"]) for r in recs] == sorted(order_seq.index(r["dr_order_id"]) for r in recs)
 
