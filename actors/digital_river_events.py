@@ -91,6 +91,7 @@ def charge_state(obj: dict[str, Any]) -> str | None:
 
 class DigitalRiverEvents(Job):
     job_name = "digital-river-events"
+    due_table = "dr_events"
     outcomes: ClassVar[Outcomes] = {
         "event_applied": ("info", SUCCEEDED),
         "event_ignored": ("info", SUCCEEDED),

@@ -106,6 +106,7 @@ def tracking(line: asyncpg.Record) -> dict[str, str]:
 
 class LineItemFulfillment(Job):
     job_name = "line-item-fulfillment"
+    due_table = "line_item_fulfillments"
     # The metadata that marks a fulfillment as this job's (with the line ids; engine/fulfillment.py).
     tag: ClassVar[dict[str, str]] = {"drjobsJob": "line-item-fulfillment"}
     # One outcome per line (and per order state asked of Digital River).

@@ -16,6 +16,7 @@ log = get_logger(component="log_cleanup")
 
 class LogCleanup(Job):
     job_name = "log-cleanup"
+    due_table = "application_logs"
     batch_size = 1000
 
     def cutoff(self) -> datetime:

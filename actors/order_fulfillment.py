@@ -59,6 +59,7 @@ def cancel_items(rec: asyncpg.Record, items: Sequence[asyncpg.Record]) -> list[t
 
 class OrderFulfillment(Job):
     job_name = "order-fulfillment"
+    due_table = "fulfillments"
     outcomes: ClassVar[Outcomes] = {
         "order_cancel_sent": ("info", SUCCEEDED),
         "order_cancel_already_done": ("info", SUCCEEDED),

@@ -224,6 +224,7 @@ def decline_limit(rec: asyncpg.Record) -> tuple[datetime, str] | None:
 
 class RecurringPayments(Job):
     job_name = "recurring-payments"
+    due_table = "subscription_process_data"
     outcomes: ClassVar[Outcomes] = {
         "installment_charged": ("info", SUCCEEDED),
         "installment_adopted": ("info", SUCCEEDED),

@@ -125,6 +125,7 @@ def local_today(time_zone: str | None, now: datetime) -> date:
 
 class SubscriptionInstallments(Job):
     job_name = "subscription-installments"
+    due_table = "subscriptions"
 
     async def run_once(self, run: Run) -> None:
         limit = self.settings.cc_subscriptions_batch_query_limit

@@ -121,6 +121,8 @@ class Job(Actor[RunRequest]):
     # Set by subclasses: the job's name in the contract.
     job_name = ""
     outcomes: ClassVar[Outcomes] = {}
+    # The table its due check reads (named in the line drain logs when that check runs out of time).
+    due_table: ClassVar[str | None] = None
 
     def __init__(self, services: Services) -> None:
         super().__init__(self.job_name)

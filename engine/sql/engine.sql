@@ -181,3 +181,7 @@ SELECT 'application_logs', logging_level, count(*) FROM application_logs GROUP B
 UNION ALL
 SELECT 'dr_events', status, count(*) FROM dr_events GROUP BY 2
 ORDER BY 1, 2;
+
+-- name: table_size_estimate
+-- drain: the planner's estimate of table $1's rows (pg_class.reltuples; -1 when never analyzed), for a log line.
+SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1);

@@ -117,3 +117,29 @@ async def test_drain_and_metrics_find_the_first_due_record_a_window_at_a_time(st
         ends.append(row["id"])
         cursor = (row["claim_date"], row["id"])
     assert len(ends) == WAITING // window
+
+
+async def test_a_due_check_that_runs_out_of_time_is_one_line_and_the_drain_goes_on(store: Store) -> None:
+    from structlog.testing import capture_logs
+
+    from tests.integration.engines import engine_on
+    await seed(store, analyze=False)
+    await store.pool.execute("UPDATE subscription_process_data SET next_attempt_at = now() + interval '1 day'")
+    async with engine_on(store, "http://127.0.0.1:9") as engine:
+        job = engine.jobs["recurring-payments"]
+        checks = 0
+
+        async def slow_once() -> bool:
+            nonlocal checks
+            checks += 1
+            if checks == 1:
+                raise TimeoutError  # as asyncpg's command timeout raises it
+            return False
+
+        job.has_due = slow_once  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            assert await engine.drain(pause_seconds=0.01) == 0
+    [slow] = [e for e in logs if e["event"] == "due_check_slow"]
+    assert (slow["job"], slow["table"]) == ("recurring-payments", "subscription_process_data")
+    assert "exc_info" not in slow and slow["estimated_rows"] is not None
+    assert not [e for e in logs if e["event"] == "drain_stopped"]
