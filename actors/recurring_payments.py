@@ -44,6 +44,7 @@ import asyncpg
 
 from engine.batch import BatchWriter
 from engine.digital_river import (
+    RETRY_AFTER_CAP_SECONDS,
     AuthError,
     BadRequestError,
     DeclinedError,
@@ -452,6 +453,14 @@ class Charge:
             # longer knows it: find out which.
             return await self.checkout_gone(checkout_id)
         except TransientError as exc:
+            if exc.status == 429:
+                # Refused before anything was done (Digital River's rate limit): no order exists, and every call
+                # with this key is refused until Retry-After has passed, a lookup too. Try again after it; the
+                # checkout is kept, so that attempt still looks first.
+                wait = RETRY_AFTER_CAP_SECONDS if exc.retry_after is None else min(exc.retry_after,
+                                                                                   RETRY_AFTER_CAP_SECONDS)
+                return await self.postpone("installment_outage", "rate_limited", str(exc), outage=True,
+                                           until=datetime.now(UTC) + timedelta(seconds=max(wait, 1.0)))
             # The order may or may not exist: look before doing anything else.
             try:
                 found = await self.find_order(checkout_id)
