@@ -44,7 +44,7 @@ UPDATE subscription_process_data t
        lease_token = nextval('drjobs_lease_tokens')
   FROM due
  WHERE t.id = due.id
-RETURNING t.id, t.lease_token, coalesce(t.installment_run_date, '-infinity'::date) AS claim_date;
+RETURNING t.*, coalesce(t.installment_run_date, '-infinity'::date) AS claim_date;
 
 -- name: payment_claim_window_end
 -- recurring-payments: where the claim window after ($1 date, $2 id) of $3 rows ends, how many of its rows are due

@@ -15,12 +15,16 @@ from typing import Any
 
 import pytest
 
+from actors.recurring_payments import CLAIM_START, CLAIM_WINDOW
 from engine.store import LeaseLost, Leases, Store
 from tests.db import open_store, rows_locked_elsewhere
 from tests.integration.factories import fulfillment_order, process_records, subscription
 
 SPD = "subscription_process_data"
 LEASE = 60.0
+
+# The claim window and cursor arguments of a whole-backlog claim (a run's first).
+PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW)
 
 
 @pytest.fixture
@@ -51,10 +55,10 @@ async def taken_over(store: Store, other_store: Store, count: int = 1) -> tuple[
     """Node A claimed `count` records, stalled past the lease, and node B claimed them again."""
     ids = await records(store, count)
     a = Leases(store, SPD, int(LEASE))
-    assert sorted(r["id"] for r in await a.claim("claim_payment_records", count)) == ids
+    assert sorted(r["id"] for r in await a.claim("claim_payment_records", count, *PAYMENT_WINDOW)) == ids
     await expire(store, ids)
     b = Leases(other_store, SPD, int(LEASE))
-    assert sorted(r["id"] for r in await b.claim("claim_payment_records", count)) == ids
+    assert sorted(r["id"] for r in await b.claim("claim_payment_records", count, *PAYMENT_WINDOW)) == ids
     for i in ids:
         assert a.token(i) != b.token(i)
     return a, b, ids
@@ -103,17 +107,17 @@ def ending_args(name: str) -> tuple[Any, ...]:
 async def test_a_node_never_reclaims_a_row_it_still_has_in_flight(store: Store, other_store: Store) -> None:
     [row_id] = await records(store, 1)
     mine = Leases(store, SPD, 30)
-    [claimed] = await mine.claim("claim_payment_records", 10)
+    [claimed] = await mine.claim("claim_payment_records", 10, *PAYMENT_WINDOW)
     assert claimed["id"] == row_id and claimed["lease_token"] is not None
     first_token = mine.token(row_id)
 
     await expire(store, [row_id])  # this node's lease ran out under its worker, still in flight here
-    assert await mine.claim("claim_payment_records", 10) == []
+    assert await mine.claim("claim_payment_records", 10, *PAYMENT_WINDOW) == []
     assert mine.token(row_id) == first_token
     assert (await row(store, row_id))["lease_token"] == first_token
 
     theirs = Leases(other_store, SPD, 30)
-    [taken] = await theirs.claim("claim_payment_records", 10)
+    [taken] = await theirs.claim("claim_payment_records", 10, *PAYMENT_WINDOW)
     assert taken["id"] == row_id and taken["locked_by"] == "other-node"
     assert taken["lease_token"] != first_token
 
@@ -124,7 +128,7 @@ async def test_the_heartbeat_does_not_wait_on_a_row_locked_by_another_session(da
                                                                              store: Store) -> None:
     locked_id, free_id = await records(store, 2)
     leases = Leases(store, SPD, 30)
-    assert len(await leases.claim("claim_payment_records", 2)) == 2
+    assert len(await leases.claim("claim_payment_records", 2, *PAYMENT_WINDOW)) == 2
     leases.lease_seconds = 600  # so a renewal shows
     # The locked row's lease runs out in a few seconds (committed before the other session locks it).
     await store.pool.execute("UPDATE subscription_process_data SET locked_until = clock_timestamp() + "
@@ -155,7 +159,7 @@ async def test_the_heartbeat_does_not_wait_on_a_row_locked_by_another_session(da
 async def test_the_heartbeat_never_revives_an_expired_lease(store: Store) -> None:
     [row_id] = await records(store, 1)
     leases = Leases(store, SPD, 600)
-    await leases.claim("claim_payment_records", 1)
+    await leases.claim("claim_payment_records", 1, *PAYMENT_WINDOW)
     await expire(store, [row_id])  # nobody else has claimed it (yet)
 
     await leases.extend()
@@ -175,7 +179,7 @@ async def test_the_heartbeat_never_revives_an_expired_lease(store: Store) -> Non
 async def test_touch_refuses_an_expired_lease_even_before_the_heartbeat_noticed(store: Store) -> None:
     [row_id] = await records(store, 1)
     leases = Leases(store, SPD, 600)
-    await leases.claim("claim_payment_records", 1)
+    await leases.claim("claim_payment_records", 1, *PAYMENT_WINDOW)
     await leases.touch(row_id)  # held: pushed out
     await expire(store, [row_id])
     with pytest.raises(LeaseLost):
@@ -234,7 +238,7 @@ async def test_a_stale_token_cannot_end_an_attempt(store: Store, other_store: St
 async def test_a_second_checkout_is_refused_even_under_a_valid_token(store: Store) -> None:
     [rec] = await records(store, 1)
     leases = Leases(store, SPD, int(LEASE))
-    await leases.claim("claim_payment_records", 1)
+    await leases.claim("claim_payment_records", 1, *PAYMENT_WINDOW)
     assert await save_checkouts(store, [rec], [leases.token(rec)], ["chk_first"]) == {rec: "saved"}
     assert await save_checkouts(store, [rec], [leases.token(rec)], ["chk_second"]) == {rec: "checkout_taken"}
     assert (await row(store, rec))["dr_checkout_id"] == "chk_first"
@@ -243,7 +247,7 @@ async def test_a_second_checkout_is_refused_even_under_a_valid_token(store: Stor
 async def test_a_checkout_is_not_saved_under_a_lease_that_ran_out(store: Store) -> None:
     [rec] = await records(store, 1)
     leases = Leases(store, SPD, int(LEASE))
-    await leases.claim("claim_payment_records", 1)
+    await leases.claim("claim_payment_records", 1, *PAYMENT_WINDOW)
     await expire(store, [rec])  # nobody has claimed it again yet, but it may be claimed at any moment
     assert await save_checkouts(store, [rec], [leases.token(rec)], ["chk_late"]) == {rec: "lease_lost"}
     assert (await row(store, rec))["dr_checkout_id"] is None
@@ -267,7 +271,7 @@ async def test_fence_checkout_needs_the_token_an_unexpired_lease_and_the_same_ch
 async def test_save_checkouts_skips_a_row_locked_by_another_session(database_url: str, store: Store) -> None:
     locked_id, free_id = await records(store, 2)
     leases = Leases(store, SPD, int(LEASE))
-    await leases.claim("claim_payment_records", 2)
+    await leases.claim("claim_payment_records", 2, *PAYMENT_WINDOW)
     async with rows_locked_elsewhere(database_url, SPD, locked_id):
         results = await asyncio.wait_for(
             save_checkouts(store, [locked_id, free_id], [leases.token(locked_id), leases.token(free_id)],
@@ -280,7 +284,7 @@ async def test_save_checkouts_skips_a_row_locked_by_another_session(database_url
 async def test_finish_charged_on_a_processed_record_reports_the_order_it_was_settled_with(store: Store) -> None:
     first, second = await records(store, 2)
     leases = Leases(store, SPD, int(LEASE))
-    await leases.claim("claim_payment_records", 2)
+    await leases.claim("claim_payment_records", 2, *PAYMENT_WINDOW)
 
     # Written once, then the same charge again (a retried batch): settled, not written twice.
     [written] = await store.fetch("finish_charged", store.node, charged(first, leases.token(first), "ord_1"))
@@ -305,7 +309,7 @@ async def test_finish_charged_on_a_processed_record_reports_the_order_it_was_set
 async def test_release_only_gives_back_rows_still_under_the_claims_token(store: Store, other_store: Store) -> None:
     a, b, [taken] = await taken_over(store, other_store)
     [kept] = await records(store, 1)
-    assert [r["id"] for r in await a.claim("claim_payment_records", 1)] == [kept]
+    assert [r["id"] for r in await a.claim("claim_payment_records", 1, *PAYMENT_WINDOW)] == [kept]
 
     await a.release()
     assert a.in_flight == {}
@@ -319,7 +323,7 @@ async def test_release_only_gives_back_rows_still_under_the_claims_token(store: 
 async def test_retry_clears_the_lease_token_and_an_unknown_checkout(store: Store) -> None:
     unknown, declined = await records(store, 2)
     late = Leases(store, SPD, int(LEASE))
-    await late.claim("claim_payment_records", 2)
+    await late.claim("claim_payment_records", 2, *PAYMENT_WINDOW)
     # Both records ended Failed while the late worker's token stayed on them, and its lease ran out.
     await store.pool.execute(
         "UPDATE subscription_process_data SET subscription_job_run_status = 'Failed', dr_checkout_id = 'chk_' || id, "

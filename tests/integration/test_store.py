@@ -11,10 +11,14 @@ import textwrap
 import asyncpg
 import pytest
 
+from actors.recurring_payments import CLAIM_START, CLAIM_WINDOW
 from engine.store import QUERIES, Leases, Store, load_queries, sql
 from tests.db import open_store
 from tests.integration.factories import process_records, subscription
 from tests.support import ROOT
+
+# The claim window and cursor arguments of a whole-backlog claim (a run's first).
+PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW)
 
 
 async def test_migrate_runs_again_and_concurrently(store: Store) -> None:
@@ -81,7 +85,7 @@ async def test_concurrent_claims_never_take_the_same_row(database_url: str, stor
     stores = [await Store.connect(database_url, f"node-{i}", min_size=1, max_size=2) for i in range(4)]
     try:
         leases = [Leases(s, "subscription_process_data", 60) for s in stores]
-        results = await asyncio.gather(*(lease.claim("claim_payment_records", 15) for lease in leases))
+        results = await asyncio.gather(*(lease.claim("claim_payment_records", 15, *PAYMENT_WINDOW) for lease in leases))
     finally:
         for s in stores:
             await s.close()
@@ -95,20 +99,20 @@ async def test_only_the_oldest_open_installment_of_a_subscription_is_claimable(s
     sub = await subscription(store)
     first, second, _ = await process_records(store, sub, 3)
     leases = Leases(store, "subscription_process_data", 60)
-    assert [r["id"] for r in await leases.claim("claim_payment_records", 10)] == [first]
-    assert await leases.claim("claim_payment_records", 10) == []  # the first is in flight: nothing else
+    assert [r["id"] for r in await leases.claim("claim_payment_records", 10, *PAYMENT_WINDOW)] == [first]
+    assert await leases.claim("claim_payment_records", 10, *PAYMENT_WINDOW) == []  # the first is in flight: nothing else
     await store.pool.execute(
         "UPDATE subscription_process_data SET subscription_job_run_status = 'Failed', locked_by = NULL "
         "WHERE id = $1", first)
     leases.done([first])
-    assert [r["id"] for r in await leases.claim("claim_payment_records", 10)] == [second]
+    assert [r["id"] for r in await leases.claim("claim_payment_records", 10, *PAYMENT_WINDOW)] == [second]
 
 
 async def test_heartbeat_extends_leases_and_release_gives_rows_back(store: Store) -> None:
     sub = await subscription(store)
     [row_id] = await process_records(store, sub, 1)
     leases = Leases(store, "subscription_process_data", 30)
-    await leases.claim("claim_payment_records", 1)
+    await leases.claim("claim_payment_records", 1, *PAYMENT_WINDOW)
     before = await store.pool.fetchval("SELECT locked_until FROM subscription_process_data WHERE id = $1", row_id)
     leases.lease_seconds = 600
     await leases.extend()
@@ -125,11 +129,11 @@ async def test_heartbeat_reports_a_lease_taken_over_by_another_node(database_url
     sub = await subscription(store)
     [row_id] = await process_records(store, sub, 1)
     mine = Leases(store, "subscription_process_data", 30)
-    await mine.claim("claim_payment_records", 1)
+    await mine.claim("claim_payment_records", 1, *PAYMENT_WINDOW)
     # This node stalled past its lease and another node claimed the row.
     await store.pool.execute("UPDATE subscription_process_data SET locked_until = now() - interval '1 second'")
     async with open_store(database_url, "other-node", max_size=1) as other_store:
-        taken = await Leases(other_store, "subscription_process_data", 30).claim("claim_payment_records", 1)
+        taken = await Leases(other_store, "subscription_process_data", 30).claim("claim_payment_records", 1, *PAYMENT_WINDOW)
     assert [r["id"] for r in taken] == [row_id]
     await mine.extend()
     assert mine.lost == {row_id}
@@ -139,12 +143,14 @@ async def test_heartbeat_reports_a_lease_taken_over_by_another_node(database_url
 
 KILLED_CLAIMER = textwrap.dedent("""
     import asyncio, sys
+    from actors.recurring_payments import CLAIM_START, CLAIM_WINDOW
     from engine.store import Leases, Store
+    PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW)
 
     async def main():
         store = await Store.connect(sys.argv[1], "doomed-node", min_size=1, max_size=1)
         leases = Leases(store, "subscription_process_data", int(sys.argv[2]))
-        rows = await leases.claim("claim_payment_records", 100)
+        rows = await leases.claim("claim_payment_records", 100, *PAYMENT_WINDOW)
         print(len(rows), flush=True)
         await asyncio.sleep(3600)  # in flight until killed
 
@@ -166,10 +172,10 @@ async def test_rows_of_a_killed_process_are_claimable_once_the_lease_expires(dat
     await proc.wait()
 
     survivor = Leases(store, "subscription_process_data", 60)
-    assert await survivor.claim("claim_payment_records", 100) == []  # still leased to the dead process
+    assert await survivor.claim("claim_payment_records", 100, *PAYMENT_WINDOW) == []  # still leased to the dead process
     while await store.pool.fetchval("SELECT count(*) FROM subscription_process_data WHERE locked_until >= now()"):
         await asyncio.sleep(0.2)
-    claimed = await survivor.claim("claim_payment_records", 100)
+    claimed = await survivor.claim("claim_payment_records", 100, *PAYMENT_WINDOW)
     assert len(claimed) == 5
     assert {r["locked_by"] for r in claimed} == {"test-node"}
 
