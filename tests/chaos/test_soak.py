@@ -233,7 +233,9 @@ async def test_two_engines_under_faults_kills_stalls_and_outages_charge_everyone
     assert alive == [True, True], [e.stderr[-2000:] for e in engines]
     assert codes == [0, 0], [e.stderr[-2000:] for e in engines]
     assert kills >= 2
-    left = await unfinished(store)
+    # Events heard in the last moments before the engines stopped wait for the next run: the final drain below
+    # applies them (and must leave none).
+    left = {kind: n for kind, n in (await unfinished(store)).items() if kind != "events"}
     assert not left, f"work was left undone after the faults stopped: {left}"
 
     ledger = sandbox.ledger
@@ -285,6 +287,7 @@ async def test_two_engines_under_faults_kills_stalls_and_outages_charge_everyone
     await asyncio.sleep(4)
     code, _, err = await run_command(["drain"], env)
     assert code == 0, err
+    assert await store.pool.fetchval("SELECT count(*) FROM dr_events WHERE status = 'Pending'") == 0
     stalled = sum(v for k, v in stats.items() if k.startswith("stalled"))
     lost = sum(1 for e in started for event in e.events if str(event.get("event", "")).endswith("lease_lost"))
     assert await store.pool.fetchval("SELECT count(*) FROM job_runs WHERE status = 'running'") == 0
