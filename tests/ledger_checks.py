@@ -47,8 +47,10 @@ async def assert_charged_once(db: Store | str, sandbox: Sandbox, *, successful: 
     if successful is not None:
         assert charged == successful, Counter(r["subscription_job_run_status"] for r in recs)
     assert len(ledger.orders) == charged + pending + failed_orders
-    assert await fetchval(db, "SELECT count(*) FROM orders WHERE dr_order_source = 'Subscription—Installment'") \
-        == charged + pending + failed_orders
+    # The store keeps an orders row for every live order, and for a failed one that was first recorded Pending; an
+    # order an attempt found already dead (by a lookup after a lost answer) was never recorded.
+    stored = await fetchval(db, "SELECT count(*) FROM orders WHERE dr_order_source = 'Subscription—Installment'")
+    assert charged + pending <= stored <= charged + pending + failed_orders, (stored, charged, pending, failed_orders)
     assert await fetchval(db, "SELECT count(*) FROM payment_attempts WHERE outcome = 'charged'") == charged
     return recs
 
