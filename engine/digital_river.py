@@ -628,10 +628,7 @@ def parse_source_id(body: Any) -> str:
 
 def parse_order_list(body: Any) -> list[Order]:
     """The orders of a `{hasMore, data}` list envelope."""
-    data = _obj(body, "list").get("data")
-    if not isinstance(data, list):
-        raise _missing("data")
-    return [parse_order(order, f"data[{i}].") for i, order in enumerate(data)]
+    return _list_page(body, parse_order)[0]
 
 
 def parse_fulfillment(body: Any, where: str = "") -> Fulfillment:
@@ -689,22 +686,23 @@ def _opt_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def parse_event_list(body: Any) -> tuple[list[Event], bool]:
-    """The events of a `{hasMore, data}` list envelope, and `hasMore`."""
+def _list_page(body: Any, parse: Callable[[Any, str], T]) -> tuple[list[T], bool]:
+    """The elements of a `{hasMore, data}` list envelope, each parsed with `parse`, and `hasMore`."""
     envelope = _obj(body, "list")
     data = envelope.get("data")
     if not isinstance(data, list):
         raise _missing("data")
-    return [parse_event(e, f"data[{i}].") for i, e in enumerate(data)], envelope.get("hasMore") is True
+    return [parse(element, f"data[{i}].") for i, element in enumerate(data)], envelope.get("hasMore") is True
+
+
+def parse_event_list(body: Any) -> tuple[list[Event], bool]:
+    """The events of a `{hasMore, data}` list envelope (ListEventsResponse), and `hasMore`."""
+    return _list_page(body, parse_event)
 
 
 def parse_fulfillment_list(body: Any) -> tuple[list[Fulfillment], bool]:
     """The fulfillments of a `{hasMore, data}` list envelope (ListFulfillmentsResponse), and `hasMore`."""
-    envelope = _obj(body, "list")
-    data = envelope.get("data")
-    if not isinstance(data, list):
-        raise _missing("data")
-    return [parse_fulfillment(f, f"data[{i}].") for i, f in enumerate(data)], envelope.get("hasMore") is True
+    return _list_page(body, parse_fulfillment)
 
 
 # ---------------------------------------------------------------------------------------------------------------
