@@ -22,7 +22,7 @@ import random
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -337,15 +337,33 @@ _LIST_PARAMS = frozenset({"ids", "checkoutId", "upstreamIds", "state", "customer
                           "startingAfter", "endingBefore"})
 
 
-async def list_orders(request: web.Request, state: SandboxState) -> Answer:
-    query = request.query
+def _list_limit(query: Mapping[str, str], known: frozenset[str]) -> int:
+    """The `limit` of a list request (1-100, default 10), after refusing any parameter not in `known`."""
     for name in query:
-        if name not in _LIST_PARAMS:
+        if name not in known:
             raise model.bad_request("unknown_parameter", name, f"'{name}' is not a valid parameter.")
     limit_text = query.get("limit", "10")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
         raise model.bad_request("invalid_parameter", "limit", "'limit' must be a whole number from 1 to 100.")
-    limit = int(limit_text)
+    return int(limit_text)
+
+
+def _page(query: Mapping[str, str], items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """One page of `items` (newest first) after `startingAfter` or before `endingBefore`, as Digital River's
+    lists answer: `{hasMore, data}`."""
+    ids = [item["id"] for item in items]
+    if "startingAfter" in query:
+        after = query["startingAfter"]
+        items = items[ids.index(after) + 1 if after in ids else len(ids):]
+    elif "endingBefore" in query:
+        end = ids.index(query["endingBefore"]) if query["endingBefore"] in ids else 0
+        items = items[max(0, end - limit):end]
+    return {"hasMore": len(items) > limit, "data": items[:limit]}
+
+
+async def list_orders(request: web.Request, state: SandboxState) -> Answer:
+    query = request.query
+    limit = _list_limit(query, _LIST_PARAMS)
     ledger = state.ledger
 
     def values(name: str) -> list[str]:
@@ -370,15 +388,7 @@ async def list_orders(request: web.Request, state: SandboxState) -> Answer:
         orders = [o for o in orders if any((i.get("subscriptionInfo") or {}).get("subscriptionId") == wanted
                                            for i in o["items"])]
     orders = sorted(orders, key=lambda o: o["createdTime"], reverse=True)  # newest first, as Digital River lists
-    if "startingAfter" in query:
-        ids = [o["id"] for o in orders]
-        start = ids.index(query["startingAfter"]) + 1 if query["startingAfter"] in ids else len(ids)
-        orders = orders[start:]
-    elif "endingBefore" in query:
-        ids = [o["id"] for o in orders]
-        end = ids.index(query["endingBefore"]) if query["endingBefore"] in ids else 0
-        orders = orders[max(0, end - limit):end]
-    return 200, {"hasMore": len(orders) > limit, "data": orders[:limit]}
+    return 200, _page(query, orders, limit)
 
 
 async def get_order(request: web.Request, state: SandboxState) -> Answer:
@@ -408,15 +418,9 @@ async def list_fulfillments(request: web.Request, state: SandboxState) -> Answer
     docs/Api/FulfillmentsApi.md): filters orderId, ids, skuId, trackingCompany, trackingNumber; newest first;
     `limit` 1-100 (default 10), cursors `startingAfter` / `endingBefore`; `{hasMore, data}`."""
     query = request.query
-    for name in query:
-        if name not in _FULFILLMENT_LIST_PARAMS:
-            raise model.bad_request("unknown_parameter", name, f"'{name}' is not a valid parameter.")
+    limit = _list_limit(query, _FULFILLMENT_LIST_PARAMS)
     if "createdTime" in query:
         raise model.bad_request("invalid_parameter", "createdTime", "The sandbox does not filter by createdTime.")
-    limit_text = query.get("limit", "10")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
-        raise model.bad_request("invalid_parameter", "limit", "'limit' must be a whole number from 1 to 100.")
-    limit = int(limit_text)
     found = list(state.ledger.fulfillments.values())
     if "ids" in query:
         wanted = {v for raw in query.getall("ids") for v in raw.split(",") if v}
@@ -427,13 +431,7 @@ async def list_fulfillments(request: web.Request, state: SandboxState) -> Answer
     if "skuId" in query:
         found = [f for f in found if any(i.get("skuId") == query["skuId"] for i in f["items"])]
     found.reverse()  # newest first (the ledger keeps them in creation order)
-    ids = [f["id"] for f in found]
-    if "startingAfter" in query:
-        found = found[ids.index(query["startingAfter"]) + 1 if query["startingAfter"] in ids else len(ids):]
-    elif "endingBefore" in query:
-        end = ids.index(query["endingBefore"]) if query["endingBefore"] in ids else 0
-        found = found[max(0, end - limit):end]
-    return 200, {"hasMore": len(found) > limit, "data": found[:limit]}
+    return 200, _page(query, found, limit)
 
 
 _EVENT_LIST_PARAMS = frozenset({"type", "types", "ids", "createdTime", "createdTime[gt]", "createdTime[gte]",
@@ -467,13 +465,7 @@ async def list_events(request: web.Request, state: SandboxState) -> Answer:
     `createdTime` and `createdTime[gt|gte|lt|lte]` (ISO-8601); newest first; `limit` 1-100 (default 10);
     cursors `startingAfter` / `endingBefore`; `{hasMore, data}`."""
     query = request.query
-    for name in query:
-        if name not in _EVENT_LIST_PARAMS:
-            raise model.bad_request("unknown_parameter", name, f"'{name}' is not a valid parameter.")
-    limit_text = query.get("limit", "10")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
-        raise model.bad_request("invalid_parameter", "limit", "'limit' must be a whole number from 1 to 100.")
-    limit = int(limit_text)
+    limit = _list_limit(query, _EVENT_LIST_PARAMS)
     if "type" in query and "types" in query:
         raise model.bad_request("invalid_parameter", "types", "Pass either 'type' or 'types', not both.")
     times = [(_TIME_FILTERS[name], _iso_time(query[name], name)) for name in _TIME_FILTERS if name in query]
@@ -493,13 +485,7 @@ async def list_events(request: web.Request, state: SandboxState) -> Answer:
         found = [e for e in found
                  if all(test(datetime.fromisoformat(e["createdTime"]), value) for test, value in times)]
     found = found[::-1]  # newest first (the ledger keeps them in createdTime order)
-    ids = [e["id"] for e in found]
-    if "startingAfter" in query:
-        found = found[ids.index(query["startingAfter"]) + 1 if query["startingAfter"] in ids else len(ids):]
-    elif "endingBefore" in query:
-        end = ids.index(query["endingBefore"]) if query["endingBefore"] in ids else 0
-        found = found[max(0, end - limit):end]
-    return 200, {"hasMore": len(found) > limit, "data": found[:limit]}
+    return 200, _page(query, found, limit)
 
 
 async def get_event(request: web.Request, state: SandboxState) -> Answer:
