@@ -84,6 +84,19 @@ def _call_check(check: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"ok": False, "error": error_text(exc)}
 
 
+async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Bind `app` on `host`:`port` and serve it; raises OSError when the address is taken. No access log: a
+    scrape every few seconds (or a stream of webhooks) would drown the engine's own lines."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 class HttpServer:
     """/healthz, /readyz and /metrics on `host`:`port` (port 0: any free port; `port` tells which after start)."""
 
@@ -116,15 +129,7 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        # No access log: a scrape every few seconds would drown the engine's own lines.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.requested_port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner = await serve_app(app, self.host, self.requested_port)
         host, port = self.address
         log.info("http_started", host=host, port=port)
 

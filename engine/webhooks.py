@@ -36,6 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.digital_river import Event, MalformedResponseError, parse_event
+from engine.http import serve_app
 from engine.logs import error_text, get_logger
 from engine.metrics import Metrics
 from engine.store import Store
@@ -133,14 +134,7 @@ class WebhookServer:
         """Bind and serve; raises OSError when the address is taken."""
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post(PATH, self._receive)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.requested_port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner = await serve_app(app, self.host, self.requested_port)
         if not self._secret:
             log.warning("webhook_secret_missing", detail="DR_WEBHOOK_SECRET is not set: every webhook is refused")
         log.info("webhooks_listening", host=self.host, port=self.port, path=PATH)
