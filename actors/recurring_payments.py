@@ -41,6 +41,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 import asyncpg
+import orjson
 
 from engine.batch import BatchWriter
 from engine.digital_river import (
@@ -259,7 +260,7 @@ class RecurringPayments(Job):
         return [results[i[0]] for i in items]
 
     async def _finish_charges(self, items: Sequence[dict[str, Any]]) -> list[asyncpg.Record]:
-        rows = await self.store.fetch("finish_charged", self.store.node, json.dumps(list(items)))
+        rows = await self.store.fetch("finish_charged", self.store.node, orjson.dumps(list(items)).decode())
         results = {r["id"]: r for r in rows}
         return [results[item["record_id"]] for item in items]
 

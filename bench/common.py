@@ -101,10 +101,17 @@ async def wait_for_sandbox(http: aiohttp.ClientSession, url: str) -> None:
     raise RuntimeError(f"the sandbox process at {url} did not start")
 
 
-def run_engine(args: list[str], env: dict[str, str]) -> tuple[float, float, float]:
-    """Run `run.py ARGS` to the end: (wall seconds, CPU seconds, peak RSS MB) of that process alone."""
+def run_engine(args: list[str], env: dict[str, str], profile: str | None = None) -> tuple[float, float, float]:
+    """Run `run.py ARGS` to the end: (wall seconds, CPU seconds, peak RSS MB) of that process alone.
+
+    With `profile`, py-spy (`pip install py-spy`) samples the engine into that file (speedscope JSON); the
+    figures are then py-spy's process and its child together."""
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], env=env, cwd=str(ROOT),
+    command = [sys.executable, str(ROOT / "run.py"), *args]
+    if profile:
+        py_spy = str(Path(sys.executable).parent / "py-spy")
+        command = [py_spy, "record", "--format", "speedscope", "--rate", "200", "-o", profile, "--", *command]
+    proc = subprocess.Popen(command, env=env, cwd=str(ROOT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - started

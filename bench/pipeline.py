@@ -80,7 +80,7 @@ class Result:
                 f"{self.cpu_seconds / self.charged * 1000:.2f} | {self.peak_rss_mb:.0f} |")
 
 
-async def scenario(name: str, n: int, server_dsn: str) -> Result:
+async def scenario(name: str, n: int, server_dsn: str, profile: str | None = None) -> Result:
     spec = SCENARIOS[name]
     dsn = await fresh_database(server_dsn, "drjobs_bench", (SEED, n))
     port = free_port()
@@ -103,7 +103,7 @@ async def scenario(name: str, n: int, server_dsn: str) -> Result:
                      RECURRING_PAYMENT_BATCH_SIZE="100", CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE="500")
     try:
         inst_wall, inst_cpu, inst_rss = run_engine(["run", "subscription-installments"], env)
-        pay_wall, pay_cpu, pay_rss = run_engine(["run", "recurring-payments"], env)
+        pay_wall, pay_cpu, pay_rss = run_engine(["run", "recurring-payments"], env, profile=profile)
         ledger = json.loads(urllib.request.urlopen(url + "/_sandbox/ledger", timeout=30).read())
         throttled = sum(1 for r in ledger.get("requests", []) if r["status"] == 429)
     finally:
@@ -125,13 +125,16 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), action="append")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the payment run with py-spy into FILE (speedscope JSON); CPU figures then "
+                             "include py-spy's sampling")
     args = parser.parse_args()
     async with database_server() as server_dsn:
         print("| scenario | subscriptions | seconds | installments/s | DR requests/s | 429s | CPU s per 1,000 | "
               "peak RSS MB |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in args.scenario or list(SCENARIOS):
-            result = await scenario(name, args.n, server_dsn)
+            result = await scenario(name, args.n, server_dsn, args.profile)
             print(result.line(), flush=True)
             print(f"  installments job {result.seconds - result.payments_seconds:.1f} s, payments job "
                   f"{result.payments_seconds:.1f} s, {result.installments} records", flush=True)
