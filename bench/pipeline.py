@@ -6,6 +6,7 @@ database, seeded with N subscriptions due today.
 
     .venv/bin/python bench/pipeline.py                       # the three scenarios of issue 4, N=10000
     .venv/bin/python bench/pipeline.py --n 2000 --scenario 0ms
+    .venv/bin/python bench/pipeline.py --n 1000000 --charge 20000 --scenario 0ms   # a run of 20,000 at 1M due
     BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/pipeline.py
 
 Without BENCH_DATABASE_URL the embedded PostgreSQL under .data/bench is used.
@@ -34,7 +35,7 @@ WITH acc AS (
     INSERT INTO accounts (name, dr_customer_id, email, bill_to)
     SELECT 'Bench ' || i, 'cus_bench_' || i, 'b' || i || '@bench.example',
            '{"address": {"country": "US", "postalCode": "55401"}, "name": "Bench"}'::jsonb
-      FROM generate_series(1, $1) i
+      FROM generate_series($2::int + 1, $2::int + $1::int) i
     RETURNING id
 ), prod AS (
     INSERT INTO products (sku, name, dr_sku_id) VALUES ('BENCH-1', 'Bench plan', 'sku_bench') RETURNING id
@@ -73,16 +74,35 @@ class Result:
     throttled: int
     cpu_seconds: float
     peak_rss_mb: float
+    installments_cpu: float
+    installments_rss_mb: float
+    payments_cpu: float
+    payments_rss_mb: float
+    first_checkout_seconds: float
 
     def line(self) -> str:
         return (f"| {self.scenario} | {self.n} | {self.seconds:.1f} | {self.charged / self.seconds:.0f} | "
                 f"{self.requests / self.payments_seconds:.0f} | {self.throttled} | "
                 f"{self.cpu_seconds / self.charged * 1000:.2f} | {self.peak_rss_mb:.0f} |")
 
+    def scale_line(self) -> str:
+        """The backlog view (issue 14): the payment run alone, whatever part of the backlog it was allowed."""
+        return (f"| {self.n:,} | {self.charged:,} | {self.seconds - self.payments_seconds:.1f} s, "
+                f"{self.installments_cpu:.1f} CPU s, {self.installments_rss_mb:.0f} MB | "
+                f"{self.charged / self.payments_seconds:.0f} | {self.payments_cpu / self.charged * 1000:.2f} | "
+                f"{self.payments_rss_mb:.0f} | {self.first_checkout_seconds:.2f} s |")
 
-async def scenario(name: str, n: int, server_dsn: str, profile: str | None = None) -> Result:
+
+SEED_CHUNK = 100_000
+
+
+async def scenario(name: str, n: int, server_dsn: str, profile: str | None = None, charge: int | None = None
+                   ) -> Result:
     spec = SCENARIOS[name]
-    dsn = await fresh_database(server_dsn, "drjobs_bench", (SEED, n))
+    seeded = time.monotonic()
+    dsn = await fresh_database(server_dsn, "drjobs_bench",
+                               *[(SEED, min(SEED_CHUNK, n - start), start) for start in range(0, n, SEED_CHUNK)])
+    print(f"  seeded {n:,} subscriptions in {time.monotonic() - seeded:.0f} s", flush=True)
     port = free_port()
     sandbox_args = [sys.executable, str(ROOT / "run.py"), "sandbox", "--port", str(port),
                     "--latency-ms", str(spec["latency_ms"]), "--no-amount-rules"]
@@ -99,10 +119,12 @@ async def scenario(name: str, n: int, server_dsn: str, profile: str | None = Non
             time.sleep(0.1)
     env = engine_env(dsn, url, "sk_test_bench", DR_MAX_REQUESTS_PER_SECOND=str(spec["rate"] or 100_000),
                      RECURRING_PAYMENTS_CONCURRENCY=str(spec["concurrency"]),
-                     CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT=str(n), RECURRING_PAYMENT_PROCESS_QUERY_LIMIT=str(n),
+                     CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT=str(n),
+                     RECURRING_PAYMENT_PROCESS_QUERY_LIMIT=str(charge or n),
                      RECURRING_PAYMENT_BATCH_SIZE="100", CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE="500")
     try:
         inst_wall, inst_cpu, inst_rss = run_engine(["run", "subscription-installments"], env)
+        pay_started = time.time()
         pay_wall, pay_cpu, pay_rss = run_engine(["run", "recurring-payments"], env, profile=profile)
         ledger = json.loads(urllib.request.urlopen(url + "/_sandbox/ledger", timeout=30).read())
         throttled = sum(1 for r in ledger.get("requests", []) if r["status"] == 429)
@@ -111,14 +133,17 @@ async def scenario(name: str, n: int, server_dsn: str, profile: str | None = Non
         _, _, sandbox_usage = os.wait4(sandbox.pid, 0)
         sandbox.returncode = 0
     print(f"  sandbox CPU {sandbox_usage.ru_utime + sandbox_usage.ru_stime:.1f} s", flush=True)
-    installments, charged = await fetch_values(
+    installments, charged, first_checkout = await fetch_values(
         dsn, "SELECT count(*) FROM subscription_process_data",
-        "SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Successful'")
+        "SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Successful'",
+        # The first checkout saved: one claim and one checkout request after the start at the earliest.
+        "SELECT extract(epoch FROM min(last_attempt_at)) FROM subscription_process_data")
     requests = ledger["counts"]["requests"]
     if throttled == 0 and "requests" not in ledger:
         throttled = -1  # unknown: the ledger did not list requests
     return Result(name, n, inst_wall + pay_wall, pay_wall, installments, charged, requests, throttled,
-                  inst_cpu + pay_cpu, max(inst_rss, pay_rss))
+                  inst_cpu + pay_cpu, max(inst_rss, pay_rss), inst_cpu, inst_rss, pay_cpu, pay_rss,
+                  float(first_checkout) - pay_started)
 
 
 async def main() -> None:
@@ -128,18 +153,25 @@ async def main() -> None:
     parser.add_argument("--profile", metavar="FILE",
                         help="record the payment run with py-spy into FILE (speedscope JSON); CPU figures then "
                              "include py-spy's sampling")
+    parser.add_argument("--charge", type=int, metavar="N",
+                        help="the payment run charges N of the backlog (RECURRING_PAYMENT_PROCESS_QUERY_LIMIT) "
+                             "and a second table shows the run against the backlog's size")
     args = parser.parse_args()
     async with database_server() as server_dsn:
         print("| scenario | subscriptions | seconds | installments/s | DR requests/s | 429s | CPU s per 1,000 | "
               "peak RSS MB |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in args.scenario or list(SCENARIOS):
-            result = await scenario(name, args.n, server_dsn, args.profile)
+            result = await scenario(name, args.n, server_dsn, args.profile, args.charge)
             print(result.line(), flush=True)
             print(f"  installments job {result.seconds - result.payments_seconds:.1f} s, payments job "
                   f"{result.payments_seconds:.1f} s, {result.installments} records", flush=True)
-            if result.charged != args.n:
-                print(f"  note: {result.charged} of {args.n} charged", flush=True)
+            if result.charged != (args.charge or args.n):
+                print(f"  note: {result.charged} of {args.charge or args.n} charged", flush=True)
+            print("| due subscriptions | charged | installments job | installments/s (payment run) | "
+                  "payment run CPU s per 1,000 | payment run peak RSS MB | start to first checkout saved |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            print(result.scale_line(), flush=True)
 
 
 if __name__ == "__main__":
