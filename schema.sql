@@ -1,5 +1,9 @@
--- drjobs store. Applied by `python run.py migrate` (and by `serve` on start); every statement is idempotent,
--- so applying it again is harmless. Later changes are appended as `ALTER TABLE … ADD COLUMN IF NOT EXISTS`.
+-- drjobs store: the whole current schema. Applied by `python run.py migrate` (and by `serve` on start); every
+-- statement is idempotent, so applying it again is harmless. Later changes are appended as `ALTER TABLE … ADD
+-- COLUMN IF NOT EXISTS`. A change this file cannot make idempotently, or must not make under a long lock (`CREATE
+-- INDEX CONCURRENTLY`, a backfill), is also written as a numbered migration in engine/migrations/, which
+-- `migrate` runs before this file on an existing database; this file still shows the result, since an empty
+-- database gets only this file (docs/operations.md "Schema upgrades").
 --
 -- Conventions (docs/contract.md): every table has an identity `id`, `created_at` and `updated_at`; money is
 -- numeric(18,2) with a char(3) currency beside it; every column beyond the contract's has a default.
@@ -17,6 +21,15 @@ $$;
 -- Which versions of this file (sha256) were applied: `migrate` skips a version already here.
 CREATE TABLE IF NOT EXISTS schema_versions (
     version     text PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Which numbered migrations (engine/migrations/NNNN_name.sql) this database has had, each once, with the sha256 of
+-- the file as it was applied: `migrate` refuses a file changed since. A database made from this file has them all.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 
@@ -316,6 +329,8 @@ CREATE TABLE IF NOT EXISTS engine_nodes (
     host            text,
     version         text
 );
+-- What the process runs, as it reported it: its jobs' schedules and concurrency (no secrets). `status` reads it.
+ALTER TABLE engine_nodes ADD COLUMN IF NOT EXISTS settings jsonb;
 
 -- updated_at follows every UPDATE.
 DO $$

@@ -75,7 +75,11 @@ def line_problem(line: asyncpg.Record) -> str | None:
         return (f"line_item_fulfillments.order_item_id {line['order_item_id']} belongs to order "
                 f"{line['item_order_id']}, not to this fulfillment's order {line['order_id']}")
     if not line["dr_item_id"]:
-        return "line_item_fulfillments.dr_order_item_id is empty and so is order_items.dr_order_item_id"
+        if line["order_item_id"] is None:
+            return ("line_item_fulfillments.dr_order_item_id is empty and so is order_item_id: a line needs the "
+                    "Digital River item id, or the order item whose order_items.dr_order_item_id carries it")
+        return (f"line_item_fulfillments.dr_order_item_id is empty and so is order_items.dr_order_item_id of order "
+                f"item {line['order_item_id']}: Digital River needs the item id to fulfil the line")
     fulfil, cancel = line["fulfill_quantity"], line["cancel_quantity"]
     if fulfil is None or fulfil < 0:
         return f"line_item_fulfillments.fulfill_quantity must be zero or more, got {fulfil}"

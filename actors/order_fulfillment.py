@@ -44,7 +44,8 @@ def cancel_items(rec: asyncpg.Record, items: Sequence[asyncpg.Record]) -> list[t
         raise BadData("fulfillments.dr_order_id is empty and so is orders.dr_order_id: no Digital River order "
                       "to cancel")
     if not items:
-        raise BadData(f"order_items: order {rec['order_id']} has no items, so nothing is known to cancel")
+        raise BadData(f"order_items has no rows for order {rec['order_id']}: the cancellation sends each item's "
+                      "quantity with its order_items.dr_order_item_id, so the order's items must be written first")
     entries = []
     for item in items:
         left = item["quantity"] - item["done_quantity"]

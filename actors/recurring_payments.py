@@ -81,17 +81,23 @@ class OutcomeUnknown(Exception):
 def validate(rec: asyncpg.Record) -> None:
     """Raise BadData naming the first field that keeps this record from being charged."""
     if rec["payment_found"] is None:
-        raise BadData("stored_payment_id: the subscription has no stored payment")
+        raise BadData("subscriptions.stored_payment_id is empty: a subscription is charged to the stored_payments "
+                      "row it names, which must be active and carry the Digital River source id")
     if not rec["payment_active"]:
-        raise BadData(f"stored_payments.is_active is false for stored payment {rec['stored_payment_id']}")
+        raise BadData(f"stored_payments.is_active is false for stored payment {rec['stored_payment_id']}, the one "
+                      "subscriptions.stored_payment_id names: only an active stored payment is charged")
     if not (rec["dr_source_id"] or "").strip():
-        raise BadData("stored_payments.dr_source_id is empty")
+        raise BadData(f"stored_payments.dr_source_id is empty for stored payment {rec['stored_payment_id']}: it must "
+                      "be the Digital River source id (src_…) to charge")
     if rec["account_id"] is None:
-        raise BadData("account_id: the record and its subscription have no account")
+        raise BadData("subscriptions.account_id is empty: a subscription needs the accounts row of the customer, "
+                      "with the Digital River customer id in accounts.dr_customer_id")
     if not (rec["dr_customer_id"] or "").strip():
-        raise BadData("accounts.dr_customer_id is empty")
+        raise BadData(f"accounts.dr_customer_id is empty for account {rec['account_id']}: it must be the Digital "
+                      "River customer id (cus_…) the installment is charged to")
     if rec["product_found"] is None:
-        raise BadData("product_id: the record and its subscription have no product")
+        raise BadData("subscriptions.product_id is empty: a subscription needs the products row of what it "
+                      "charges for")
     if not (rec["dr_sku_id"] or "").strip():
         # Without a SKU the item carries productDetails, which Digital River requires to have skuGroupId,
         # countryOfOrigin and name (GitBook product-management/using-product-details.md).
@@ -103,17 +109,31 @@ def validate(rec: asyncpg.Record) -> None:
         if not re.fullmatch(r"[A-Z]{2}", rec["country_of_origin"].strip()):
             raise BadData(f"products.country_of_origin {rec['country_of_origin']!r} is not an ISO 3166 alpha-2 "
                           "country code")
+    # Quantity, price, currency and billing agreement are the subscription's as copied into the installment's cart
+    # when the record was made (installments.sql): the messages name the subscription's columns, which the outside
+    # system wrote, and say which installment carries the value.
+    made = f"installment {rec['installment_number']} was made with"
     if rec["quantity"] is None or rec["quantity"] <= 0:
-        raise BadData(f"cart_items.quantity must be positive, got {rec['quantity']}")
+        raise BadData(f"subscriptions.quantity must be 1 or more, but {made} {_shown(rec['quantity'])}")
     if rec["unit_price"] is None or rec["unit_price"] <= 0:
-        raise BadData(f"cart_items.unit_price must be positive, got {rec['unit_price']}")
+        raise BadData(f"subscriptions.unit_price must be more than 0, but {made} {_shown(rec['unit_price'])}")
     if rec["unit_price"] * rec["quantity"] >= MAX_CHARGE:
-        raise BadData(f"cart_items.unit_price {rec['unit_price']} × quantity {rec['quantity']} is more than an "
-                      f"order total can hold with tax (below {MAX_CHARGE:,.0f})")
+        raise BadData(f"subscriptions.unit_price × quantity must stay below {MAX_CHARGE:,.0f} for the order total "
+                      f"with tax to fit numeric(18,2), but {made} {rec['unit_price']} × {rec['quantity']}")
     if not is_currency(rec["currency"]):
-        raise BadData(f"carts.currency {rec['currency']!r} is not a known ISO 4217 currency")
+        raise BadData(f"subscriptions.currency must be an ISO 4217 code such as USD or EUR, but {made} "
+                      f"{_shown(rec['currency'])}")
     if not (rec["billing_agreement_id"] or "").strip():
-        raise BadData("cart_items.dr_billing_agreement_id is empty: no billing agreement to charge against")
+        raise BadData("subscriptions.dr_billing_agreement_id is empty, and so is the dr_billing_agreement_id of the "
+                      "order item in subscriptions.parent_order_item_id: installment "
+                      f"{rec['installment_number']} has no Digital River billing agreement to be charged against")
+
+
+def _shown(value: object) -> str:
+    """A bad value as a message shows it: NULL for none, text quoted (so blanks show), numbers as they are."""
+    if value is None:
+        return "NULL"
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def _address(value: str | None, column: str, *, billing: bool = False) -> dict[str, Any] | None:
@@ -163,8 +183,8 @@ def checkout_body(rec: asyncpg.Record) -> dict[str, Any]:
     }
     if rec["email"]:
         body["email"] = rec["email"]
-    ship_to = _address(rec["ship_to"], "orders.ship_to")
-    bill_to = (_address(rec["order_bill_to"], "orders.bill_to", billing=True)
+    ship_to = _address(rec["ship_to"], "orders.ship_to of the subscription's parent order")
+    bill_to = (_address(rec["order_bill_to"], "orders.bill_to of the subscription's parent order", billing=True)
                or _address(rec["account_bill_to"], "accounts.bill_to", billing=True))
     if ship_to:
         body["shipTo"] = ship_to

@@ -211,9 +211,13 @@ class SubscriptionInstallments(Job):
             except asyncpg.UniqueViolationError:
                 # A record for this installment number exists already (written outside the engine): the counts
                 # disagree with the records, which an operator has to settle.
+                first, last = plan.installments[0].number, plan.installments[-1].number
+                due = (f"installment {first} comes next, but subscription_process_data already has it" if first == last
+                       else f"installments {first} to {last} come next, but subscription_process_data already has "
+                            "one of them")
                 await self._suspend(conn, run, plan.subscription_id,
-                                    f"subscription_process_data already has installment {plan.installments[0].number}; "
-                                    "subscriptions.installment_count is behind its records")
+                                    f"subscriptions.installment_count is {first - 1}, so {due}: installment_count "
+                                    "must be the number of installments already made (0 for a new subscription)")
             except asyncpg.PostgresError as exc:
                 run.failed += 1
                 error = error_text(exc)

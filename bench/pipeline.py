@@ -38,7 +38,8 @@ WITH acc AS (
       FROM generate_series($2::int + 1, $2::int + $1::int) i
     RETURNING id
 ), prod AS (
-    INSERT INTO products (sku, name, dr_sku_id) VALUES ('BENCH-1', 'Bench plan', 'sku_bench') RETURNING id
+    INSERT INTO products (sku, name, dr_sku_id) VALUES ('BENCH-1', 'Bench plan', 'sku_bench')
+        ON CONFLICT (sku) DO UPDATE SET name = EXCLUDED.name RETURNING id
 ), pay AS (
     INSERT INTO stored_payments (account_id, dr_source_id)
     SELECT id, 'src_bench_' || id FROM acc

@@ -17,16 +17,17 @@ import asyncpg
 
 from engine import __version__
 from engine.actor import Actor, Supervisor
-from engine.database import open_database
+from engine.database import DatabaseUnavailable, connection_failure, describe_target, open_database
 from engine.digital_river import DigitalRiverClient
 from engine.http import Health, HttpServer
 from engine.jobs import Job, Run, RunRequest, Services
 from engine.log_writer import LogWriter
 from engine.logs import AppLogSink, error_text, get_logger, install_app_log
 from engine.metrics import Metrics
-from engine.node import NodeHeartbeat
+from engine.node import NodeHeartbeat, published_settings
 from engine.rate_pauses import RatePauses
 from engine.scheduler import Scheduler
+from engine.schema import MigrationError
 from engine.settings import JOBS, Settings
 from engine.store import Store, is_outage
 from engine.webhooks import WebhookServer
@@ -35,15 +36,37 @@ log = get_logger(component="engine")
 JobFactory = Callable[[Services], dict[str, Job]]
 
 
+# How long the first connection may take before the command gives up with one line (asyncpg waits 60 s).
+CONNECT_TIMEOUT_SECONDS = 15.0
+
+
 @asynccontextmanager
-async def opened_store(settings: Settings, *, migrate: bool = True) -> AsyncIterator[Store]:
-    """The store for these settings (starting the embedded database if needed), migrated, closed after."""
-    database = await open_database(settings.database_url, settings.data_dir)
+async def opened_store(settings: Settings, *, migrate: bool = True, read_only: bool = False) -> AsyncIterator[Store]:
+    """The store for these settings (starting the embedded database if needed), migrated, closed after.
+
+    A database that cannot be reached or refuses us raises DatabaseUnavailable, one line naming host, port,
+    database and user, and so does a database `migrate` refuses (an applied migration's file changed, a newer
+    release migrated it). `read_only` (status, forecast): nothing is created, migrated or changed, and a database
+    without the schema raises DatabaseUnavailable saying so."""
+    database = await open_database(settings.database_url, settings.data_dir, create=not read_only)
     try:
-        store = await Store.connect(database.dsn, settings.node_name, max_size=settings.database_pool_size)
         try:
-            if migrate:
-                await store.migrate()
+            store = await asyncio.wait_for(
+                Store.connect(database.dsn, settings.node_name, max_size=settings.database_pool_size,
+                              min_size=1 if read_only else 2, pooler=settings.database_pooler),
+                CONNECT_TIMEOUT_SECONDS)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise connection_failure(database.dsn, exc) from None
+        try:
+            if read_only and not await store.fetchval("schema_present"):
+                raise DatabaseUnavailable(f"{describe_target(database.dsn)} has no drjobs schema (no job_runs "
+                                          "table): run `migrate` first, or point DATABASE_URL at the engines' database")
+            if migrate and not read_only:
+                try:
+                    await store.migrate()
+                except MigrationError as exc:
+                    # One line and exit 2, as for a database that refuses us (engine/schema.py).
+                    raise DatabaseUnavailable(f"cannot migrate {describe_target(database.dsn)}: {exc}") from None
             yield store
         finally:
             await store.close()
@@ -85,7 +108,8 @@ class Engine:
         self.jobs = build_jobs(self.services)
         self.services.jobs = self.jobs
         on_live_nodes = getattr(dr, "set_share", None)
-        self.node = NodeHeartbeat(store, __version__, on_live_nodes, lost_after=settings.node_lost_seconds)
+        self.node = NodeHeartbeat(store, __version__, on_live_nodes, lost_after=settings.node_lost_seconds,
+                                  published=published_settings(settings, set(self.jobs)))
         self.log_writer = LogWriter(store, self.app_log)
         self.supervisor: Supervisor | None = None
         self.metrics.set_in_flight_source(lambda: {name: job.in_flight() for name, job in self.jobs.items()})

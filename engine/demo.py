@@ -1,18 +1,21 @@
 """`python run.py demo`: a newcomer's first run, with nothing to set up.
 
-Starts the embedded PostgreSQL (a `drjobs_demo` database beside the engine's own, emptied first) and the local
-Digital River sandbox in this process, seeds a realistic book (accounts in several time zones, products,
-acquisition orders, subscriptions across frequencies, some due, some behind, a few with bad data or declining
-cards), runs every job to completion with progress (bars on a terminal, log lines on a pipe), writes the
-fulfillment requests an ERP would write for the new orders and runs the fulfillment jobs, then prints a summary.
+Starts an embedded PostgreSQL of its own under DATA_DIR/demo (its `drjobs` database emptied first, so the
+engine's own embedded database is never touched) and the local Digital River sandbox in this process, seeds a
+realistic book (accounts in several time zones, products, acquisition orders, subscriptions across frequencies,
+some due, some behind, a few with bad data or declining cards), runs every job to completion with progress (bars
+on a terminal, log lines on a pipe), writes the fulfillment requests an ERP would write for the new orders and
+runs the fulfillment jobs, then prints a summary. The engine's own log (the deliberately bad records' errors among
+it) goes to DATA_DIR/demo/demo.log, which the summary names, so the terminal shows only progress and the summary.
 
 Options: `--subscriptions N` (default 2000), `--latency-ms MS` (sandbox latency, default 0), `--keep` (leave the
-demo database in place afterwards; by default it is dropped at the end).
+demo database in place afterwards and print the `status` command that reads it; by default it is dropped).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +26,7 @@ from typing import Any, TextIO
 import asyncpg
 
 from engine.app import Engine, JobFactory
-from engine.database import open_database
+from engine.database import EMBEDDED_DATABASE, open_database
 from engine.jobs import Job
 from engine.logs import get_logger
 from engine.settings import JOBS, Settings, load
@@ -36,7 +39,7 @@ from sandbox.server import Sandbox
 DEMO_SQL = load_queries([Path(__file__).with_name("demo.sql")])
 
 log = get_logger(component="demo")
-DEMO_DATABASE = "drjobs_demo"
+DEMO_DATABASE = EMBEDDED_DATABASE  # on the demo's own embedded server, under DATA_DIR/demo
 DEMO_KEY = "sk_test_demo_local_sandbox"
 USAGE = "usage: python run.py demo [--subscriptions N] [--latency-ms MS] [--keep]"
 
@@ -79,6 +82,15 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         else:
             raise DemoUsageError(f"unknown option {flag!r}; {USAGE}")
     return options
+
+
+def demo_dir(data_dir: str) -> Path:
+    """Where the demo keeps its embedded server and its log: DATA_DIR/demo, absolute."""
+    return Path(data_dir).absolute() / "demo"
+
+
+def demo_log_path(data_dir: str) -> Path:
+    return demo_dir(data_dir) / "demo.log"
 
 
 def demo_settings(sandbox_url: str, env: dict[str, str] | None = None) -> Settings:
@@ -180,7 +192,8 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
     started = clock()
     async with Sandbox(SandboxConfig(latency_ms=options.latency_ms, seed=1)) as sandbox:
         settings = demo_settings(sandbox.url)
-        database = await open_database(None, settings.data_dir)
+        here = demo_dir(settings.data_dir)
+        database = await open_database(None, str(here))
         try:
             admin = database.server.get_uri("postgres")
             await _fresh_database(admin)
@@ -212,14 +225,22 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
                 out.write("\n" + summary + "\n")
             finally:
                 await store.close()
+            out.write(f"  engine log (each record's errors) {demo_log_path(settings.data_dir)}\n")
             if not options.keep:
                 await _drop_database(admin)
             else:
-                out.write(f"demo data kept in database {DEMO_DATABASE} of the embedded server under "
-                          f"{settings.data_dir}/pg\n")
+                out.write(f"\ndemo data kept in the embedded database under {here / 'pg'}; to look at it:\n"
+                          f"  DATA_DIR={shlex.quote(str(here))} {status_command()} status\n")
         finally:
             await database.close()
     return code
+
+
+def status_command() -> str:
+    """How this demo was started, to repeat for `status`: `drjobs`, or `python run.py` from a checkout."""
+    if os.path.basename(sys.argv[0] or "") == "run.py":
+        return f"{shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(sys.argv[0]))}"
+    return "drjobs"
 
 
 async def summarize(store: Store, sandbox: Sandbox, timings: dict[str, float], elapsed: float) -> str:

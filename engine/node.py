@@ -9,15 +9,18 @@ are marked `failed`, so `status` tells the truth.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
 from engine.actor import Actor
 from engine.logs import get_logger
+from engine.settings import Settings
 from engine.store import Store
 
 log = get_logger(component="node")
@@ -29,10 +32,11 @@ class NodeHeartbeat(Actor[None]):
     """Keeps this process's `engine_nodes` row fresh."""
 
     def __init__(self, store: Store, version: str, on_live_nodes: Callable[[int], None] | None = None,
-                 lost_after: float = LOST_AFTER_SECONDS) -> None:
+                 lost_after: float = LOST_AFTER_SECONDS, published: dict[str, Any] | None = None) -> None:
         super().__init__("node")
         self.store = store
         self.version = version
+        self.published = json.dumps(published or {})
         self.on_live_nodes = on_live_nodes
         self.interval = min(HEARTBEAT_SECONDS, lost_after / 3)
         self.lost_after = lost_after
@@ -42,7 +46,7 @@ class NodeHeartbeat(Actor[None]):
     async def beat(self) -> None:
         """One heartbeat: refresh the row, count live nodes, fail runs of lost nodes."""
         await self.store.execute("node_heartbeat", self.store.node, os.getpid(), socket.gethostname(),
-                                 self.version)
+                                 self.version, self.published)
         self.live_nodes = max(1, int(await self.store.fetchval("live_node_count", self.lost_after)))
         if self.on_live_nodes:
             self.on_live_nodes(self.live_nodes)
@@ -63,3 +67,17 @@ class NodeHeartbeat(Actor[None]):
     async def on_stop(self) -> None:
         await self.store.execute("node_stopped", self.store.node)
         log.info("node_stopped", node=self.store.node)
+
+
+def published_settings(settings: Settings, jobs: set[str]) -> dict[str, Any]:
+    """What this process tells `status` about itself in `engine_nodes.settings`: the jobs it runs with their
+    schedules and concurrency, the zone schedules are read in, and where it sends requests. Never a secret."""
+    return {
+        "jobs": {name: {"schedule": job.schedule.text, "schedule_description": job.schedule.describe(),
+                        "concurrency": job.concurrency}
+                 for name, job in settings.jobs.items() if name in jobs},
+        "schedule_time_zone": str(settings.schedule_time_zone),
+        "dr_api_url": settings.dr_api_url,
+        "dr_max_requests_per_second": settings.dr_max_requests_per_second,
+        "lease_seconds": settings.lease_seconds,
+    }

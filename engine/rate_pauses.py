@@ -7,6 +7,11 @@ known) and sends `NOTIFY drjobs_dr_pause`. Every engine LISTENs on one connectio
 client at once; it also reads the table when it starts and every few seconds, so a process started during a
 pause, or one whose notification was lost to a reconnect, still waits it out. Pauses are matched by `key_id`
 (the first 16 hex digits of the key's SHA-256), never by the key.
+
+Behind a transaction pooler (`DATABASE_POOLER=transaction`) LISTEN cannot work: it belongs to a server session,
+and the pooler hands that session to other clients as soon as the statement ends. There the engine does not
+LISTEN and reads the table every second instead (one indexed single-row read), so another process's pause
+reaches it within about a second rather than at once. The NOTIFY is still sent, for engines connected directly.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ log = get_logger(component="rate_pauses")
 CHANNEL = "drjobs_dr_pause"
 # How often the table is read besides the notifications.
 POLL_SECONDS = 5.0
+# How often it is read without them (behind a transaction pooler, where LISTEN cannot work).
+POLL_SECONDS_WITHOUT_LISTEN = 1.0
 
 
 class RatePauses(Actor[float]):
@@ -32,10 +39,14 @@ class RatePauses(Actor[float]):
 
     inbox_size = 64
 
-    def __init__(self, store: Store, dr: DigitalRiverClient, *, poll_seconds: float = POLL_SECONDS) -> None:
+    def __init__(self, store: Store, dr: DigitalRiverClient, *, poll_seconds: float | None = None) -> None:
         super().__init__("rate-pauses")
         self.store = store
         self.dr = dr
+        # LISTEN needs a connection that is one server session for its whole life: not through a pooler.
+        self.listens = store.sessions
+        if poll_seconds is None:
+            poll_seconds = POLL_SECONDS if self.listens else POLL_SECONDS_WITHOUT_LISTEN
         self.poll_seconds = poll_seconds
 
     def publish(self, seconds: float) -> None:
@@ -46,21 +57,28 @@ class RatePauses(Actor[float]):
         structlog.contextvars.bind_contextvars(actor=self.name)
         stop = asyncio.create_task(self.stopping.wait(), name=f"{self.name}:stop-wait")
         try:
+            if not self.listens:
+                await self._loop(stop)
+                return
             async with self.store.pool.acquire() as conn:
                 await conn.add_listener(CHANNEL, self._notified)
                 try:
-                    await self._read()
-                    while not self.stopping.is_set():
-                        seconds = await self._next(stop)
-                        if seconds is not None:
-                            await self.store.fetch("share_rate_pause", self.dr.key_id, float(seconds))
-                            log.warning("dr_rate_pause_shared", seconds=round(seconds, 3))
-                        elif not self.stopping.is_set():
-                            await self._read()
+                    await self._loop(stop)
                 finally:
                     await conn.remove_listener(CHANNEL, self._notified)
         finally:
             stop.cancel()
+
+    async def _loop(self, stop: asyncio.Task[Any]) -> None:
+        """Read the table, then share each pause this process meets and read the table again between them."""
+        await self._read()
+        while not self.stopping.is_set():
+            seconds = await self._next(stop)
+            if seconds is not None:
+                await self.store.fetch("share_rate_pause", self.dr.key_id, float(seconds))
+                log.warning("dr_rate_pause_shared", seconds=round(seconds, 3))
+            elif not self.stopping.is_set():
+                await self._read()
 
     async def _next(self, stop: asyncio.Task[Any]) -> float | None:
         """The next pause to share, or None after POLL_SECONDS (or at shutdown)."""

@@ -47,6 +47,9 @@ DEFAULT_CONCURRENCY: dict[str, int] = {job: 8 for job in JOBS} | {"recurring-pay
 APP_LOG_LEVELS = ("NONE", "ERROR", "WARN", "INFO", "DEBUG")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
+# What sits between the engine and PostgreSQL: nothing, or a pooler in transaction mode (PgBouncer's
+# `pool_mode = transaction`), where a connection is one server session only for the length of a transaction.
+DATABASE_POOLERS = ("none", "transaction")
 SECRET_SETTINGS = frozenset({"DR_API_KEY", "DR_WEBHOOK_SECRET"})
 # Commands that talk to Digital River and so need a key.
 # The Digital River API version the engine was built and checked against, sent as `digitalriver-version` unless
@@ -125,6 +128,7 @@ class Settings:
     webhook_tolerance_seconds: int
     node_name: str
     database_pool_size: int
+    database_pooler: str
     data_dir: str
     node_lost_seconds: float
 
@@ -339,6 +343,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         webhook_tolerance_seconds=reader.integer("WEBHOOK_TOLERANCE_SECONDS", 300, 1, 86_400),
         node_name=node_name,
         database_pool_size=reader.integer("DATABASE_POOL_SIZE", 10, 2, 200),
+        database_pooler=reader.choice("DATABASE_POOLER", "none", DATABASE_POOLERS, upper=False),
         data_dir=reader.raw("DATA_DIR") or ".data",
         node_lost_seconds=reader.number("NODE_LOST_SECONDS", 30.0, 3.0, 3600.0),
     )
@@ -346,7 +351,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
 
 # Every variable `load` reads, for `misspelt_settings`.
 KNOWN_SETTINGS = frozenset({
-    "DATABASE_URL", "DATABASE_POOL_SIZE", "DATA_DIR", "DR_API_URL", "DR_API_KEY", "DR_API_VERSION",
+    "DATABASE_URL", "DATABASE_POOL_SIZE", "DATABASE_POOLER", "DATA_DIR", "DR_API_URL", "DR_API_KEY", "DR_API_VERSION",
     "DR_TIMEOUT_SECONDS", "DR_MAX_REQUESTS_PER_SECOND", "CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT",
     "CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE", "RECURRING_PAYMENT_PROCESS_QUERY_LIMIT", "RECURRING_PAYMENT_BATCH_SIZE",
     "SUBSCRIPTION_RETRY_COUNT", "FULFILLMENT_QUERY_LIMIT", "FULFILLMENT_RETRY_LIMIT", "SCHEDULE_TIME_ZONE",

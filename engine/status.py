@@ -1,14 +1,25 @@
-"""`python run.py status`: jobs, schedules, next fire times, last runs, record counts, engine processes."""
+"""`python run.py status`: jobs, schedules, next fire times, last runs, record counts, failure reasons, engine
+processes. It only reads.
+
+Schedules are the cluster's: each engine process publishes the jobs it runs with their schedules in
+`engine_nodes.settings`, and `status` shows what the live ones report. Only with no live engine does it fall back
+on the settings of the shell it runs in, and says so.
+"""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from engine.cron import CronError, Schedule, parse_schedule
 from engine.metrics import oldest_due as metrics_oldest_due
 from engine.settings import JOBS, Settings
 from engine.store import Store
+
+# Failure reasons shown per job.
+TOP_FAILURES = 5
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -21,9 +32,25 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
     last_runs = {r["job"]: r for r in await store.fetch("status_last_runs")}
     paused = {r["job"]: r for r in await store.fetch("paused_jobs")}
     oldest_due = {r["job"]: r["age"] for r in await metrics_oldest_due(store)}
+    node_rows = await store.fetch("status_nodes", settings.node_lost_seconds)
+    live_settings = [_settings(r["settings"]) for r in node_rows if r["live"]]
+    failures: dict[str, list[dict[str, Any]]] = {}
+    for row in await store.fetch("status_failures", TOP_FAILURES):
+        failures.setdefault(row["job"], []).append(
+            {"reason": row["reason"], "count": row["count"], "example": (row["example"] or "")[:200]})
     jobs = []
     for name in JOBS:
-        schedule = settings.jobs[name].schedule
+        reported = _reported(name, live_settings)
+        schedule: Schedule | None
+        concurrency: int | None
+        if reported:
+            source = "engines"
+            schedule_text, description, concurrency, schedule = reported[0]
+        else:
+            schedule = settings.jobs[name].schedule
+            source = "no live engine runs it" if live_settings else "this shell (no live engine)"
+            schedule_text, description = schedule.text, schedule.describe()
+            concurrency = settings.jobs[name].concurrency
         last = last_runs.get(name)
         jobs.append({
             "job": name,
@@ -31,10 +58,15 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
             "paused": name in paused,
             "paused_by": paused[name]["changed_by"] if name in paused else None,
             "paused_at": _iso(paused[name]["updated_at"]) if name in paused else None,
-            "schedule": schedule.text,
-            "schedule_description": schedule.describe(),
-            "next_fire_time": _iso(schedule.next_after(now)),
-            "concurrency": settings.jobs[name].concurrency,
+            "schedule": schedule_text,
+            "schedule_description": description,
+            "schedule_source": source,
+            # Live engines that disagree: each distinct (schedule, concurrency) they reported.
+            "engine_schedules": [{"schedule": r[0], "concurrency": r[2]} for r in reported] if len(reported) > 1
+            else [],
+            "next_fire_time": _iso(schedule.next_after(now)) if schedule is not None else None,
+            "concurrency": concurrency,
+            "failures": failures.get(name, []),
             "oldest_due_seconds": None if oldest_due.get(name) is None else round(oldest_due[name], 1),
             "last_run": None if last is None else {
                 "fire_time": _iso(last["fire_time"]),
@@ -59,13 +91,46 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
     nodes = [{
         "name": r["name"], "live": r["live"], "started_at": _iso(r["started_at"]),
         "heartbeat_at": _iso(r["heartbeat_at"]), "stopped_at": _iso(r["stopped_at"]), "pid": r["pid"],
-        "host": r["host"], "version": r["version"],
-    } for r in await store.fetch("status_nodes", settings.node_lost_seconds)]
+        "host": r["host"], "version": r["version"], "settings": _settings(r["settings"]),
+    } for r in node_rows]
     ev = await store.fetchrow("events_status")
     events = {"backlog": ev["backlog"], "last_received_at": _iso(ev["last_received_at"]),
               "pending_installments": ev["pending_installments"]} if ev is not None else None
     return {"now": _iso(now), "jobs": jobs, "records": counts, "attention": attention, "events": events,
             "nodes": nodes}
+
+
+def _settings(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _reported(job: str, live: list[dict[str, Any]]) -> list[tuple[str, str, int | None, Schedule | None]]:
+    """The distinct (schedule, description, concurrency, parsed schedule) live engines report for `job`, most
+    common first."""
+    seen: dict[tuple[str, str, int | None], list[Any]] = {}
+    for node in live:
+        job_settings = (node.get("jobs") or {}).get(job)
+        if not isinstance(job_settings, dict) or not isinstance(job_settings.get("schedule"), str):
+            continue
+        key = (job_settings["schedule"], str(job_settings.get("schedule_description") or ""),
+               job_settings.get("concurrency") if isinstance(job_settings.get("concurrency"), int) else None)
+        entry = seen.setdefault(key, [0, _parsed(key[0], node.get("schedule_time_zone"))])
+        entry[0] += 1
+    ordered = sorted(seen.items(), key=lambda item: -item[1][0])
+    return [(key[0], key[1], key[2], entry[1]) for key, entry in ordered]
+
+
+def _parsed(text: str, zone: Any) -> Schedule | None:
+    try:
+        return parse_schedule(text, ZoneInfo(zone) if isinstance(zone, str) else ZoneInfo("UTC"))
+    except (CronError, ZoneInfoNotFoundError, ValueError):
+        return None
 
 
 def render_text(data: dict[str, Any]) -> str:
@@ -85,8 +150,11 @@ def render_text(data: dict[str, Any]) -> str:
         name = job["job"] + ("" if job["built"] else " (not built)") + (" (PAUSED)" if job["paused"] else "")
         lines.append(f"  {name:<38} {job['schedule']:<16} {(job['next_fire_time'] or 'never')[:25]:<26} {last_text}")
         due = job["oldest_due_seconds"]
-        lines.append(f"  {'':<38} {job['schedule_description']}; "
+        source = "" if job["schedule_source"] == "engines" else f" [schedule of {job['schedule_source']}]"
+        lines.append(f"  {'':<38} {job['schedule_description']}{source}; "
                      + ("nothing due" if due is None else f"oldest due record waiting {_age(due)}"))
+        for other in job["engine_schedules"][1:]:
+            lines.append(f"  {'':<38} other live engines run it on {other['schedule']!r}")
         if job["paused"]:
             lines.append(f"  {'':<38} paused by {job['paused_by']} at {job['paused_at'][:19]}")
     lines += ["", "RECORDS"]
@@ -94,6 +162,13 @@ def render_text(data: dict[str, Any]) -> str:
         lines.append("  none")
     for kind, by_status in sorted(data["records"].items()):
         lines.append(f"  {kind:<26} " + "  ".join(f"{s}={n}" for s, n in sorted(by_status.items())))
+    failing = [job for job in data["jobs"] if job.get("failures")]
+    if failing:
+        lines += ["", "WHY RECORDS FAILED (most common first)"]
+        for job in failing:
+            lines.append(f"  {job['job']}")
+            for row in job["failures"]:
+                lines.append(f"    {row['count']:>8}  {row['reason'] or 'no code'}: {row['example'][:90]}")
     if data.get("attention"):
         lines += ["", "NEEDS AN OPERATOR"]
         for row in data["attention"]:

@@ -17,12 +17,26 @@ Claiming is the same for every job (`Leases`):
 
 Claim statements follow one convention: `$1` the node name, `$2` the row limit, `$3` the lease in seconds,
 further parameters after those.
+
+Behind a pooler in transaction mode (`DATABASE_POOLER=transaction`, PgBouncer's `pool_mode = transaction`) a
+connection is one server session only for the length of a transaction, so nothing may rely on a session:
+
+- No named prepared statements (`statement_cache_size=0`): asyncpg then sends each statement as the unnamed one,
+  Parse and Describe followed by a Flush, not a Sync, and Bind and Execute with the Sync, so the pooler keeps the
+  whole exchange on one server session (it only hands a session back at a ReadyForQuery outside a transaction).
+- No session state: the pool's reset query is skipped anyway, `_init_connection` only sets client-side codecs,
+  advisory locks are transaction-level (`pg_advisory_xact_lock`; the session lock of a no-transaction migration is
+  refused there, `sessions` False), `SET` is only `SET LOCAL`, and the rate-pause listener polls instead of
+  LISTENing (engine/rate_pauses.py).
+- asyncpg asks the server about a type it does not know the first time a connection meets it, with `jit` turned
+  off for the session around the question: three statements, which outside a transaction a pooler may send to
+  three sessions, leaving one with `jit` off. So a pooled connection asks about every type the statements use at
+  once, in one transaction, when it opens (`_init_pooled_connection`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,11 +45,13 @@ from typing import Any
 import asyncpg
 
 from engine.logs import get_logger
+from engine.settings import DATABASE_POOLERS
 
 log = get_logger(component="store")
 
 SQL_DIR = Path(__file__).with_name("sql")
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+# engine/schema.sql: in a checkout a link to the repository's schema.sql, in a wheel a copy of it.
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"
 # Tables whose rows are claimed with a lease; the only values `{table}` in the SQL files can take.
 LEASED_TABLES = frozenset({"subscription_process_data", "fulfillments", "line_item_fulfillments"})
 
@@ -100,29 +116,59 @@ def sql(name: str, table: str | None = None) -> str:
     return text
 
 
+# The array types the statements take or return, which asyncpg does not know without asking the server (it knows
+# text[] and oid[]). tests/integration/test_pgbouncer.py checks that every statement's types are among these.
+ARRAY_TYPES = ("bigint[]", "integer[]", "text[]", "jsonb[]", "date[]", "timestamptz[]")
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb in and out as text: callers pass json.dumps output and json.loads what they read, once.
+    # jsonb in and out as text: callers pass json.dumps output and json.loads what they read, once. A client-side
+    # codec of a built-in type: no statement is sent, nothing is set on the server.
     await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog", format="text")
+
+
+async def _init_pooled_connection(conn: asyncpg.Connection) -> None:
+    """`_init_connection` for a connection through a transaction pooler: also learns every array type now, in one
+    transaction (one server session), so asyncpg's `jit` off-and-on around the question stays in that session."""
+    await _init_connection(conn)
+    async with conn.transaction():
+        await conn.fetchrow("SELECT " + ", ".join(f"NULL::{name}" for name in ARRAY_TYPES))
 
 
 class Store:
     """The pool and the named queries. One per process."""
 
-    def __init__(self, pool: asyncpg.Pool, node: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, node: str, pooler: str = "none") -> None:
         self.pool = pool
         self.node = node
+        self.pooler = pooler
+
+    @property
+    def sessions(self) -> bool:
+        """Whether a connection is one server session for its whole life (no transaction pooler in between), so
+        session features such as LISTEN work."""
+        return self.pooler == "none"
 
     @classmethod
-    async def connect(cls, dsn: str, node: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+    async def connect(cls, dsn: str, node: str, *, min_size: int = 2, max_size: int = 10,
+                      pooler: str = "none") -> Store:
+        if pooler not in DATABASE_POOLERS:
+            raise ValueError(f"unknown pooler {pooler!r}")
+        pooled = pooler == "transaction"
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=_init_connection,
+            dsn, min_size=min_size, max_size=max_size,
+            init=_init_pooled_connection if pooled else _init_connection,
             # The engine never leaves session state behind, so skip the reset query on every release
-            # (docs/performance.md: 19–29% faster single-row pipelines).
+            # (docs/performance.md: 19–29% faster single-row pipelines). Through a pooler it would also reset
+            # whichever session the pooler picked, not this connection's.
             reset=lambda conn: asyncio.sleep(0),
+            # Named prepared statements live in one server session: through a transaction pooler the next use of
+            # one may land in another ("prepared statement __asyncpg_stmt_1__ does not exist"). 0: unnamed only.
+            **({"statement_cache_size": 0} if pooled else {}),
             server_settings={"application_name": f"drjobs:{node}"[:63]},
             command_timeout=120,
         )
-        return cls(pool, node)
+        return cls(pool, node, pooler)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -148,25 +194,20 @@ class Store:
                 return False
             raise
 
-    async def migrate(self) -> bool:
-        """Apply schema.sql unless this exact version is applied already; True if it was applied now.
+    async def migrate(self, *, schema_path: Path | None = None, migrations_dir: Path | None = None) -> bool:
+        """Bring the database to the current schema: the numbered migrations it has not had (engine/migrations/),
+        then schema.sql unless this exact version is applied already; an empty database gets schema.sql with every
+        migration recorded. True if anything was applied now. engine/schema.py says how.
 
-        Safe to run again and concurrently from several processes: an advisory lock serialises migrations,
-        and a schema already recorded in `schema_versions` is not applied again, so engines starting beside
-        running ones take no table locks (re-creating triggers under load would deadlock with them).
+        Safe to run again and concurrently from several processes: an advisory lock serialises every step, and
+        what is recorded (`schema_migrations`, `schema_versions`) is not applied again, so engines starting beside
+        running ones take no table locks (re-creating triggers under load would deadlock with them). Raises
+        engine.schema.MigrationError, one line, when the database cannot be migrated as it stands (an applied
+        migration's file changed, a newer release migrated it).
         """
-        schema = SCHEMA_PATH.read_text()
-        digest = hashlib.sha256(schema.encode()).hexdigest()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(sql("migrate_lock"))
-            if (await conn.fetchval(sql("schema_versions_exists"))
-                    and await conn.fetchval(sql("schema_version_applied"), digest)):
-                return False
-            await conn.execute("SET LOCAL client_min_messages = warning")
-            await conn.execute(schema)
-            await conn.execute(sql("record_schema_version"), digest)
-        log.info("schema_applied", version=digest[:12])
-        return True
+        from engine.schema import migrate
+
+        return await migrate(self.pool, schema_path or SCHEMA_PATH, migrations_dir, sessions=self.sessions)
 
 
 # Errors that say the database cannot be reached or is restarting (a crash, a failover, a network cut), not that

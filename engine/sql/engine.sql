@@ -3,13 +3,53 @@
 -- with a one-line purpose. Parameters are $n only. `{table}` appears only in the lease statements and is
 -- filled from the fixed list of leased tables in store.py, never from input.
 
--- name: migrate_lock
--- Serialise concurrent `migrate` runs (several engines starting at once) for this transaction.
-SELECT pg_advisory_xact_lock(7261001);
+-- name: migrate_try_lock
+-- Serialise `migrate` steps (several engines starting at once, `migrate` beside them) for this transaction: false
+-- when another process holds the lock, and then `migrate` tries again a little later, outside any transaction (a
+-- session waiting inside a statement would deadlock with a concurrent index build of the holder, engine/schema.py).
+-- The key is the one release 0.1.0's `migrate` takes.
+SELECT pg_try_advisory_xact_lock(7261001);
 
--- name: schema_versions_exists
--- Whether any migration ever ran here (the table that records them exists).
-SELECT to_regclass('schema_versions') IS NOT NULL;
+-- name: migrate_try_session_lock
+-- The migration lock for this session, without waiting: a migration run outside a transaction holds it while its
+-- statements run one by one (a direct connection only: through a transaction pooler a session is not ours).
+SELECT pg_try_advisory_lock(7261001);
+
+-- name: migrate_session_unlock
+-- Give the session's migration lock back.
+SELECT pg_advisory_unlock(7261001);
+
+-- name: schema_state
+-- What `migrate` finds: the numbered migrations' table, schema.sql's versions table, and any drjobs table at all
+-- (none: an empty database, which gets schema.sql whole).
+SELECT to_regclass('schema_migrations') IS NOT NULL AS migrations,
+       to_regclass('schema_versions') IS NOT NULL AS versions,
+       (to_regclass('schema_versions') IS NOT NULL OR to_regclass('subscriptions') IS NOT NULL
+        OR to_regclass('job_runs') IS NOT NULL) AS populated;
+
+-- name: create_schema_migrations
+-- The numbered migrations' table on a database of a release before them (0.1.0); as in schema.sql.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: applied_migrations
+-- The numbered migrations applied here, in order, with the sha256 of each file as it was applied.
+SELECT version, name, checksum FROM schema_migrations ORDER BY version;
+
+-- name: record_migration
+-- Remember that a numbered migration is applied (in its transaction, or after its last statement).
+INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: invalid_indexes
+-- Indexes of this schema that a failed concurrent build left invalid (a no-transaction migration checks its own).
+SELECT c.relname AS name
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+ WHERE NOT i.indisvalid AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
+ ORDER BY 1;
 
 -- name: schema_version_applied
 -- Whether schema.sql with this sha256 was applied already.
@@ -100,12 +140,13 @@ UPDATE job_runs
 SELECT max(fire_time) FROM job_runs WHERE job = $1 AND trigger = 'schedule';
 
 -- name: node_heartbeat
--- Announce this process (or refresh its heartbeat) in engine_nodes.
-INSERT INTO engine_nodes (name, started_at, heartbeat_at, pid, host, version)
-VALUES ($1, now(), now(), $2, $3, $4)
+-- Announce this process (or refresh its heartbeat) in engine_nodes, with what it runs ($5: its jobs' schedules
+-- and concurrency, no secret), so `status` shows the cluster's settings rather than its own shell's.
+INSERT INTO engine_nodes (name, started_at, heartbeat_at, pid, host, version, settings)
+VALUES ($1, now(), now(), $2, $3, $4, $5::jsonb)
 ON CONFLICT (name) DO UPDATE
    SET heartbeat_at = now(), stopped_at = NULL, pid = EXCLUDED.pid, host = EXCLUDED.host,
-       version = EXCLUDED.version,
+       version = EXCLUDED.version, settings = EXCLUDED.settings,
        started_at = CASE WHEN engine_nodes.stopped_at IS NOT NULL OR engine_nodes.pid IS DISTINCT FROM EXCLUDED.pid
                          THEN now() ELSE engine_nodes.started_at END;
 
@@ -152,7 +193,7 @@ SELECT DISTINCT ON (job) job, fire_time, trigger, node, started_at, finished_at,
 
 -- name: status_nodes
 -- status: engine processes seen in the last day, newest first; `live` when heartbeating within $1 seconds.
-SELECT name, started_at, heartbeat_at, stopped_at, pid, host, version,
+SELECT name, started_at, heartbeat_at, stopped_at, pid, host, version, settings,
        (stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)) AS live
   FROM engine_nodes WHERE heartbeat_at > now() - interval '1 day' ORDER BY heartbeat_at DESC;
 
@@ -166,6 +207,32 @@ SELECT last_error_code AS reason, subscription_job_run_status AS status, count(*
    AND subscription_job_run_status IN ('Open', 'Failed')
  GROUP BY 1, 2
  ORDER BY 1, 2;
+
+-- name: status_failures
+-- status: why records failed, per job: the commonest error codes (installments) or messages (fulfillments, cut to
+-- their first 60 characters, where the record's own ids come later), $1 per job, with a count and an example.
+(SELECT 'recurring-payments' AS job, last_error_code AS reason, count(*) AS count,
+        min(last_error_message) AS example
+   FROM subscription_process_data
+  WHERE subscription_job_run_status = 'Failed'
+  GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT $1)
+UNION ALL
+(SELECT 'order-fulfillment', left(coalesce(message, 'no message'), 60), count(*), min(message)
+   FROM fulfillments WHERE efn_status = 'Failed'
+  GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT $1)
+UNION ALL
+(SELECT 'line-item-fulfillment', left(coalesce(message, 'no message'), 60), count(*), min(message)
+   FROM line_item_fulfillments WHERE efn_status = 'Failed'
+  GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT $1)
+UNION ALL
+(SELECT 'digital-river-events', left(coalesce(message, 'no message'), 60), count(*), min(message)
+   FROM dr_events WHERE status = 'Failed'
+  GROUP BY 2 ORDER BY 3 DESC, 2 LIMIT $1);
+
+-- name: schema_present
+-- status and forecast: whether this database holds the drjobs schema (they only read; `migrate` makes it).
+SELECT to_regclass('job_runs') IS NOT NULL AND to_regclass('engine_nodes') IS NOT NULL
+       AND to_regclass('subscription_process_data') IS NOT NULL;
 
 -- name: status_counts
 -- status: records by status, for every table a job works on.

@@ -50,6 +50,10 @@ class Bad:
     sent: bool = False
 
 
+# Tables outside systems write (docs/integration.md), and those only the engine writes.
+INPUT_TABLES = {"accounts", "products", "stored_payments", "orders", "order_items", "subscriptions"}
+ENGINE_TABLES = ("carts.", "cart_items", "subscription_process_data")
+
 PARENT_ORDER = "UPDATE orders SET {} WHERE id = (SELECT parent_order_id FROM subscriptions WHERE id = $1)"
 ACCOUNT = "UPDATE accounts SET {} WHERE id = (SELECT account_id FROM subscriptions WHERE id = $1)"
 
@@ -57,11 +61,11 @@ FAILED_RECORDS = {
     "payment_inactive": Bad({"payment_active": False}, field="stored_payments.is_active"),
     "source_id_null": Bad({"source": None}, field="stored_payments.dr_source_id"),
     "source_id_blank": Bad({"source": " \t "}, field="stored_payments.dr_source_id"),
-    "no_stored_payment": Bad({"stored_payment_id": None}, field="stored_payment_id"),
+    "no_stored_payment": Bad({"stored_payment_id": None}, field="subscriptions.stored_payment_id"),
     "customer_id_null": Bad({"account": {"dr_customer_id": None}}, field="accounts.dr_customer_id"),
     "customer_id_blank": Bad({"account": {"dr_customer_id": "   "}}, field="accounts.dr_customer_id"),
-    "no_account": Bad({"account_id": None}, field="account_id"),
-    "no_product": Bad({"product_id": None}, field="product_id"),
+    "no_account": Bad({"account_id": None}, field="subscriptions.account_id"),
+    "no_product": Bad({"product_id": None}, field="subscriptions.product_id"),
     "sku_null_without_tax_code": Bad({"product": {"dr_sku_id": None, "tax_code": None}}, field="products.dr_sku_id"),
     "sku_null_without_name": Bad({"product": {"dr_sku_id": None, "name": None}}, field="products.dr_sku_id"),
     # Digital River requires skuGroupId and countryOfOrigin in productDetails (using-product-details.md).
@@ -73,18 +77,18 @@ FAILED_RECORDS = {
                                                     "country_of_origin": "u1"}}, field="products.country_of_origin"),
     "sku_blank_without_details": Bad({"product": {"dr_sku_id": "", "name": " ", "tax_code": None}},
                                      field="products.dr_sku_id"),
-    "quantity_zero": Bad({"quantity": 0}, field="cart_items.quantity"),
-    "price_zero": Bad({"unit_price": "0"}, field="cart_items.unit_price"),
-    "price_negative": Bad({"unit_price": "-12.50"}, field="cart_items.unit_price"),
-    "price_null": Bad({"unit_price": None}, field="cart_items.unit_price"),
-    "currency_unknown": Bad({"currency": "XYZ"}, field="carts.currency"),
-    "currency_null": Bad({"currency": None}, field="carts.currency"),
-    "currency_symbols": Bad({"currency": "U$D"}, field="carts.currency"),
-    "currency_blank": Bad({"currency": "   "}, field="carts.currency"),
+    "quantity_zero": Bad({"quantity": 0}, field="subscriptions.quantity"),
+    "price_zero": Bad({"unit_price": "0"}, field="subscriptions.unit_price"),
+    "price_negative": Bad({"unit_price": "-12.50"}, field="subscriptions.unit_price"),
+    "price_null": Bad({"unit_price": None}, field="subscriptions.unit_price"),
+    "currency_unknown": Bad({"currency": "XYZ"}, field="subscriptions.currency"),
+    "currency_null": Bad({"currency": None}, field="subscriptions.currency"),
+    "currency_symbols": Bad({"currency": "U$D"}, field="subscriptions.currency"),
+    "currency_blank": Bad({"currency": "   "}, field="subscriptions.currency"),
     "billing_agreement_null": Bad({"dr_billing_agreement_id": None, "parent_order_item_id": None},
-                                  field="cart_items.dr_billing_agreement_id"),
+                                  field="subscriptions.dr_billing_agreement_id"),
     "billing_agreement_blank": Bad({"dr_billing_agreement_id": "  ", "parent_order_item_id": None},
-                                   field="cart_items.dr_billing_agreement_id"),
+                                   field="subscriptions.dr_billing_agreement_id"),
     # Only Digital River can tell these: its 400 names the parameter, and the record fails with it.
     "customer_id_unknown_and_very_long": Bad({"account": {"dr_customer_id": "cus_invalid_" + "x" * 100_000}},
                                              field="customerId", sent=True),
@@ -137,6 +141,10 @@ async def test_bad_record_fails_naming_the_field_and_its_neighbour_is_charged(st
     assert rec["subscription_retry_count"] == 1 and rec["locked_by"] is None
     assert bad.field in rec["last_error_message"], rec["last_error_message"]
     assert_one_readable_line(rec["last_error_message"])
+    # The message names what the outside system wrote, never a table the engine derived from it (issue 15).
+    assert not any(t in rec["last_error_message"] for t in ENGINE_TABLES), rec["last_error_message"]
+    if not bad.sent:
+        assert rec["last_error_code"].removeprefix("invalid:").split(".")[0] in INPUT_TABLES, rec["last_error_code"]
     assert rec["dr_order_id"] is None and sandbox.ledger.orders_for_upstream(rec["upstream_id"]) == []
     sent = [c for c in sandbox.ledger.checkouts.values() if c.get("upstreamId") == rec["upstream_id"]]
     if bad.sent:
@@ -195,7 +203,7 @@ async def test_installment_already_recorded_by_another_system_suspends_the_subsc
     assert await drained(store, sandbox) == 0
     s = await store.pool.fetchrow("SELECT * FROM subscriptions WHERE id = $1", bad_sub)
     assert s["status"] == "Suspended" and "installment 1" in s["last_error_message"]
-    assert "installment_count" in s["last_error_message"]
+    assert s["last_error_message"].startswith("subscriptions.installment_count is 0"), s["last_error_message"]
     await assert_charged_once(store, sandbox, good_sub)
 
 

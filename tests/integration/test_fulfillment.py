@@ -322,7 +322,7 @@ async def test_orders_not_yet_accepted_are_asked_about_after_an_hour_without_new
     ({"item": 0, "fulfill_quantity": 0, "cancel_quantity": 0}, "fulfill_quantity and cancel_quantity are both 0"),
     ({"item": 0, "fulfill_quantity": 3, "cancel_quantity": 1}, "exceed order_items.quantity (3)"),
     ({"item": 2, "fulfill_quantity": 1}, "line_item_fulfillments.dr_order_item_id is empty and so is order_items"),
-    ({"item": None, "fulfill_quantity": 1}, "line_item_fulfillments.dr_order_item_id is empty"),
+    ({"item": None, "fulfill_quantity": 1}, "line_item_fulfillments.dr_order_item_id is empty and so is order_item_id"),
     ({"foreign_item": True, "fulfill_quantity": 1}, "belongs to order"),
 ])
 async def test_bad_line_fails_naming_the_field_while_its_neighbours_go(store: Store, sandbox: Sandbox,

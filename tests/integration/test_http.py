@@ -154,7 +154,7 @@ async def test_metrics_report_oldest_due_expired_leases_records_and_live_nodes(s
     # An Open installment due two hours ago, claimed by a process whose lease ran out a minute ago.
     await process_records(store, subscription, 1, next_attempt_at=now - timedelta(hours=2), locked_by="dead-node",
                           locked_until=now - timedelta(minutes=1))
-    await store.execute("node_heartbeat", store.node, 1, "test-host", "test")
+    await store.execute("node_heartbeat", store.node, 1, "test-host", "test", "{}")
     metrics = Metrics()
     metrics.set_in_flight_source(lambda: {"recurring-payments": 0})
     server = await serve(World().health(store), metrics)
@@ -268,8 +268,8 @@ async def test_a_stopped_server_refuses_connections(serve: Serve, store: Store) 
 
 
 async def test_live_nodes_count_heartbeats_younger_than_node_lost_seconds(store: Store) -> None:
-    await store.execute("node_heartbeat", "fresh", 1, "test-host", "test")
-    await store.execute("node_heartbeat", "quiet", 2, "test-host", "test")
+    await store.execute("node_heartbeat", "fresh", 1, "test-host", "test", "{}")
+    await store.execute("node_heartbeat", "quiet", 2, "test-host", "test", "{}")
     await store.pool.execute("UPDATE engine_nodes SET heartbeat_at = now() - interval '60 seconds' WHERE name = 'quiet'")
     strict, patient = Metrics(node_lost_seconds=30), Metrics(node_lost_seconds=120)
     assert await strict.refresh_from_store(store) and await patient.refresh_from_store(store)

@@ -177,10 +177,10 @@ async def test_hard_decline_fails_at_once(store: Store, sandbox: Sandbox) -> Non
     ({"source": ""}, "stored_payments.dr_source_id"),
     ({"account": {"dr_customer_id": None}}, "accounts.dr_customer_id"),
     ({"product": {"dr_sku_id": None, "tax_code": None}}, "products.dr_sku_id"),
-    ({"quantity": 0}, "cart_items.quantity"),
-    ({"unit_price": "0"}, "cart_items.unit_price"),
-    ({"currency": "XYZ"}, "carts.currency"),
-    ({"dr_billing_agreement_id": None, "parent_order_item_id": None}, "cart_items.dr_billing_agreement_id"),
+    ({"quantity": 0}, "subscriptions.quantity"),
+    ({"unit_price": "0"}, "subscriptions.unit_price"),
+    ({"currency": "XYZ"}, "subscriptions.currency"),
+    ({"dr_billing_agreement_id": None, "parent_order_item_id": None}, "subscriptions.dr_billing_agreement_id"),
 ])
 async def test_bad_data_fails_the_record_naming_the_field_and_spares_its_neighbours(
         store: Store, sandbox: Sandbox, kwargs: dict[str, Any], field: str) -> None:

@@ -722,7 +722,7 @@ def fake_digital_rivers(draw: st.DrawFn) -> FakeDigitalRiver:
 async def empty_tables(store: Store) -> None:
     """Every table emptied: each example starts from nothing, as if on a fresh database (and much faster)."""
     tables = [r["tablename"] for r in await store.pool.fetch(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'schema_versions'")]
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename NOT IN ('schema_versions', 'schema_migrations')")]
     await store.pool.execute(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
 
 

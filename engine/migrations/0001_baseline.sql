@@ -1,0 +1,6 @@
+-- Baseline: the schema of release 0.1.0 (schema.sql at commit 89c0b70), the last release before numbered
+-- migrations. It changes nothing: a database of that release is brought to the current schema by schema.sql,
+-- which is still written idempotently, and this record marks it as tracked from here on.
+--
+-- Never edit an applied migration (its sha256 is recorded in schema_migrations and `migrate` refuses a changed
+-- one). A change goes in the next number; docs/operations.md "Schema upgrades" says how.
