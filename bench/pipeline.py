@@ -23,12 +23,21 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import database_server, engine_env, fetch_values, free_port, fresh_database, run_engine  # noqa: E402
+from bench.common import (  # noqa: E402
+    database_server,
+    engine_env,
+    fetch_values,
+    free_port,
+    fresh_database,
+    run_engine,
+    with_database,
+)
 
 SEED = """
 WITH acc AS (
@@ -80,6 +89,7 @@ class Result:
     payments_cpu: float
     payments_rss_mb: float
     first_checkout_seconds: float
+    claim_ms: tuple[float, float]
 
     def line(self) -> str:
         return (f"| {self.scenario} | {self.n} | {self.seconds:.1f} | {self.charged / self.seconds:.0f} | "
@@ -91,19 +101,47 @@ class Result:
         return (f"| {self.n:,} | {self.charged:,} | {self.seconds - self.payments_seconds:.1f} s, "
                 f"{self.installments_cpu:.1f} CPU s, {self.installments_rss_mb:.0f} MB | "
                 f"{self.charged / self.payments_seconds:.0f} | {self.payments_cpu / self.charged * 1000:.2f} | "
-                f"{self.payments_rss_mb:.0f} | {self.first_checkout_seconds:.2f} s |")
+                f"{self.payments_rss_mb:.0f} | {self.first_checkout_seconds:.2f} s | "
+                f"{self.claim_ms[0]:.1f} / {self.claim_ms[1]:.1f} ms |")
 
 
 SEED_CHUNK = 100_000
 
 
-async def scenario(name: str, n: int, server_dsn: str, profile: str | None = None, charge: int | None = None
-                   ) -> Result:
+async def time_claims(dsn: str, times: int = 20) -> tuple[float, float]:
+    """PostgreSQL's time for one claim of 100 at the backlog the run left (median, max of `times` in ms): the
+    production statement from the start of the claim order, each in a transaction rolled back."""
+    import asyncpg
+
+    from engine.store import sql
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        statement = sql("claim_payment_records")
+        took = []
+        for _ in range(times):
+            tx = conn.transaction()
+            await tx.start()
+            started = time.perf_counter()
+            await conn.fetch(statement, "bench-probe", 100, 300.0, [], date.min, 0, 1000)
+            took.append((time.perf_counter() - started) * 1000)
+            await tx.rollback()
+    finally:
+        await conn.close()
+    took.sort()
+    return took[len(took) // 2], took[-1]
+
+
+async def scenario(name: str, n: int, server_dsn: str, profile: str | None = None, charge: int | None = None,
+                   reuse: bool = False) -> Result:
     spec = SCENARIOS[name]
     seeded = time.monotonic()
-    dsn = await fresh_database(server_dsn, "drjobs_bench",
-                               *[(SEED, min(SEED_CHUNK, n - start), start) for start in range(0, n, SEED_CHUNK)])
-    print(f"  seeded {n:,} subscriptions in {time.monotonic() - seeded:.0f} s", flush=True)
+    if reuse:
+        dsn = with_database(server_dsn, "drjobs_bench")
+    else:
+        dsn = await fresh_database(server_dsn, "drjobs_bench",
+                                   *[(SEED, min(SEED_CHUNK, n - start), start) for start in range(0, n, SEED_CHUNK)])
+        print(f"  seeded {n:,} subscriptions in {time.monotonic() - seeded:.0f} s", flush=True)
     port = free_port()
     sandbox_args = [sys.executable, str(ROOT / "run.py"), "sandbox", "--port", str(port),
                     "--latency-ms", str(spec["latency_ms"]), "--no-amount-rules"]
@@ -124,7 +162,10 @@ async def scenario(name: str, n: int, server_dsn: str, profile: str | None = Non
                      RECURRING_PAYMENT_PROCESS_QUERY_LIMIT=str(charge or n),
                      RECURRING_PAYMENT_BATCH_SIZE="100", CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE="500")
     try:
-        inst_wall, inst_cpu, inst_rss = run_engine(["run", "subscription-installments"], env)
+        inst_wall, inst_cpu, inst_rss = (0.0, 0.0, 0.0) if reuse else run_engine(
+            ["run", "subscription-installments"], env)
+        charged_before = int((await fetch_values(
+            dsn, "SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Successful'"))[0])
         pay_started = time.time()
         pay_wall, pay_cpu, pay_rss = run_engine(["run", "recurring-payments"], env, profile=profile)
         ledger = json.loads(urllib.request.urlopen(url + "/_sandbox/ledger", timeout=30).read())
@@ -137,14 +178,16 @@ async def scenario(name: str, n: int, server_dsn: str, profile: str | None = Non
     installments, charged, first_checkout = await fetch_values(
         dsn, "SELECT count(*) FROM subscription_process_data",
         "SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Successful'",
-        # The first checkout saved: one claim and one checkout request after the start at the earliest.
-        "SELECT extract(epoch FROM min(last_attempt_at)) FROM subscription_process_data")
+        # The first checkout saved by this run: one claim and one checkout request after its start at the earliest.
+        f"SELECT extract(epoch FROM min(last_attempt_at)) FROM subscription_process_data "
+        f"WHERE last_attempt_at >= to_timestamp({pay_started})")
+    charged -= charged_before
     requests = ledger["counts"]["requests"]
     if throttled == 0 and "requests" not in ledger:
         throttled = -1  # unknown: the ledger did not list requests
     return Result(name, n, inst_wall + pay_wall, pay_wall, installments, charged, requests, throttled,
                   inst_cpu + pay_cpu, max(inst_rss, pay_rss), inst_cpu, inst_rss, pay_cpu, pay_rss,
-                  float(first_checkout) - pay_started)
+                  float(first_checkout) - pay_started, await time_claims(dsn))
 
 
 async def main() -> None:
@@ -157,21 +200,25 @@ async def main() -> None:
     parser.add_argument("--charge", type=int, metavar="N",
                         help="the payment run charges N of the backlog (RECURRING_PAYMENT_PROCESS_QUERY_LIMIT) "
                              "and a second table shows the run against the backlog's size")
+    parser.add_argument("--reuse", action="store_true",
+                        help="no seeding and no installment run: another payment run on the backlog the last "
+                             "benchmark left in drjobs_bench (--n must say its size)")
     args = parser.parse_args()
     async with database_server() as server_dsn:
         print("| scenario | subscriptions | seconds | installments/s | DR requests/s | 429s | CPU s per 1,000 | "
               "peak RSS MB |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in args.scenario or list(SCENARIOS):
-            result = await scenario(name, args.n, server_dsn, args.profile, args.charge)
+            result = await scenario(name, args.n, server_dsn, args.profile, args.charge, args.reuse)
             print(result.line(), flush=True)
             print(f"  installments job {result.seconds - result.payments_seconds:.1f} s, payments job "
                   f"{result.payments_seconds:.1f} s, {result.installments} records", flush=True)
             if result.charged != (args.charge or args.n):
                 print(f"  note: {result.charged} of {args.charge or args.n} charged", flush=True)
             print("| due subscriptions | charged | installments job | installments/s (payment run) | "
-                  "payment run CPU s per 1,000 | payment run peak RSS MB | start to first checkout saved |")
-            print("| --- | --- | --- | --- | --- | --- | --- |")
+                  "payment run CPU s per 1,000 | payment run peak RSS MB | start to first checkout saved | "
+                  "a claim of 100 in PostgreSQL afterwards (median / max) |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
             print(result.scale_line(), flush=True)
 
 
