@@ -491,3 +491,20 @@ AS $$
      ORDER BY coalesce(w.installment_run_date, '-infinity'::date), w.id
      LIMIT size
 $$;
+
+-- The web console's pages (engine/sql/console.sql): the newest Failed records of each kind, the installment records
+-- waiting for a later attempt after a decline or an outage, and a record's application_logs rows. Built
+-- concurrently on an existing database by engine/migrations/0002_console_indexes.sql; the definitions must match.
+CREATE INDEX IF NOT EXISTS subscription_process_data_failed ON subscription_process_data (updated_at, id)
+    INCLUDE (last_error_code) WHERE subscription_job_run_status = 'Failed';
+CREATE INDEX IF NOT EXISTS subscription_process_data_retrying ON subscription_process_data (next_attempt_at, id)
+    INCLUDE (subscription_retry_count, outage_count)
+    WHERE subscription_job_run_status = 'Open' AND (subscription_retry_count > 0 OR outage_count > 0);
+CREATE INDEX IF NOT EXISTS fulfillments_failed ON fulfillments (updated_at, id) WHERE efn_status = 'Failed';
+CREATE INDEX IF NOT EXISTS line_item_fulfillments_failed ON line_item_fulfillments (updated_at, id)
+    WHERE efn_status = 'Failed';
+CREATE INDEX IF NOT EXISTS application_logs_record ON application_logs (record_id, id) WHERE record_id IS NOT NULL;
+
+-- The distinct account time zones, read by a loose index scan (`account_time_zones`) instead of a pass over every
+-- account. Migration 0003 builds it concurrently on an existing database; this line makes it on a new one.
+CREATE INDEX IF NOT EXISTS accounts_time_zone ON accounts (time_zone);

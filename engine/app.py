@@ -17,6 +17,8 @@ import asyncpg
 
 from engine import __version__
 from engine.actor import Actor, Supervisor
+from engine.console import Console
+from engine.console.dr_view import DrSampler
 from engine.database import DatabaseUnavailable, connection_failure, describe_target, open_database
 from engine.digital_river import DigitalRiverClient
 from engine.http import Health, HttpServer
@@ -151,7 +153,8 @@ class Engine:
         # In engine_nodes before anything else, so even a process stopped at once was seen.
         await self.node.beat()
         log.info("engine_started", node=self.store.node, version=__version__, jobs=sorted(self.jobs))
-        http = HttpServer(self.settings.http_host, self.settings.http_port, self.metrics, self.health)
+        http = HttpServer(self.settings.http_host, self.settings.http_port, self.metrics, self.health,
+                          console=self.console())
         try:
             await http.start()
         except OSError as exc:
@@ -159,7 +162,7 @@ class Engine:
                       error=str(exc), detail="set HTTP_HOST/HTTP_PORT to a free address (HTTP_PORT=0 picks one)")
             return 1
         log.info("http_listening", host=self.settings.http_host, port=http.port,
-                 paths=["/healthz", "/readyz", "/metrics"])
+                 paths=["/", "/healthz", "/readyz", "/metrics"], console_actions=self.settings.admin_token is not None)
         webhooks = self._webhooks()
         if webhooks is not None:
             try:
@@ -180,6 +183,12 @@ class Engine:
             await http.stop()
         log.info("engine_stopped", clean=supervisor.failed is None, reason=supervisor.failed)
         return 0 if supervisor.failed is None else 1
+
+    def console(self, read_only_reason: str | None = None) -> Console:
+        """The operator console of this process (engine/console), on its HTTP listener: its Digital River page
+        samples this process's client."""
+        return Console(self.settings, self.store, built=set(self.jobs), sampler=DrSampler(self.dr),
+                       read_only_reason=read_only_reason)
 
     def _webhooks(self) -> WebhookServer | None:
         """The webhook listener of `serve` (None with WEBHOOK_PORT=off): each stored event wakes this process's

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from engine.settings import JOBS, Settings, SettingsError, load
 
-COMMANDS = ("serve", "migrate", "run", "drain", "status", "pause", "resume", "retry", "demo", "sandbox")
+COMMANDS = ("serve", "migrate", "run", "drain", "status", "forecast", "pause", "resume", "retry", "demo", "sandbox")
 
 
 class UsageError(Exception):
@@ -37,8 +37,8 @@ _JOBS = ("CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT, CC_SUBSCRIPTION_PROCESSOR_BATCH_SI
          "RECURRING_PAYMENT_PROCESS_QUERY_LIMIT, RECURRING_PAYMENT_BATCH_SIZE, SUBSCRIPTION_RETRY_COUNT, "
          "FULFILLMENT_QUERY_LIMIT, FULFILLMENT_RETRY_LIMIT, <JOB>_CONCURRENCY, LEASE_SECONDS, APP_LOG_LEVEL, "
          "APP_LOG_RETENTION_DAYS, NODE_NAME, NODE_LOST_SECONDS")
-_SERVE = ("<JOB>_SCHEDULE, SCHEDULE_TIME_ZONE, SHUTDOWN_GRACE_SECONDS, HTTP_HOST, HTTP_PORT, DR_WEBHOOK_SECRET, "
-          "WEBHOOK_HOST, WEBHOOK_PORT, WEBHOOK_TOLERANCE_SECONDS")
+_SERVE = ("<JOB>_SCHEDULE, SCHEDULE_TIME_ZONE, SHUTDOWN_GRACE_SECONDS, HTTP_HOST, HTTP_PORT, ADMIN_TOKEN, "
+          "DR_WEBHOOK_SECRET, WEBHOOK_HOST, WEBHOOK_PORT, WEBHOOK_TOLERANCE_SECONDS")
 
 # name → (arguments, what it does, options, settings read).
 HELP: dict[str, tuple[str, str, list[tuple[str, str]], list[str]]] = {
@@ -55,18 +55,30 @@ HELP: dict[str, tuple[str, str, list[tuple[str, str]], list[str]]] = {
     "status": ("[--json]", "Jobs with the schedules the live engines report, next fire times, last runs, records "
                "by status, why records failed, and the engine processes. Only reads: never creates or changes "
                "anything.", [("--json", "the same as JSON, for machines")], [_DATABASE, "NODE_LOST_SECONDS"]),
+    "forecast": ("[--days N] [--json]",
+                 "The charges the schedules will make over the next N days, day 0 being today (UTC): per day and "
+                 "currency, the number of installments and their amount before tax (quantity × unit price), then "
+                 "totals per currency. Counts the Open installment records still to charge (on their next attempt's "
+                 "day) and the installments the subscription-installments job will make (same dates and time zones "
+                 "as the job); whatever is already due, overdue installments included, is on day 0. Pending "
+                 "installments (payment being confirmed by Digital River) are not counted; the notes say what else "
+                 "is left out. Only reads: never creates or changes anything.",
+                 [("--days N", "how many days, day 0 included (default 30, 1 to 366)"),
+                  ("--json", "the same as JSON, for machines")], [_DATABASE]),
     "pause": ("JOB", "No engine process claims JOB's records until `resume JOB` (runs in flight finish). Audited "
               "in application_logs.", [], [_DATABASE, "NODE_NAME"]),
     "resume": ("JOB", "Undo `pause JOB`.", [], [_DATABASE, "NODE_NAME"]),
     "retry": ("KIND ID", "Put a Failed record back to Open, due now. KIND is installment, fulfillment or "
               "line-item; ID the record's id. Audited in application_logs.", [], [_DATABASE, "NODE_NAME"]),
-    "demo": ("[--subscriptions N] [--latency-ms MS] [--keep]",
+    "demo": ("[--subscriptions N] [--latency-ms MS] [--keep] [--console]",
              "A newcomer's first run: an embedded PostgreSQL and the local Digital River sandbox, a seeded book, "
              "every job to completion with progress bars, then a summary. The engine's own log goes to a file "
-             "the summary names.",
+             "the summary names. On a terminal it then serves the web console (read-only) on the demo's database "
+             "at a free loopback port and waits for Ctrl-C.",
              [("--subscriptions N", "subscriptions in the seeded book (default 2000, 1 to 200000)"),
               ("--latency-ms MS", "the sandbox's answer time (default 0)"),
-              ("--keep", "keep the demo's database afterwards; the summary prints the command to look at it")],
+              ("--keep", "keep the demo's database afterwards; the summary prints the command to look at it"),
+              ("--console", "serve the web console after the summary even when stdout is not a terminal")],
              ["DATA_DIR (the demo's embedded database lives under DATA_DIR/demo)", _LOGS]),
     "sandbox": ("[--port N] [--latency-ms MS] [...]", "Serve the local Digital River sandbox alone, for pointing "
                 "DR_API_URL at. `sandbox --help` lists its options.", [], []),
@@ -80,6 +92,7 @@ SUMMARY = {
     "run": "one run of JOB now",
     "drain": "run the jobs until nothing is due",
     "status": "jobs, schedules, last runs, records, failures, processes (read-only)",
+    "forecast": "the charges to come, per day and currency (read-only)",
     "pause": "stop claiming JOB's records until resumed",
     "resume": "undo pause",
     "retry": "a Failed record back to Open",
@@ -98,7 +111,8 @@ def overview() -> str:
     lines = [f"usage: {prog()} [COMMAND] [ARGS]   (serve when no command is given)", "", "commands:"]
     for name in COMMANDS:
         args = HELP[name][0] if name in ("run", "pause", "resume", "retry", "status") else ""
-        lines.append(f"  {(name + ' ' + args).strip():<18} {SUMMARY[name]}")
+        args = "[--days N]" if name == "forecast" else args
+        lines.append(f"  {(name + ' ' + args).strip():<19} {SUMMARY[name]}")
     lines += ["", f"JOB is one of: {', '.join(JOBS)}.",
               f"`{prog()} COMMAND --help` describes a command, its options and the settings it reads.",
               "Settings are environment variables; a bad one is one line on stderr and exit 2."]
@@ -126,6 +140,7 @@ class Command:
     json: bool = False
     kind: str | None = None
     record_id: int | None = None
+    days: int = 30
     options: list[str] = field(default_factory=list)
 
 
@@ -164,11 +179,41 @@ def parse(argv: Sequence[str]) -> Command:
         if rest not in ([], ["--json"]):
             raise UsageError(f"status takes only --json, not {' '.join(rest)!r}")
         return Command(name, json=bool(rest))
+    if name == "forecast":
+        return _parse_forecast(rest)
     if name in ("demo", "sandbox"):
         return Command(name, options=rest)
     if rest:
         raise UsageError(f"{name} takes no arguments, not {' '.join(rest)!r}")
     return Command(name)
+
+
+def _parse_forecast(rest: list[str]) -> Command:
+    """`forecast [--days N] [--json]`, in any order, each at most once."""
+    from engine.forecast import DEFAULT_DAYS, MAX_DAYS
+
+    command = Command("forecast", days=DEFAULT_DAYS)
+    seen: set[str] = set()
+    allowed = f"a whole number of days from 1 to {MAX_DAYS}"
+    args = iter(rest)
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag not in ("--days", "--json") or (flag == "--json" and value):
+            raise UsageError(f"forecast takes only --days N and --json, not {arg!r}")
+        if flag in seen:
+            raise UsageError(f"forecast takes {flag} once")
+        seen.add(flag)
+        if flag == "--json":
+            command.json = True
+            continue
+        if not value:
+            value = next(args, "")
+            if not value:
+                raise UsageError(f"forecast --days needs a value: {allowed} (default {DEFAULT_DAYS})")
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_DAYS:
+            raise UsageError(f"--days {value!r} is not {allowed}")
+        command.days = int(value)
+    return command
 
 
 async def _main(command: Command, settings: Settings) -> int:
@@ -195,6 +240,13 @@ async def _main(command: Command, settings: Settings) -> int:
         async with opened_store(settings, read_only=True) as store:
             data = await status.collect(settings, store, set(JOB_CLASSES))
             print(status.render_json(data) if command.json else status.render_text(data))
+            return 0
+    if command.name == "forecast":
+        from engine import forecast
+
+        async with opened_store(settings, read_only=True) as store:
+            data = await forecast.collect(store, command.days)
+            print(forecast.render_json(data) if command.json else forecast.render_text(data))
             return 0
     if command.name == "demo":
         from engine.demo import demo
@@ -242,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.logs import configure
 
     # Commands whose stdout is their answer (`status --json` is read by machines) log on stderr.
-    answers = command.name in ("status", "pause", "resume", "retry")
+    answers = command.name in ("status", "forecast", "pause", "resume", "retry")
     stream: TextIO = sys.stderr if answers else sys.stdout
     log_level, log_format = settings.log_level, settings.log_format
     if command.name == "demo":

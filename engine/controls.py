@@ -1,7 +1,8 @@
 """Operator controls: `pause JOB`, `resume JOB`, `retry KIND ID`.
 
 Each command is written to `application_logs` (module `operator`) with who ran it, whatever APP_LOG_LEVEL is:
-the operator's name is DRJOBS_OPERATOR when set, else the login name and host.
+the operator's name is DRJOBS_OPERATOR when set, else the login name and host. The web console (engine/console)
+calls the same functions with `who` naming itself and its client (`console client 127.0.0.1 session 1a2b3c4d`).
 """
 
 from __future__ import annotations
@@ -38,17 +39,19 @@ class Outcome:
     message: str
 
 
-async def set_paused(store: Store, job: str, paused: bool) -> Outcome:
-    who = operator()
+async def set_paused(store: Store, job: str, paused: bool, *, who: str | None = None) -> Outcome:
+    """Pause or resume `job` on every engine process, audited as `who` (default: `operator()`)."""
+    who = who or operator()
     await store.execute("set_job_paused", job, paused, who)
     verb = "paused" if paused else "resumed"
     await store.execute("audit_operator_action", f"{job} {verb} by {who}", None, store.node)
     return Outcome(True, f"{job} {verb}" + (": no engine process claims its records until `resume`" if paused else ""))
 
 
-async def retry(store: Store, kind: str, record_id: int) -> Outcome:
-    """Put one Failed record back to Open with its retry count reset, if the rules allow."""
-    who = operator()
+async def retry(store: Store, kind: str, record_id: int, *, who: str | None = None) -> Outcome:
+    """Put one Failed record back to Open with its retry count reset, if the rules allow; audited as `who`
+    (default: `operator()`)."""
+    who = who or operator()
     row = await store.fetchrow(RETRY_KINDS[kind], record_id)
     if row is None:
         return Outcome(False, f"no {kind} record {record_id}")

@@ -8,14 +8,22 @@ on a terminal, log lines on a pipe), writes the fulfillment requests an ERP woul
 runs the fulfillment jobs, then prints a summary. The engine's own log (the deliberately bad records' errors among
 it) goes to DATA_DIR/demo/demo.log, which the summary names, so the terminal shows only progress and the summary.
 
+Then the web console (engine/console), read-only, on the demo's database: when stdout is a terminal (`make demo`),
+or with `--console`, the demo serves it on a free loopback port, prints `console: http://127.0.0.1:PORT/` and waits
+for Ctrl-C (or SIGTERM) before it stops and drops its database; its Digital River page shows the demo's own
+requests. Otherwise (a pipe: tests, scripts) it prints how to get the console (`demo --console`) and exits.
+
 Options: `--subscriptions N` (default 2000), `--latency-ms MS` (sandbox latency, default 0), `--keep` (leave the
-demo database in place afterwards and print the `status` command that reads it; by default it is dropped).
+demo database in place afterwards and print the `status` command that reads it; by default it is dropped),
+`--console` (serve the console after the summary even when stdout is not a terminal).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +34,10 @@ from typing import Any, TextIO
 import asyncpg
 
 from engine.app import Engine, JobFactory
+from engine.console import Console
+from engine.console.dr_view import DrSampler
 from engine.database import EMBEDDED_DATABASE, open_database
+from engine.http import HttpServer
 from engine.jobs import Job
 from engine.logs import get_logger
 from engine.settings import JOBS, Settings, load
@@ -41,7 +52,11 @@ DEMO_SQL = load_queries([Path(__file__).with_name("demo.sql")])
 log = get_logger(component="demo")
 DEMO_DATABASE = EMBEDDED_DATABASE  # on the demo's own embedded server, under DATA_DIR/demo
 DEMO_KEY = "sk_test_demo_local_sandbox"
-USAGE = "usage: python run.py demo [--subscriptions N] [--latency-ms MS] [--keep]"
+USAGE = "usage: python run.py demo [--subscriptions N] [--latency-ms MS] [--keep] [--console]"
+# The console's Digital River page samples the demo's client every second (the demo's runs last seconds).
+DEMO_SAMPLE_SECONDS = 1.0
+READ_ONLY = ("This is the demo's console: read-only, on the demo's own database, which the demo drops when it stops "
+             "(unless --keep). `drjobs serve` with ADMIN_TOKEN set serves a console that can retry, pause and resume.")
 
 
 class DemoUsageError(ValueError):
@@ -53,6 +68,7 @@ class DemoOptions:
     subscriptions: int = 2000
     latency_ms: float = 0.0
     keep: bool = False
+    console: bool = False
 
 
 def parse_options(argv: Sequence[str]) -> DemoOptions:
@@ -63,6 +79,8 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
         flag = args.pop(0)
         if flag == "--keep":
             options.keep = True
+        elif flag == "--console":
+            options.console = True
         elif flag in ("--subscriptions", "--latency-ms"):
             if not args:
                 raise DemoUsageError(f"{flag} needs a value; {USAGE}")
@@ -199,12 +217,15 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
             await _fresh_database(admin)
             store = await Store.connect(database.server.get_uri(DEMO_DATABASE), settings.node_name,
                                         max_size=settings.database_pool_size)
+            sampler: DrSampler | None = None
             try:
                 await store.migrate()
                 out.write(f"drjobs demo: {options.subscriptions} subscriptions, Digital River sandbox at "
                           f"{sandbox.url}, latency {options.latency_ms:g} ms\n")
                 await seed(store, options.subscriptions)
                 engine = Engine(settings, store, build_jobs)
+                sampler = DrSampler(engine.dr, interval=DEMO_SAMPLE_SECONDS)
+                sampler.start()
                 progress = Progress(out)
                 timings: dict[str, float] = {}
 
@@ -223,9 +244,19 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
                 code = await engine.drive(work)
                 summary = await summarize(store, sandbox, timings, clock() - started)
                 out.write("\n" + summary + "\n")
+                out.write(f"  engine log (each record's errors) {demo_log_path(settings.data_dir)}\n")
+                if options.console or out.isatty():
+                    console = Console(settings, store, built=set(engine.jobs), sampler=sampler,
+                                      read_only_reason=READ_ONLY)
+                    await serve_console(console, engine, out)
+                else:
+                    out.write(f"  web console: `{status_command()} demo --console` runs the demo and then serves "
+                              "these pages at http://127.0.0.1:PORT/ until Ctrl-C (a terminal gets it without "
+                              "--console)\n")
             finally:
+                if sampler is not None:
+                    await sampler.stop()
                 await store.close()
-            out.write(f"  engine log (each record's errors) {demo_log_path(settings.data_dir)}\n")
             if not options.keep:
                 await _drop_database(admin)
             else:
@@ -234,6 +265,24 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
         finally:
             await database.close()
     return code
+
+
+async def serve_console(console: Console, engine: Engine, out: TextIO) -> None:
+    """Serve `console` on a free loopback port until SIGINT or SIGTERM, having printed its address."""
+    server = HttpServer("127.0.0.1", 0, engine.metrics, engine.health, console=console)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        out.write(f"\nconsole: http://127.0.0.1:{server.port}/\n  (read-only, the demo's results; Ctrl-C to stop)\n")
+        out.flush()
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
 
 
 def status_command() -> str:

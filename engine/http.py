@@ -1,4 +1,5 @@
-"""The engine's HTTP surface: `/healthz`, `/readyz` and `/metrics`, on HTTP_HOST:HTTP_PORT (loopback by default).
+"""The engine's HTTP surface: `/healthz`, `/readyz`, `/metrics` and the operator console (`/`, engine/console), on
+HTTP_HOST:HTTP_PORT (loopback by default).
 
     GET /healthz   200 {"status": "ok"} while the process serves requests (liveness)
     GET /readyz    200 {"status": "ready", "checks": {…}} when the database answers, every actor runs and
@@ -6,8 +7,9 @@
                    "checks": {…}}
     GET /metrics   the Prometheus text format, after reading the database gauges (time-boxed)
 
-The server only reads: nothing here changes the engine or the database. It binds where it is told, and the
-settings default to 127.0.0.1, so the endpoints are never public unless HTTP_HOST says so.
+These three only read: nothing here changes the engine or the database; the console's actions (retry, pause,
+resume) need ADMIN_TOKEN and go through engine/controls.py. The server binds where it is told, and the settings
+default to 127.0.0.1, so the endpoints are never public unless HTTP_HOST says so.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from engine.logs import error_text, get_logger
 from engine.metrics import DB_ERRORS, Metrics
 from engine.store import Store
+
+if TYPE_CHECKING:
+    from engine.console import Console
 
 log = get_logger(component="http")
 DB_TIMEOUT_SECONDS = 2.0
@@ -98,13 +103,15 @@ async def serve_app(app: web.Application, host: str, port: int) -> web.AppRunner
 
 
 class HttpServer:
-    """/healthz, /readyz and /metrics on `host`:`port` (port 0: any free port; `port` tells which after start)."""
+    """/healthz, /readyz and /metrics on `host`:`port` (port 0: any free port; `port` tells which after start), and
+    the operator console's pages when given one."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, health: Health) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics, health: Health, console: Console | None = None) -> None:
         self.host = host
         self.requested_port = port
         self.metrics = metrics
         self.health = health
+        self.console = console
         self._runner: web.AppRunner | None = None
 
     @property
@@ -129,7 +136,11 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        if self.console is not None:
+            self.console.add_routes(app)
         self._runner = await serve_app(app, self.host, self.requested_port)
+        if self.console is not None:
+            await self.console.start()
         host, port = self.address
         log.info("http_started", host=host, port=port)
 
@@ -137,6 +148,8 @@ class HttpServer:
         """Stop serving (idempotent); requests in progress get a few seconds to finish."""
         runner, self._runner = self._runner, None
         if runner is not None:
+            if self.console is not None:
+                await self.console.stop()
             await runner.cleanup()
             log.info("http_stopped")
 

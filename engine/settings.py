@@ -50,7 +50,9 @@ LOG_FORMATS = ("json", "console")
 # What sits between the engine and PostgreSQL: nothing, or a pooler in transaction mode (PgBouncer's
 # `pool_mode = transaction`), where a connection is one server session only for the length of a transaction.
 DATABASE_POOLERS = ("none", "transaction")
-SECRET_SETTINGS = frozenset({"DR_API_KEY", "DR_WEBHOOK_SECRET"})
+SECRET_SETTINGS = frozenset({"DR_API_KEY", "DR_WEBHOOK_SECRET", "ADMIN_TOKEN"})
+# The web console's actions need ADMIN_TOKEN: at least this long, so it cannot be guessed through the sign-in form.
+ADMIN_TOKEN_MIN_CHARS = 16
 # Commands that talk to Digital River and so need a key.
 # The Digital River API version the engine was built and checked against, sent as `digitalriver-version` unless
 # DR_API_VERSION names another: the latest build of Digital River's own SDK, DigitalRiver/digital-river-php
@@ -126,6 +128,8 @@ class Settings:
     webhook_host: str
     webhook_port: int | None
     webhook_tolerance_seconds: int
+    # The web console's actions (retry, pause, resume) need it; None: the console is read-only.
+    admin_token: str | None = field(repr=False)
     node_name: str
     database_pool_size: int
     database_pooler: str
@@ -139,7 +143,7 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never reach a log line, a table or an exception message."""
-        return tuple(s for s in (self.dr_api_key, self.dr_webhook_secret) if s)
+        return tuple(s for s in (self.dr_api_key, self.dr_webhook_secret, self.admin_token) if s)
 
 
 class _Reader:
@@ -252,6 +256,15 @@ def _webhook_secret(reader: _Reader) -> str | None:
     return value
 
 
+def _admin_token(reader: _Reader) -> str | None:
+    value = reader.raw("ADMIN_TOKEN")
+    if value is not None and (any(c.isspace() for c in value) or not value.isprintable()
+                              or len(value) < ADMIN_TOKEN_MIN_CHARS):
+        raise SettingsError("ADMIN_TOKEN", value, f"expected a token of at least {ADMIN_TOKEN_MIN_CHARS} characters "
+                                                  "without spaces or control characters")
+    return value
+
+
 def _is_date(text: str) -> bool:
     if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", text):
         return False
@@ -341,6 +354,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         webhook_host=_host(reader, "WEBHOOK_HOST"),
         webhook_port=_webhook_port(reader),
         webhook_tolerance_seconds=reader.integer("WEBHOOK_TOLERANCE_SECONDS", 300, 1, 86_400),
+        admin_token=_admin_token(reader),
         node_name=node_name,
         database_pool_size=reader.integer("DATABASE_POOL_SIZE", 10, 2, 200),
         database_pooler=reader.choice("DATABASE_POOLER", "none", DATABASE_POOLERS, upper=False),
@@ -357,7 +371,7 @@ KNOWN_SETTINGS = frozenset({
     "SUBSCRIPTION_RETRY_COUNT", "FULFILLMENT_QUERY_LIMIT", "FULFILLMENT_RETRY_LIMIT", "SCHEDULE_TIME_ZONE",
     "APP_LOG_LEVEL", "APP_LOG_RETENTION_DAYS", "LOG_LEVEL", "LOG_FORMAT", "LEASE_SECONDS", "SHUTDOWN_GRACE_SECONDS",
     "HTTP_HOST", "HTTP_PORT", "NODE_NAME", "NODE_LOST_SECONDS", "DR_WEBHOOK_SECRET", "WEBHOOK_HOST",
-    "WEBHOOK_PORT", "WEBHOOK_TOLERANCE_SECONDS",
+    "WEBHOOK_PORT", "WEBHOOK_TOLERANCE_SECONDS", "ADMIN_TOKEN",
     *(f"{env_prefix(job)}_{suffix}" for job in JOBS for suffix in ("SCHEDULE", "CONCURRENCY")),
 })
 

@@ -14,6 +14,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.cron import CronError, Schedule, parse_schedule
+from engine.metrics import COUNT_EXACTLY_BELOW, record_counts
 from engine.metrics import oldest_due as metrics_oldest_due
 from engine.settings import JOBS, Settings
 from engine.store import Store
@@ -38,6 +39,35 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
     for row in await store.fetch("status_failures", TOP_FAILURES):
         failures.setdefault(row["job"], []).append(
             {"reason": row["reason"], "count": row["count"], "example": (row["example"] or "")[:200]})
+    jobs = job_rows(settings, built, now, last_runs=last_runs, paused=paused, oldest_due=oldest_due,
+                    live_settings=live_settings, failures=failures)
+    counts: dict[str, dict[str, int]] = {}
+    estimated: set[str] = set()
+    for row in await record_counts(store):
+        counts.setdefault(row["kind"], {})[row["status"]] = row["count"]
+        if row["estimated"]:
+            estimated.add(row["kind"])
+    attention = [{"reason": r["reason"], "status": r["status"], "count": r["count"]}
+                 for r in await store.fetch("status_attention")]
+    nodes = [{
+        "name": r["name"], "live": r["live"], "started_at": _iso(r["started_at"]),
+        "heartbeat_at": _iso(r["heartbeat_at"]), "stopped_at": _iso(r["stopped_at"]), "pid": r["pid"],
+        "host": r["host"], "version": r["version"], "settings": _settings(r["settings"]),
+    } for r in node_rows]
+    ev = await store.fetchrow("events_status")
+    events = {"backlog": ev["backlog"], "last_received_at": _iso(ev["last_received_at"]),
+              "pending_installments": ev["pending_installments"]} if ev is not None else None
+    return {"now": _iso(now), "jobs": jobs, "records": counts, "records_estimated": sorted(estimated),
+            "attention": attention, "events": events,
+            "nodes": nodes}
+
+
+def job_rows(settings: Settings, built: set[str], now: datetime, *, last_runs: dict[str, Any],
+             paused: dict[str, Any], oldest_due: dict[str, float | None], live_settings: list[dict[str, Any]],
+             failures: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per job as `status` shows it, from what was read: the latest run of each job (`status_last_runs`
+    rows by job), the paused ones (`paused_jobs` rows by job), the oldest due ages, the settings live engines
+    published, and the failure reasons. The console's Jobs page builds its rows here too, from cheaper reads."""
     jobs = []
     for name in JOBS:
         reported = _reported(name, live_settings)
@@ -67,7 +97,7 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
             "next_fire_time": _iso(schedule.next_after(now)) if schedule is not None else None,
             "concurrency": concurrency,
             "failures": failures.get(name, []),
-            "oldest_due_seconds": None if oldest_due.get(name) is None else round(oldest_due[name], 1),
+            "oldest_due_seconds": None if (age := oldest_due.get(name)) is None else round(age, 1),
             "last_run": None if last is None else {
                 "fire_time": _iso(last["fire_time"]),
                 "trigger": last["trigger"],
@@ -83,21 +113,7 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
                 "error": last["error"],
             },
         })
-    counts: dict[str, dict[str, int]] = {}
-    for row in await store.fetch("status_counts"):
-        counts.setdefault(row["kind"], {})[row["status"]] = row["count"]
-    attention = [{"reason": r["reason"], "status": r["status"], "count": r["count"]}
-                 for r in await store.fetch("status_attention")]
-    nodes = [{
-        "name": r["name"], "live": r["live"], "started_at": _iso(r["started_at"]),
-        "heartbeat_at": _iso(r["heartbeat_at"]), "stopped_at": _iso(r["stopped_at"]), "pid": r["pid"],
-        "host": r["host"], "version": r["version"], "settings": _settings(r["settings"]),
-    } for r in node_rows]
-    ev = await store.fetchrow("events_status")
-    events = {"backlog": ev["backlog"], "last_received_at": _iso(ev["last_received_at"]),
-              "pending_installments": ev["pending_installments"]} if ev is not None else None
-    return {"now": _iso(now), "jobs": jobs, "records": counts, "attention": attention, "events": events,
-            "nodes": nodes}
+    return jobs
 
 
 def _settings(value: str | None) -> dict[str, Any]:
@@ -160,8 +176,12 @@ def render_text(data: dict[str, Any]) -> str:
     lines += ["", "RECORDS"]
     if not data["records"]:
         lines.append("  none")
+    estimated = set(data.get("records_estimated") or [])
     for kind, by_status in sorted(data["records"].items()):
-        lines.append(f"  {kind:<26} " + "  ".join(f"{s}={n}" for s, n in sorted(by_status.items())))
+        about = "~" if kind in estimated else ""
+        lines.append(f"  {kind:<26} " + "  ".join(f"{s}={about}{n}" for s, n in sorted(by_status.items())))
+    if estimated:
+        lines.append(f"  (~: estimated from the last ANALYZE, for tables of {COUNT_EXACTLY_BELOW:,} rows or more)")
     failing = [job for job in data["jobs"] if job.get("failures")]
     if failing:
         lines += ["", "WHY RECORDS FAILED (most common first)"]

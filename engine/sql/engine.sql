@@ -235,19 +235,35 @@ SELECT to_regclass('job_runs') IS NOT NULL AND to_regclass('engine_nodes') IS NO
        AND to_regclass('subscription_process_data') IS NOT NULL;
 
 -- name: status_counts
--- status: records by status, for every table a job works on.
-SELECT 'subscriptions' AS kind, status, count(*) FROM subscriptions GROUP BY status
+-- status and /metrics: records by status, exactly, for the tables named in $1 (each other branch is a one-time
+-- filter that reads nothing). Tables past COUNT_EXACTLY_BELOW rows are estimated instead (`record_count_estimates`).
+SELECT 'subscriptions' AS kind, status, count(*) FROM subscriptions WHERE 'subscriptions' = ANY($1::text[])
+ GROUP BY status
 UNION ALL
-SELECT 'subscription_process_data', subscription_job_run_status, count(*) FROM subscription_process_data GROUP BY 2
+SELECT 'subscription_process_data', subscription_job_run_status, count(*) FROM subscription_process_data
+ WHERE 'subscription_process_data' = ANY($1::text[]) GROUP BY 2
 UNION ALL
-SELECT 'fulfillments', efn_status, count(*) FROM fulfillments GROUP BY 2
+SELECT 'fulfillments', efn_status, count(*) FROM fulfillments WHERE 'fulfillments' = ANY($1::text[]) GROUP BY 2
 UNION ALL
-SELECT 'line_item_fulfillments', efn_status, count(*) FROM line_item_fulfillments GROUP BY 2
+SELECT 'line_item_fulfillments', efn_status, count(*) FROM line_item_fulfillments
+ WHERE 'line_item_fulfillments' = ANY($1::text[]) GROUP BY 2
 UNION ALL
-SELECT 'application_logs', logging_level, count(*) FROM application_logs GROUP BY 2
+SELECT 'application_logs', logging_level, count(*) FROM application_logs WHERE 'application_logs' = ANY($1::text[])
+ GROUP BY 2
 UNION ALL
-SELECT 'dr_events', status, count(*) FROM dr_events GROUP BY 2
+SELECT 'dr_events', status, count(*) FROM dr_events WHERE 'dr_events' = ANY($1::text[]) GROUP BY 2
 ORDER BY 1, 2;
+
+-- name: record_count_estimates
+-- status and /metrics: for each table $1 (its status column $2), the planner's row count (pg_class.reltuples, -1
+-- when never analyzed) and the share of each status among its most common values (pg_stats, from the last
+-- ANALYZE). Reads the catalog only, whatever the tables' size.
+SELECT t.kind, c.reltuples::float8 AS rows, v.status, v.freq::float8 AS freq
+  FROM unnest($1::text[], $2::text[]) AS t(kind, col)
+  JOIN pg_class c ON c.oid = to_regclass(t.kind)
+  LEFT JOIN pg_stats s ON s.schemaname = current_schema() AND s.tablename = t.kind AND s.attname = t.col
+  LEFT JOIN LATERAL unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS v(status, freq) ON true
+ ORDER BY 1, 3;
 
 -- name: table_size_estimate
 -- drain: the planner's estimate of table $1's rows (pg_class.reltuples; -1 when never analyzed), for a log line.

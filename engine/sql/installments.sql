@@ -4,9 +4,17 @@
 -- filled from the fixed list of leased tables in store.py, never from input.
 
 -- name: account_time_zones
--- subscription-installments: the distinct account time zones PostgreSQL knows (checked once per run).
-SELECT DISTINCT a.time_zone FROM accounts a
- WHERE a.time_zone IN (SELECT name FROM pg_timezone_names);
+-- subscription-installments (once per run), status and /metrics: the distinct account time zones PostgreSQL knows.
+-- A loose index scan of `accounts_time_zone`: one index probe per distinct zone, not a pass over every account
+-- (600 ms at 1,000,000 accounts as SELECT DISTINCT; issue 14).
+WITH RECURSIVE zone AS (
+    (SELECT time_zone FROM accounts WHERE time_zone IS NOT NULL ORDER BY time_zone LIMIT 1)
+    UNION ALL
+    SELECT (SELECT a.time_zone FROM accounts a WHERE a.time_zone > zone.time_zone ORDER BY a.time_zone LIMIT 1)
+      FROM zone WHERE zone.time_zone IS NOT NULL
+)
+SELECT time_zone FROM zone
+ WHERE time_zone IS NOT NULL AND time_zone IN (SELECT name FROM pg_timezone_names);
 
 -- fragment: subscription_due
 -- subscription-installments: the rule for a due subscription `s` (with its account `a`), written once for the

@@ -60,6 +60,8 @@ BAD: dict[str, list[tuple[str, str]]] = {
     "WEBHOOK_PORT": [("70000", "0 to 65535"), ("of", "whole number"), ("-1", "0 to 65535")],
     "WEBHOOK_TOLERANCE_SECONDS": [("0", "1 to 86400"), ("5m", "whole number"), ("86401", "86400")],
     "DR_WEBHOOK_SECRET": [("whsec has space", "without spaces"), ("whsec_\x1b[31m", "control characters")],
+    "ADMIN_TOKEN": [("too-short", "at least 16 characters"), ("admin token with spaces", "without spaces"),
+                    ("admin-token-0123456789\x1b[31m", "control characters")],
     "NODE_NAME": [("x" * 201, "at most 200 characters"), ("node\x07one", "printable")],
     "DATABASE_POOL_SIZE": [("1", "2 to 200"), ("201", "2 to 200"), ("many", "whole number")],
     "DATABASE_POOLER": [("pgbouncer", "one of none, transaction"), ("session", "none, transaction"),
@@ -141,7 +143,7 @@ def test_bad_value_is_one_line_naming_the_variable_and_what_is_allowed(name: str
     assert refused.value.name == name
     assert_one_line_naming(message, name)
     assert allowed in message, message
-    if name in ("DR_API_KEY", "DR_WEBHOOK_SECRET"):
+    if name in ("DR_API_KEY", "DR_WEBHOOK_SECRET", "ADMIN_TOKEN"):
         assert f"{name}=<redacted>" in message and value not in message
     for secret in ("hunter2", "u:p@"):
         assert secret not in message

@@ -143,3 +143,35 @@ async def test_a_due_check_that_runs_out_of_time_is_one_line_and_the_drain_goes_
     assert (slow["job"], slow["table"]) == ("recurring-payments", "subscription_process_data")
     assert "exc_info" not in slow and slow["estimated_rows"] is not None
     assert not [e for e in logs if e["event"] == "drain_stopped"]
+
+
+async def test_record_counts_estimate_large_analyzed_tables_and_count_the_rest(store: Store) -> None:
+    from engine.metrics import record_counts
+
+    await store.pool.execute("INSERT INTO accounts (name) VALUES ('Counts')")
+    await store.pool.execute(
+        "INSERT INTO subscriptions (account_id, installment_count_remaining, installment_anchor_date, "
+        "installment_next_run_date, currency, unit_price) SELECT 1, 1, current_date, current_date, 'USD', 10 "
+        "FROM generate_series(1, 50)")
+    await store.pool.execute(
+        "INSERT INTO subscription_process_data (subscription_id, installment_number, subscription_job_run_status) "
+        "SELECT g, 1, CASE WHEN g <= 30 THEN 'Open' ELSE 'Failed' END FROM generate_series(1, 50) g")
+
+    def process_data(rows: list[dict[str, Any]]) -> dict[str, tuple[int, bool]]:
+        return {r["status"]: (r["count"], r["estimated"]) for r in rows if r["kind"] == "subscription_process_data"}
+
+    # Never analyzed: counted, whatever the threshold.
+    assert process_data(await record_counts(store, exact_below=10)) == {"Open": (30, False), "Failed": (20, False)}
+    await store.pool.execute("ANALYZE subscription_process_data")
+    # Analyzed and at the threshold or past it: from the statistics (ANALYZE read every row of so small a table).
+    assert process_data(await record_counts(store, exact_below=10)) == {"Open": (30, True), "Failed": (20, True)}
+    # Below the threshold: counted.
+    assert process_data(await record_counts(store)) == {"Open": (30, False), "Failed": (20, False)}
+
+
+async def test_account_time_zones_are_the_distinct_valid_ones(store: Store) -> None:
+    await store.pool.execute(
+        "INSERT INTO accounts (name, time_zone) SELECT 'Zones', z FROM unnest($1::text[]) z",
+        ["UTC", "Europe/Paris", "Europe/Paris", "Pacific/Kiritimati", "Mars/Olympus_Mons", "UTC"])
+    zones = [row["time_zone"] for row in await store.fetch("account_time_zones")]
+    assert sorted(zones) == ["Europe/Paris", "Pacific/Kiritimati", "UTC"]

@@ -38,6 +38,8 @@ async def test_demo_runs_every_job_and_its_summary_matches_the_database(tmp_path
     log_file = re.search(r"engine log \(each record's errors\) (\S+)", out)
     assert log_file and Path(log_file.group(1)) == tmp_path / "data" / "demo" / "demo.log", out
     assert "installment_failed" in _read(log_file.group(1)) and "installment_failed" not in out
+    # Not a terminal: the web console is not served, and the summary says how to get it.
+    assert "demo --console" in out and "console: http" not in out
     # --keep printed the command that shows the kept data, and it does.
     command = re.search(r"^  DATA_DIR=(\S+) .* status$", out, re.MULTILINE)
     assert command and Path(command.group(1)) == tmp_path / "data" / "demo", out

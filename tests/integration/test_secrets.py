@@ -5,7 +5,8 @@ with APP_LOG_LEVEL=DEBUG and LOG_LEVEL=debug so that everything that can be logg
 a soft decline, a 400, then a second key Digital River refuses (401). Afterwards the key (and the refused
 one) must appear in no line the processes printed, in no row of any table (exception texts, messages, request
 and response bodies included), and `Authorization` must never have been logged. /metrics is covered with the
-HTTP surface elsewhere.
+HTTP surface elsewhere. The web console's pages get the same treatment, with DR_WEBHOOK_SECRET and ADMIN_TOKEN set
+too, in `test_no_console_page_shows_a_secret`.
 """
 
 from __future__ import annotations
@@ -92,3 +93,77 @@ async def test_the_key_is_in_no_log_line_no_table_and_no_exception_text(database
     for row in await store.pool.fetch("SELECT request, response FROM application_logs"):
         for body in (row["request"], row["response"]):
             assert "authorization" not in json.dumps(body).lower()
+
+
+ADMIN = "CANARY_admin_token_5e6f7a8b9c0d1e2f"
+WEBHOOK = "whsec_CANARY_webhook_3c4d5e6f7a8b9c"
+CONSOLE_MARKS = (*MARKS, ADMIN, WEBHOOK, ADMIN[7:], WEBHOOK[13:])
+
+
+async def test_no_console_page_shows_a_secret(database_url: str, store: Store, sandbox: Sandbox) -> None:
+    """A `serve` process with all three secrets set (DR_API_KEY, DR_WEBHOOK_SECRET, ADMIN_TOKEN) charges and fails
+    records through the sandbox; a record's message is then made to hold all three (as a bug might store them).
+    No console page, signed out or signed in, shows any of them, nor does the session cookie or a log line."""
+    import re
+    import signal
+
+    import aiohttp
+
+    from tests.support import EngineProcess
+
+    await due_subscription(store)
+    await due_subscription(store, source="src_hard_decline_fraud")
+    env = env_for(database_url, sandbox) | {
+        "DR_WEBHOOK_SECRET": WEBHOOK, "ADMIN_TOKEN": ADMIN, "SUBSCRIPTION_INSTALLMENTS_SCHEDULE": "every 1s",
+        "RECURRING_PAYMENTS_SCHEDULE": "every 1s", "LOG_LEVEL": "info"}
+    seen: list[tuple[str, str]] = []  # (what, text)
+    async with EngineProcess(["serve"], env) as engine:
+        [listening] = await engine.wait_for("http_listening")
+        await engine.wait_for("installment_charged", timeout=60)
+        await engine.wait_for("installment_failed", timeout=60)
+        failed = await store.pool.fetchval(
+            "SELECT id FROM subscription_process_data WHERE subscription_job_run_status = 'Failed'")
+        await store.pool.execute(
+            "UPDATE subscription_process_data SET last_error_message = $2 WHERE id = $1", failed,
+            f"leaked {KEY} {WEBHOOK} {ADMIN} by a bug")
+        base = f"http://127.0.0.1:{listening['port']}"
+        paths = ["/", "/backlog", "/failures", "/failures?job=recurring-payments&code=fraud", "/digital-river",
+                 "/processes", "/login", f"/records/installment/{failed}", f"/failures?code={ADMIN}"]
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            for signed_in in (False, True):
+                if signed_in:
+                    async with http.post(base + "/login", data={"token": ADMIN, "next": "/"},
+                                         headers={"Origin": base}) as response:
+                        assert response.status == 200 and "signed in" in await response.text()
+                        cookie = response.history[0].headers["Set-Cookie"]
+                        seen.append(("Set-Cookie", cookie))
+                for path in paths:
+                    async with http.get(base + path) as response:
+                        assert response.status == 200, path
+                        seen.append((path, await response.text() + str(response.headers)))
+            page = dict(seen)[f"/records/installment/{failed}"]
+            assert "leaked [redacted] [redacted] [redacted] by a bug" in page
+            csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+            assert csrf
+            async with http.post(base + "/actions/retry", data={"kind": "installment", "id": str(failed),
+                                                               "csrf": csrf.group(1)},
+                                 headers={"Origin": base}) as response:
+                assert response.status == 200
+                seen.append(("retry", await response.text()))
+        engine.signal(signal.SIGTERM)
+        await engine.wait()
+    seen += [("log", line) for line in engine.other_lines + [str(e) for e in engine.events]]
+    seen += [("stderr", engine.stderr)]
+    assert any(e["event"] == "console_signed_in" for e in engine.events)
+    for what, text in seen:
+        for mark in CONSOLE_MARKS:
+            assert mark not in text, f"{what}: {mark} in {text[:300]}"
+    # The engine itself stored neither the admin token nor the webhook secret anywhere (the message planted above
+    # aside).
+    await store.pool.execute("UPDATE subscription_process_data SET last_error_message = 'planted' WHERE id = $1",
+                             failed)
+    tables = await dump_every_table(store)
+    for table, rows in tables.items():
+        for row in rows:
+            for mark in (ADMIN, WEBHOOK, ADMIN[7:]):
+                assert mark not in row, f"{table}: {row[:300]}"
