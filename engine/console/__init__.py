@@ -9,6 +9,8 @@ by default), served by `serve` (and by `demo`, read-only, on the demo's database
     GET  /digital-river             this process's Digital River requests per second against the budget, 429s and
                                     errors over the last hour (dr_view.py)
     GET  /processes                 engine processes: live or not, heartbeats, what each runs
+    GET  /forecast?days=N           the charges to come per day and currency (`drjobs forecast`), computed in the
+                                    background and cached (forecast_view.py), with a bar chart per currency
     GET  /login, POST /login        sign in with ADMIN_TOKEN; POST /logout
     POST /actions/retry             kind, id: `retry KIND ID`
     POST /actions/pause, /resume    job: `pause JOB`, `resume JOB`
@@ -35,9 +37,10 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
-from engine import status
+from engine import forecast, status
 from engine.console.auth import COOKIE, Auth, Session, origin_refusal
 from engine.console.dr_view import DrSampler
+from engine.console.forecast_view import ForecastCache, per_currency
 from engine.controls import RETRY_KINDS, retry, set_paused
 from engine.logs import error_text, get_logger, redact_text, register_secrets
 from engine.metrics import DB_ERRORS
@@ -79,7 +82,8 @@ KIND_OF_TABLE = {"subscriptions": "subscription-installments", "subscription_pro
 UNSET_TOKEN = ("ADMIN_TOKEN is unset: this console is read-only. Set ADMIN_TOKEN on the engine process and restart "
                "it to retry, pause and resume from here; meanwhile the CLI commands (retry, pause, resume) do it.")
 NAV = [("jobs", "/", "Jobs"), ("backlog", "/backlog", "Backlog"), ("failures", "/failures", "Failures"),
-       ("digital-river", "/digital-river", "Digital River"), ("processes", "/processes", "Engine processes")]
+       ("digital-river", "/digital-river", "Digital River"), ("processes", "/processes", "Engine processes"),
+       ("forecast", "/forecast", "Forecast")]
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
@@ -166,13 +170,14 @@ class Console:
         self.sampler = sampler or DrSampler(None)
         self.auth = Auth(None if read_only_reason else settings.admin_token)
         self.read_only_reason = read_only_reason or (None if self.auth.enabled else UNSET_TOKEN)
+        self.forecasts = ForecastCache(self._compute_forecast)
         register_secrets(settings.secrets)
 
     def add_routes(self, app: web.Application) -> None:
         pages: list[tuple[str, Callable[[web.Request], Awaitable[tuple[str, dict[str, Any]]]]]] = [
             ("/", self._jobs), ("/backlog", self._backlog), ("/failures", self._failures),
             ("/records/{kind}/{id}", self._record), ("/digital-river", self._digital_river),
-            ("/processes", self._processes), ("/login", self._login_page),
+            ("/processes", self._processes), ("/forecast", self._forecast), ("/login", self._login_page),
         ]
         for path, handler in pages:
             app.router.add_get(path, self._page(handler))
@@ -191,6 +196,10 @@ class Console:
 
     async def stop(self) -> None:
         await self.sampler.stop()
+        await self.forecasts.stop()
+
+    async def _compute_forecast(self, days: int) -> dict[str, Any]:
+        return await forecast.collect(self.store, days)  # looked up at each call: tests count the calls
 
     async def _gather(self, *reads: Awaitable[Any]) -> list[Any]:
         """The results of `reads`, run PAGE_READS_AT_ONCE at a time."""
@@ -239,6 +248,8 @@ class Console:
                                      status_code=503, back=request.path_qs)
             except _NotFound as exc:
                 return self._message(request, "Not found", str(exc), status_code=404)
+            except _BadRequest as exc:
+                return self._message(request, "Bad request", str(exc), status_code=400, back=exc.back)
             return self._render(request, template, context, active=context.pop("active", ""))
         return page
 
@@ -408,6 +419,21 @@ class Console:
         return "processes.html", {"active": "processes", "nodes": nodes,
                                   "lost_seconds": self.settings.node_lost_seconds}
 
+    async def _forecast(self, request: web.Request) -> tuple[str, dict[str, Any]]:
+        raw = request.query.get("days", str(forecast.DEFAULT_DAYS)).strip()
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 4 and 1 <= int(raw) <= forecast.MAX_DAYS):
+            raise _BadRequest(f"days must be a whole number of days from 1 to {forecast.MAX_DAYS} (the default is "
+                              f"{forecast.DEFAULT_DAYS}), not {raw[:40]!r}.", back="/forecast")
+        days = int(raw)
+        lookup = self.forecasts.get(days)
+        result = lookup.result
+        return "forecast.html", {
+            "active": "forecast", "days": days, "max_days": forecast.MAX_DAYS, "lookup": lookup, "result": result,
+            "data": result.data if result else None,
+            "currencies": per_currency(result.data) if result else [],
+            "max_age_minutes": round(self.forecasts.max_age / 60),
+        }
+
     async def _login_page(self, request: web.Request) -> tuple[str, dict[str, Any]]:
         return "login.html", {"next": _local(request.query.get("next", "/")), "error": None}
 
@@ -505,6 +531,12 @@ class Console:
 
 class _NotFound(Exception):
     pass
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, *, back: str = "/") -> None:
+        super().__init__(message)
+        self.back = back
 
 
 def _see_other(location: str) -> web.Response:

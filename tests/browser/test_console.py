@@ -63,6 +63,7 @@ async def test_every_page_renders_against_a_seeded_store(browser: Any, engine: s
         ("line-item", f"/records/line-item/{seeded.line}", "#logs", "line_item_failed: refused"),
         ("digital-river", "/digital-river", "#this-process", "this engine process's view"),
         ("processes", "/processes", '#nodes tr[data-node="browser-node"]', "live"),
+        ("forecast", "/forecast?days=40", "h1", "Forecast: the next 40 days"),
     ]
     for name, path, selector, text in checks:
         response = await page.goto(engine + path)

@@ -11,14 +11,19 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import pytest
 
+from actors.subscription_installments import add_months
+from engine import forecast
 from engine.console import Console
 from engine.console.auth import COOKIE, Auth, origin_refusal
 from engine.console.dr_view import DrSampler
+from engine.console.forecast_view import ForecastCache
 from engine.http import Health, HttpServer
 from engine.metrics import Metrics
 from engine.settings import SettingsError, load
@@ -254,6 +259,98 @@ async def test_the_digital_river_page_charts_this_process_requests_against_its_b
     assert re.search(r'data-kind="429">1<', page) and re.search(r'data-kind="ok">2<', page)
     assert re.search(r'data-kind="timeout">1<', page) and re.search(r'data-kind="5xx">1<', page)
     assert "<code>POST /checkouts</code>" in page and "19.6/s" in page
+
+
+async def test_the_forecast_page_shows_the_cached_forecast_computed_in_the_background(
+        serve: Start, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    today = datetime.now(UTC).date()
+    next_month = add_months(today, 1)  # the same day next month (a month end when today's day is not in it)
+    # Its account's time zone is UTC (the column's default), so its run dates are UTC dates.
+    await subscription(store, quantity=2, unit_price=Decimal("10.00"), currency="USD",
+                       installment_anchor_date=today, installment_next_run_date=today)
+    calls: list[int] = []
+    collect = forecast.collect
+
+    async def counted(store: Store, days: int = forecast.DEFAULT_DAYS, now: datetime | None = None) -> dict[str, Any]:
+        calls.append(days)
+        return await collect(store, days, now)
+
+    monkeypatch.setattr(forecast, "collect", counted)
+    served = await serve()
+    base = served.base
+
+    # Nothing cached yet: the page answers at once and says so; one background computation starts.
+    status, page, _ = await get(base, "/forecast?days=40")
+    assert status == 200 and 'id="computing"' in page and "reload in a moment" in page
+    assert 'href="/forecast" class="active"' in page
+    await served.console.forecasts.idle()
+    assert calls == [40]
+
+    status, page, _ = await get(base, "/forecast?days=40")
+    assert status == 200 and 'id="computing"' not in page
+    assert re.search(r"Computed at \d\d:\d\d:\d\d UTC", page)
+    rows = re.findall(r'<tr data-date="([\d-]+)" data-currency="(\w+)"><td>[\d-]+</td><td>\w+</td>'
+                      r'<td class="num">(\d+)</td><td class="num">([\d.,]+)</td>', page)
+    # One installment a day, of 2 × 10.00.
+    assert rows == [(today.isoformat(), "USD", "1", "20.00"), (next_month.isoformat(), "USD", "1", "20.00")]
+    assert re.search(r'<tr data-currency="USD"><td>USD</td><td class="num">2</td><td class="num">40.00</td>', page)
+    assert '<svg class="chart" data-currency="USD"' in page and page.count('<rect class="amount"') == 2
+    assert f'data-date="{today.isoformat()}" x="' in page
+    assert re.search(r'data-key="pending_installments"><td>pending installments</td><td class="num">0<', page)
+    assert "Declines and retries are not foreseen" in page
+    # A second request within 10 minutes serves the cached result: no new computation.
+    await get(base, "/forecast?days=40")
+    await served.console.forecasts.idle()
+    assert calls == [40]
+
+    # The default is 30 days: a value of its own (next month may be past day 29, so only today's row is certain).
+    _, page, _ = await get(base, "/forecast")
+    assert "the next 30 days" in page and 'id="computing"' in page
+    await served.console.forecasts.idle()
+    assert calls == [40, 30]
+
+    # Stale: the old result is served while one new computation runs.
+    served.console.forecasts.max_age = 0
+    _, page, _ = await get(base, "/forecast?days=40")
+    assert "Computed at" in page and "a new one is being computed" in page
+    await served.console.forecasts.idle()
+    assert calls == [40, 30, 40]
+
+    for bad in ("0", "367", "abc", "-5", "1.5", "%C2%B2", "9" * 5000):
+        status, page, _ = await get(base, f"/forecast?days={bad}")
+        assert status == 400 and "days must be a whole number of days from 1 to 366" in page, bad
+    assert calls == [40, 30, 40]
+
+
+async def test_the_forecast_cache_computes_one_at_a_time_keeps_a_few_and_stops() -> None:
+    running, peak, done = 0, 0, []
+    release = asyncio.Event()
+
+    async def compute(days: int) -> dict[str, Any]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+        done.append(days)
+        return {"days": days}
+
+    cache = ForecastCache(compute, keep=2)
+    for days in (1, 2, 1, 3, 3):  # asked for again: 1 is newer than 2; 3 is waiting already
+        lookup = cache.get(days)
+        assert lookup.result is None and lookup.computing
+    release.set()
+    await cache.idle()
+    assert peak == 1 and done == [1, 3]  # one at a time, each once, and only the 2 newest asked for
+    assert cache.get(2).result is None and cache.get(1).fresh and cache.get(3).fresh
+    for days in (2, 4):  # kept: the 2 newest computed
+        cache.get(days)
+    await cache.idle()
+    assert done == [1, 3, 2, 4] and cache.get(3).result is None and cache.get(4).result is not None
+    release.clear()
+    await asyncio.sleep(0)
+    await cache.stop()  # cancels the computation of 3 (asked for again just above) under way
+    assert done == [1, 3, 2, 4] and running == 1 and cache.get(3).result is None and not cache.get(3).computing
 
 
 @dataclass
