@@ -20,6 +20,7 @@ import structlog
 from aioresponses import CallbackResult, aioresponses
 from yarl import URL
 
+from engine import __version__
 from engine.digital_river import (
     RATE_HEADROOM,
     AuthError,
@@ -213,7 +214,7 @@ async def test_sends_bearer_json_tracing_and_version_headers(client: DigitalRive
     first, second = seen
     assert first["Authorization"] == f"Bearer {KEY}"
     assert first["Content-Type"] == "application/json"
-    assert first["upstream-application-id"] == "drjobs/0.1.0"
+    assert first["upstream-application-id"] == f"drjobs/{__version__}"
     assert first["digitalriver-version"] == "2024-08-21"
     assert uuid.UUID(first["upstream-id"]).version == 4
     assert first["upstream-id"] != second["upstream-id"]
