@@ -28,6 +28,8 @@ Read from the database by `refresh_from_store` (which `/metrics` awaits before `
     drjobs_expired_leases{table}                          leased rows whose lease ran out
     drjobs_records{kind,status}                           the `status_counts` of `status`
     drjobs_live_nodes                                     engine processes heartbeating (within node_lost_seconds)
+    drjobs_job_last_success_timestamp_seconds{job}        when a run of the job last succeeded, cluster-wide
+    drjobs_job_paused{job}                                1 while the job is paused
     drjobs_installments_needing_attention{reason,status}  `status_attention`: records an operator should look at
     drjobs_metrics_db_up                                  1 if every read of the last refresh succeeded, else 0
 
@@ -48,6 +50,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from engine.logs import error_text, get_logger
 from engine.node import LOST_AFTER_SECONDS
+from engine.settings import JOBS
 from engine.store import LEASED_TABLES
 
 if TYPE_CHECKING:
@@ -208,6 +211,8 @@ class Metrics:
                 ("drjobs_records", _records),
                 ("drjobs_installments_needing_attention", _attention),
                 ("drjobs_dr_events_backlog", _events_backlog),
+                ("drjobs_job_last_success_timestamp_seconds", _last_success),
+                ("drjobs_job_paused", _paused),
                 ("drjobs_live_nodes", self._live_nodes),
             ):
                 try:
@@ -262,6 +267,9 @@ DB_GAUGES: dict[str, tuple[str, list[str]]] = {
     "drjobs_expired_leases": ("Leased rows whose lease ran out (their process died or stalled).", ["table"]),
     "drjobs_records": ("Records by status (as in `run.py status`).", ["kind", "status"]),
     "drjobs_live_nodes": ("Engine processes heartbeating.", []),
+    "drjobs_job_last_success_timestamp_seconds": ("When a run of the job last succeeded on any engine process (Unix "
+                                                  "time); no series for a job that never succeeded.", ["job"]),
+    "drjobs_job_paused": ("1 while the job is paused (`pause JOB`), else 0.", ["job"]),
     "drjobs_dr_events_backlog": ("Digital River events stored and not applied yet; installment records Pending "
                                  "(order made, payment not confirmed); seconds since the newest event was heard.",
                                  ["what"]),
@@ -333,6 +341,14 @@ async def _events_backlog(store: Store) -> list[Sample]:
         age = (datetime.now(UTC) - row["last_received_at"]).total_seconds()
         samples.append((("seconds_since_last_event",), max(0.0, age)))
     return samples
+
+
+async def _last_success(store: Store) -> list[Sample]:
+    return [((row["job"],), row["at"]) for row in await store.fetch("metrics_last_success", list(JOBS))]
+
+
+async def _paused(store: Store) -> list[Sample]:
+    return [((row["job"],), row["paused"]) for row in await store.fetch("metrics_paused", list(JOBS))]
 
 
 async def _records(store: Store) -> list[Sample]:

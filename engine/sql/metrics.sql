@@ -29,3 +29,17 @@ SELECT 'line-item-fulfillment', extract(epoch FROM now() - min(l.next_attempt_at
   JOIN fulfillments f ON f.id = l.fulfillment_id
   JOIN orders o ON o.id = f.order_id
  WHERE {{line_item_due}} AND {{line_item_order_sendable}};
+
+-- name: metrics_last_success
+-- /metrics: per job $1, when a run of it last succeeded (Unix seconds; no row for a job that never did), cluster-wide
+-- and across restarts. Each job's newest succeeded run, walking the (job, fire_time) index backwards.
+SELECT j.job, last.at
+  FROM unnest($1::text[]) AS j(job)
+  CROSS JOIN LATERAL (SELECT extract(epoch FROM r.finished_at)::float8 AS at FROM job_runs r
+                       WHERE r.job = j.job AND r.status = 'succeeded' AND r.finished_at IS NOT NULL
+                       ORDER BY r.fire_time DESC LIMIT 1) AS last;
+
+-- name: metrics_paused
+-- /metrics: per job $1, 1 when it is paused (`pause JOB`), else 0.
+SELECT j.job, coalesce((SELECT c.paused FROM job_controls c WHERE c.job = j.job), false)::int::float8 AS paused
+  FROM unnest($1::text[]) AS j(job);

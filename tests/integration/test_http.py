@@ -310,3 +310,21 @@ async def test_the_api_key_never_reaches_metrics_or_health(database_url: str, st
     assert "digital_river_key" in ready
     for body in bodies:
         assert canary not in body and "Authorization" not in body and "Bearer" not in body
+
+
+async def test_metrics_report_each_jobs_last_success_and_whether_it_is_paused(store: Store) -> None:
+    finished = datetime(2026, 11, 30, 12, 0, 5, tzinfo=UTC)
+    await store.pool.execute(
+        "INSERT INTO job_runs (job, fire_time, status, started_at, finished_at) VALUES "
+        "('recurring-payments', $1, 'succeeded', $1, $2), "
+        "('recurring-payments', $1 + interval '1 hour', 'failed', $1 + interval '1 hour', $2 + interval '1 hour'), "
+        "('order-fulfillment', $1, 'failed', $1, $2)", finished - timedelta(seconds=5), finished)
+    await store.pool.execute("INSERT INTO job_controls (job, paused, changed_by) VALUES ('log-cleanup', true, 'ops')")
+    metrics = Metrics()
+    assert await metrics.refresh_from_store(store)
+    found = samples(metrics.render().decode())
+    # The newest succeeded run, not the newest run; no series for a job that never succeeded.
+    assert gauge(found, "drjobs_job_last_success_timestamp_seconds", job="recurring-payments") == finished.timestamp()
+    assert gauge(found, "drjobs_job_last_success_timestamp_seconds", job="order-fulfillment") is None
+    assert gauge(found, "drjobs_job_paused", job="log-cleanup") == 1
+    assert gauge(found, "drjobs_job_paused", job="recurring-payments") == 0
