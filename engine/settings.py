@@ -376,6 +376,18 @@ KNOWN_SETTINGS = frozenset({
 })
 
 
+# The per-storefront settings of the contract (`DR_API_KEY_<STORE>`, …). Not read by this version (one key for
+# every record; docs/contract.md, Not built yet): never taken for a misspelling (`DR_API_KEY_X` resembles
+# DR_API_KEY), and `storefront_settings` names them so the engine can say they are ignored.
+STOREFRONT_SETTING_PREFIXES = ("DR_API_KEY_", "DR_API_URL_", "DR_MAX_REQUESTS_PER_SECOND_", "DR_WEBHOOK_SECRET_")
+
+
+def storefront_settings(env: Mapping[str, str] | None = None) -> list[str]:
+    """The set variables that are per-storefront settings, which this version does not read."""
+    return sorted(name for name in (os.environ if env is None else env)
+                  if name.startswith(STOREFRONT_SETTING_PREFIXES) and name not in KNOWN_SETTINGS)
+
+
 def misspelt_settings(env: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """(variable, the known one it most resembles) for set variables that look like a typo of ours.
 
@@ -386,7 +398,7 @@ def misspelt_settings(env: Mapping[str, str] | None = None) -> list[tuple[str, s
 
     found = []
     for name in sorted(os.environ if env is None else env):
-        if name in KNOWN_SETTINGS or not name.isupper():
+        if name in KNOWN_SETTINGS or not name.isupper() or name.startswith(STOREFRONT_SETTING_PREFIXES):
             continue
         close = difflib.get_close_matches(name, KNOWN_SETTINGS, n=1, cutoff=0.88)
         if close:

@@ -285,3 +285,13 @@ async def test_unknown_job_name_is_one_line_exit_2_and_nothing_written(database_
     assert "subscription-installments" in err  # what is allowed
     assert await store.pool.fetchval("SELECT count(*) FROM engine_nodes") == 0
     assert await store.pool.fetchval("SELECT count(*) FROM job_controls") == 0
+
+
+def test_storefront_settings_are_not_taken_for_misspellings_and_are_named_as_ignored() -> None:
+    from engine.settings import misspelt_settings, storefront_settings
+
+    env = {"DR_API_KEY": KEY, "DR_API_KEY_X": "sk_test_x", "DR_API_URL_EU_STORE": "https://eu.example",
+           "DR_WEBHOOK_SECRET_X": "s", "DR_MAX_REQUESTS_PER_SECOND_X": "10", "DR_API_KYE": "k"}
+    assert misspelt_settings(env) == [("DR_API_KYE", "DR_API_KEY")]
+    assert storefront_settings(env) == ["DR_API_KEY_X", "DR_API_URL_EU_STORE", "DR_MAX_REQUESTS_PER_SECOND_X",
+                                        "DR_WEBHOOK_SECRET_X"]
