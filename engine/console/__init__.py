@@ -43,7 +43,7 @@ from engine.console.dr_view import DrSampler
 from engine.console.forecast_view import ForecastCache, per_currency
 from engine.controls import RETRY_KINDS, retry, set_paused
 from engine.logs import error_text, get_logger, redact_text, register_secrets
-from engine.metrics import DB_ERRORS
+from engine.metrics import COUNT_EXACTLY_BELOW, DB_ERRORS, record_counts
 from engine.settings import JOBS, Settings, _without_password
 from engine.store import Store
 
@@ -54,9 +54,8 @@ MAX_PAGE = 200  # 10,000 rows back: further than that, filter instead
 RECENT_RUNS = 5
 EXAMPLES = 5
 COUNT_CAP = 10_000
-# Tables up to this size on disk are counted by status exactly (as `status` does); larger ones are estimated from
-# PostgreSQL's statistics, with exact counts of their Open, Pending and Failed records up to COUNT_CAP.
-EXACT_COUNT_BYTES = 4 * 2**20
+# Tables record_counts estimates (as `status` does) also get exact counts of their Open, Pending and Failed records
+# up to COUNT_CAP.
 # Failed records of each kind whose codes the Failures page lists.
 CODES_OF_NEWEST = 2000
 # Due fulfillment records looked at for the Backlog page's oldest due and awaiting-acceptance rows.
@@ -282,12 +281,10 @@ class Console:
 
     async def _backlog(self, request: web.Request) -> tuple[str, dict[str, Any]]:
         tables = list(KIND_OF_TABLE)
-        sizes = {r["kind"]: r["bytes"] for r in await self.store.fetch("console_table_sizes", tables)}
-        small = [t for t in tables if sizes.get(t, 0) <= EXACT_COUNT_BYTES]
-        large = [t for t in tables if t not in small]
-        (exact, estimates, to_do, oldest, waiting_rows, lines, awaiting, attention, events, paused_rows
-         ) = await self._gather(
-            self.store.fetch("console_counts_exact", small), self.store.fetch("console_status_estimates", large),
+        # Counted or estimated by the rule `status` and /metrics use (engine.metrics.record_counts).
+        counts = await record_counts(self.store)
+        large = sorted({row["kind"] for row in counts if row["estimated"]})
+        (to_do, oldest, waiting_rows, lines, awaiting, attention, events, paused_rows) = await self._gather(
             self.store.fetch("console_counts_to_do", COUNT_CAP) if large else _nothing(),
             self.store.fetch("console_oldest_waiting", DUE_WINDOW),
             self.store.fetch("console_installments_waiting", EXAMPLES, COUNT_CAP),
@@ -298,10 +295,8 @@ class Console:
         # records[table] = {status: (count, how)}: how is "exact", "estimate" (PostgreSQL's statistics) or "over"
         # (more than COUNT_CAP, counted no further: the estimate is shown).
         records: dict[str, dict[str, tuple[int, str]]] = {t: {} for t in tables}
-        for row in exact:
-            records[row["kind"]][row["status"]] = (row["count"], "exact")
-        for row in estimates:
-            records[row["kind"]][row["status"]] = (row["count"], "estimate")
+        for row in counts:
+            records[row["kind"]][row["status"]] = (row["count"], "estimate" if row["estimated"] else "exact")
         for row in to_do:
             if row["kind"] in large:
                 if row["count"] <= COUNT_CAP:
@@ -319,7 +314,7 @@ class Console:
             "attention": [dict(r) for r in attention], "attention_text": status.ATTENTION,
             "events": dict(events) if events else None,
             "paused": [dict(r) for r in paused_rows],
-            "exact_below_mb": EXACT_COUNT_BYTES // 2**20,
+            "exact_below_rows": COUNT_EXACTLY_BELOW,
         }
 
     async def _failures(self, request: web.Request) -> tuple[str, dict[str, Any]]:
