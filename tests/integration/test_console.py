@@ -295,6 +295,7 @@ async def test_the_forecast_page_shows_the_cached_forecast_computed_in_the_backg
     assert rows == [(today.isoformat(), "USD", "1", "20.00"), (next_month.isoformat(), "USD", "1", "20.00")]
     assert re.search(r'<tr data-currency="USD"><td>USD</td><td class="num">2</td><td class="num">40.00</td>', page)
     assert '<svg class="chart" data-currency="USD"' in page and page.count('<rect class="amount"') == 2
+    assert page.count('<line class="axis"') == 2  # the chart's axes (the shared `_chart.html` macro)
     assert f'data-date="{today.isoformat()}" x="' in page
     assert re.search(r'data-key="pending_installments"><td>pending installments</td><td class="num">0<', page)
     assert "Declines and retries are not foreseen" in page
