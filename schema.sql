@@ -81,7 +81,9 @@ CREATE TABLE IF NOT EXISTS orders (
     total_tax           numeric(18,2),
     total_amount        numeric(18,2),
     ship_to             jsonb,
-    bill_to             jsonb
+    bill_to             jsonb,
+    -- Whose Digital River key the order was placed and is fulfilled with (docs/contract.md, Storefronts).
+    storefront          text NOT NULL DEFAULT 'DefaultStore'
 );
 
 CREATE TABLE IF NOT EXISTS order_items (
@@ -121,7 +123,9 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     installment_count_remaining integer NOT NULL DEFAULT 0 CHECK (installment_count_remaining >= 0),
     installment_next_run_date   date,
     dr_billing_agreement_id     text,
-    last_error_message          text
+    last_error_message          text,
+    -- Charged with this storefront's Digital River key (cc_batch_SubscriptionProcessor('DefaultStore', …)).
+    storefront                  text NOT NULL DEFAULT 'DefaultStore'
 );
 -- Due subscriptions: the installment job's scan.
 CREATE INDEX IF NOT EXISTS subscriptions_due ON subscriptions (installment_next_run_date, id)
@@ -138,7 +142,8 @@ CREATE TABLE IF NOT EXISTS carts (
     dr_checkout_id              text,
     dr_order_id                 text,
     dr_payment_state            text CHECK (dr_payment_state IN ('Successful', 'Declined')),
-    dr_payment_failure_reason   text
+    dr_payment_failure_reason   text,
+    storefront                  text NOT NULL DEFAULT 'DefaultStore'
 );
 
 CREATE TABLE IF NOT EXISTS cart_items (
@@ -182,15 +187,29 @@ CREATE TABLE IF NOT EXISTS subscription_process_data (
     outage_count                    integer NOT NULL DEFAULT 0 CHECK (outage_count >= 0),
     locked_by                       text,
     locked_until                    timestamptz,
+    -- The subscription's storefront, copied when the record is made: charged with that storefront's key.
+    storefront                      text NOT NULL DEFAULT 'DefaultStore',
     UNIQUE (subscription_id, installment_number),
     -- A processed record is a successful one, and a successful one has its Digital River order.
     CHECK (is_recurring_payment_processed = (subscription_job_run_status = 'Successful')),
     CHECK (subscription_job_run_status <> 'Successful' OR dr_order_id IS NOT NULL)
 );
--- Due payment records: the recurring-payments claim walks this index in order (oldest installment date first;
--- a record without a date first of all) and stops when it has its rows.
-CREATE INDEX IF NOT EXISTS subscription_process_data_claim
-    ON subscription_process_data ((coalesce(installment_run_date, '-infinity'::date)), id)
+-- A storefront's name as its settings spell it (engine.settings.storefront_label: `EU Store` → `EU_STORE`, the
+-- STORE of DR_API_KEY_EU_STORE; DefaultStore stays itself). Only ASCII letters are upper-cased, as in Python.
+CREATE OR REPLACE FUNCTION drjobs_storefront_label(name text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN name = 'DefaultStore' THEN name
+                ELSE regexp_replace(translate(name, 'abcdefghijklmnopqrstuvwxyz', 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'),
+                                    '[^A-Z0-9]', '_', 'g') END
+$$;
+-- Due payment records: the recurring-payments claim of each storefront walks this index in order (oldest
+-- installment date first; a record without a date first of all) and stops when it has its rows. Its first column
+-- also gives the storefronts with open records by a loose index scan (`payment_storefronts`). Migration 0004
+-- builds it concurrently on an existing database (and drops subscription_process_data_claim, which it replaces).
+CREATE INDEX IF NOT EXISTS subscription_process_data_storefront_claim
+    ON subscription_process_data (drjobs_storefront_label(storefront),
+                                  (coalesce(installment_run_date, '-infinity'::date)), id)
     WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed;
 DROP INDEX IF EXISTS subscription_process_data_due;
 CREATE INDEX IF NOT EXISTS subscription_process_data_subscription
@@ -479,7 +498,9 @@ ALTER TABLE fulfillments ADD COLUMN IF NOT EXISTS dr_state_checked_at timestampt
 -- after the installment job's bulk insert the planner knows nothing of the new rows and would read every one of
 -- them through a bitmap and sort them; with bitmaps, sorts and sequential scans off for this one statement it
 -- walks the claim index in order and stops at the limit, so a claim reads a window, never the backlog (issue 14).
-CREATE OR REPLACE FUNCTION drjobs_payment_claim_window(after_date date, after_id bigint, size integer)
+-- One storefront's records at a time (its label, issue 17): each storefront is claimed on its own.
+DROP FUNCTION IF EXISTS drjobs_payment_claim_window(date, bigint, integer);
+CREATE OR REPLACE FUNCTION drjobs_payment_claim_window(after_date date, after_id bigint, size integer, label text)
 RETURNS TABLE (id bigint, claim_date date)
 LANGUAGE sql STABLE
 SET enable_bitmapscan = off SET enable_sort = off SET enable_seqscan = off
@@ -487,6 +508,7 @@ AS $$
     SELECT w.id, coalesce(w.installment_run_date, '-infinity'::date)
       FROM subscription_process_data w
      WHERE w.subscription_job_run_status = 'Open' AND NOT w.is_recurring_payment_processed
+       AND drjobs_storefront_label(w.storefront) = label
        AND (coalesce(w.installment_run_date, '-infinity'::date), w.id) > (after_date, after_id)
      ORDER BY coalesce(w.installment_run_date, '-infinity'::date), w.id
      LIMIT size

@@ -44,10 +44,11 @@ import asyncpg
 from engine.digital_river import AuthError, DigitalRiverError, Order, decline_is_soft, dr_message
 from engine.jobs import FAILED, SUCCEEDED, Job, Outcome, Outcomes, Run
 from engine.logs import error_text
+from engine.settings import storefront_label
 from engine.store import LeaseLost, Leases, sql
+from engine.storefronts import Storefront
 from engine.webhooks import event_row
 
-STOREFRONT = "DefaultStore"
 # The order events the engine acts on; the poll asks for these only (Digital River allows fewer than 20 types).
 ORDER_STATE_EVENTS = {
     "order.accepted": "accepted",
@@ -106,24 +107,27 @@ class DigitalRiverEvents(Job):
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_pending_events")) + int(
-            await self.store.fetchval("count_pending_records_due"))
+            await self.store.fetchval("count_pending_records_due", [s.label for s in self.storefronts]))
 
     async def run_once(self, run: Run) -> None:
         # A run a webhook woke applies what is stored; the scheduled (and manual, drain) runs also poll, so a
-        # storm of webhooks does not become a storm of GET /events.
-        if self.services.dr is not None and run.trigger != "message":
-            await self.poll()
+        # storm of webhooks does not become a storm of GET /events. Each storefront with a key is polled with it,
+        # all at once (one slow or refusing storefront does not hold up another's poll).
+        if run.trigger != "message":
+            async with asyncio.TaskGroup() as group:
+                for storefront in self.storefronts:
+                    group.create_task(self.poll(storefront), name=f"{self.job_name}:poll:{storefront.label}")
         await self.apply_all(run)
-        if self.services.dr is not None:
-            await self.look_at_pending(run)
-        if self.key_refused:
-            raise AuthError("Digital River refused the API key (401/403); the run stopped")
+        await self.claim_by_storefront(lambda storefront: self.look_at_pending(run, storefront))
 
     # -- 1. poll -------------------------------------------------------------------------------------------------
 
-    async def poll(self) -> None:
+    async def poll(self, storefront: Storefront) -> None:
+        """GET /events with the storefront's key since where its last poll reached; each event stored with the
+        storefront's label."""
         started = time.monotonic()
-        cursor = await self.store.fetchrow("event_cursor", STOREFRONT)
+        label, client = storefront.label, storefront.client
+        cursor = await self.store.fetchrow("event_cursor", label)
         since = (cursor["seen_until"] - POLL_OVERLAP) if cursor else datetime.now(UTC) - FIRST_POLL_LOOKBACK
         newest: tuple[datetime, str] | None = None
         listed = stored = 0
@@ -131,11 +135,11 @@ class DigitalRiverEvents(Job):
         after: str | None = None
         try:
             while await self.may_claim():
-                page, more = await self.dr.list_events(created_since=since, types=HANDLED_TYPES, starting_after=after)
+                page, more = await client.list_events(created_since=since, types=HANDLED_TYPES, starting_after=after)
                 listed += len(page)
                 if page:
                     rows = await self.store.fetch("store_events",
-                                                  json.dumps([event_row(e, STOREFRONT) for e in page]), "poll")
+                                                  json.dumps([event_row(e, label) for e in page]), "poll")
                     stored += len(rows)
                     for e in page:
                         if e.created_time is not None and (newest is None or e.created_time > newest[0]):
@@ -145,22 +149,22 @@ class DigitalRiverEvents(Job):
                     break
                 after = page[-1].id
         except AuthError:
-            self.key_refused = True
+            self.refuse(client)
             return
         except DigitalRiverError as exc:
             self.services.app_log.write("WARN", self.job_name, f"GET /events failed: {dr_message(exc)}",
                                         status=exc.status, response=exc.response, exc=exc)
             self.settle(None, Outcome("events_poll_failed", {"reason": dr_message(exc), "listed": listed,
-                                                             "stored": stored}), started)
+                                                             "stored": stored}), started, storefront=label)
             return
         finally:
             self.services.metrics.dr_events_stored("poll", stored)
         # The cursor moves only after every page was read: pages come newest first, so a poll cut short (an
         # error, a pause, a stop) must not skip the older events it did not reach.
         if complete and newest is not None:
-            await self.store.execute("save_event_cursor", STOREFRONT, *newest)
+            await self.store.execute("save_event_cursor", label, *newest)
         self.settle(None, Outcome("events_polled", {"listed": listed, "stored": stored, "complete": complete,
-                                                    "since": since.isoformat()}), started)
+                                                    "since": since.isoformat()}), started, storefront=label)
 
     # -- 2. apply ------------------------------------------------------------------------------------------------
 
@@ -186,7 +190,8 @@ class DigitalRiverEvents(Job):
                     return  # applied, or being applied, by another process
                 run.claimed += 1
                 status, message, app_log = await self.apply(conn, event["type"], event["dr_order_id"],
-                                                            _payload(event["payload"]), event["event_id"])
+                                                            _payload(event["payload"]), event["event_id"],
+                                                            event["storefront"])
                 await conn.fetchval(sql("finish_event"), row_id, status, message)
         except asyncio.CancelledError:
             raise
@@ -212,15 +217,22 @@ class DigitalRiverEvents(Job):
         self.settle(run, Outcome("event_failed", {"reason": error}), started, event_row=row_id, type=kind)
 
     async def apply(self, conn: asyncpg.Connection, kind: str, order_id: str | None, obj: dict[str, Any],
-                    event_id: str) -> tuple[str, str, AppLog | None]:
+                    event_id: str, storefront: str | None = None) -> tuple[str, str, AppLog | None]:
         """Apply one event inside the caller's transaction: (status, message, the application log to write once it
-        is committed, or None)."""
+        is committed, or None). `storefront`: whose key or webhook secret it came with; an event about an order of
+        another storefront is Ignored."""
         if kind not in HANDLED_TYPES:
             return "Ignored", f"{kind} is not an event the engine acts on", None
         if not order_id:
             return "Ignored", f"{kind} without an order id in data.object", None
-        if not await conn.fetchval(sql("order_known"), order_id):
+        owner = await conn.fetchval(sql("order_storefront"), order_id)
+        if owner is None:
             return "Ignored", f"order {order_id} is not one of this store's", None
+        if storefront is not None and owner != storefront_label(storefront):
+            # Heard with one storefront's key or webhook secret about another's order: never applied (a leaked
+            # secret of one storefront must not move another's records).
+            return "Ignored", (f"order {order_id} is storefront {owner}'s, but the event came for storefront "
+                               f"{storefront_label(storefront)}"), None
         node, retry_limit = self.store.node, self.settings.subscription_retry_count
         if kind == "order.charge.capture.failed":
             message = f"Digital River could not capture the payment of order {order_id} ({kind}, {event_id})"
@@ -255,31 +267,33 @@ class DigitalRiverEvents(Job):
 
     # -- 3. look at Pending installments ---------------------------------------------------------------------
 
-    async def look_at_pending(self, run: Run) -> None:
+    async def look_at_pending(self, run: Run, storefront: Storefront) -> None:
+        """One storefront's Pending installments without news, each looked at with its key."""
         leases = self.leases("subscription_process_data")
 
         async def claim(free: int, remaining: int) -> tuple[int, list[tuple[str, Any]]] | None:
-            rows = await leases.claim("claim_pending_records", min(free, remaining))
+            rows = await leases.claim("claim_pending_records", min(free, remaining), storefront.label)
             if not rows:
                 return None
-            return len(rows), [(f"pending-{r['id']}", self._look(run, leases, r)) for r in rows]
+            return len(rows), [(f"pending-{r['id']}", self._look(run, leases, r, storefront)) for r in rows]
 
-        await self.claim_and_process(run, [leases], self.settings.recurring_payment_process_query_limit, claim)
+        await self.claim_and_process(run, [leases], self.settings.recurring_payment_process_query_limit, claim,
+                                     storefront=storefront)
 
-    async def _look(self, run: Run, leases: Leases, row: asyncpg.Record) -> None:
+    async def _look(self, run: Run, leases: Leases, row: asyncpg.Record, storefront: Storefront) -> None:
         started = time.monotonic()
-        fields = {"record_id": row["id"], "dr_order_id": row["dr_order_id"]}
-        outcome = await self.attempt(self._look_once(leases, row), fields=fields,
+        fields = {"record_id": row["id"], "dr_order_id": row["dr_order_id"], "storefront": storefront.label}
+        outcome = await self.attempt(self._look_once(leases, row, storefront), fields=fields,
                                      lease_lost="pending_installment_lease_lost",
                                      crashed="pending_installment_crashed")
         leases.done([row["id"]])
         self.settle(run, outcome, started, **fields)
 
-    async def _look_once(self, leases: Leases, row: asyncpg.Record) -> Outcome:
+    async def _look_once(self, leases: Leases, row: asyncpg.Record, storefront: Storefront) -> Outcome:
         try:
-            order = await self.dr.get_order(row["dr_order_id"])
+            order = await storefront.client.get_order(row["dr_order_id"])
         except AuthError as exc:
-            self.key_refused = True
+            self.refuse(storefront.client)
             await leases.release([row["id"]])
             return Outcome("pending_installment_look_failed", {"reason": str(exc)})
         except DigitalRiverError as exc:
@@ -291,7 +305,8 @@ class DigitalRiverEvents(Job):
             return Outcome("pending_installment_looked_at", {"state": order.state, "status": "Pending"})
         leases.check(row["id"])
         async with self.store.pool.acquire() as conn, conn.transaction():
-            _, message, _ = await self.apply(conn, kind, order.id, order.raw, f"GET /orders/{order.id}")
+            _, message, _ = await self.apply(conn, kind, order.id, order.raw, f"GET /orders/{order.id}",
+                                             storefront.label)
         return Outcome("pending_installment_looked_at", {"state": order.state, "reason": message})
 
     async def _still_pending(self, leases: Leases, row: asyncpg.Record, until: datetime) -> None:

@@ -33,11 +33,12 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from engine.digital_river import AuthError, DigitalRiverError, dr_message
+from engine.digital_river import AuthError, DigitalRiverClient, DigitalRiverError, dr_message
 from engine.fulfillment import Sent, request_metadata, send_fulfillment
 from engine.jobs import FAILED, SUCCEEDED, Job, Outcome, Outcomes, Run, backoff
 from engine.logs import error_text
 from engine.store import LeaseLost, Leases
+from engine.storefronts import Storefront
 
 # An order whose lines wait for its acceptance is asked about (GET /orders/{id}) only after this long without
 # news: `order.accepted` (digital-river-events) normally says it first.
@@ -128,10 +129,14 @@ class LineItemFulfillment(Job):
     }
 
     async def due_count(self) -> int:
-        return int(await self.store.fetchval("count_due_line_items"))
+        return int(await self.store.fetchval("count_due_line_items", [s.label for s in self.storefronts]))
 
     async def run_once(self, run: Run) -> None:
         await self._refresh_states()
+        await self.claim_by_storefront(lambda storefront: self._send_storefront(run, storefront))
+
+    async def _send_storefront(self, run: Run, storefront: Storefront) -> None:
+        """The lines of one storefront's orders, sent with its key (its own slots and FULFILLMENT_QUERY_LIMIT)."""
         orders = self.leases("fulfillments")
         lines = self.leases("line_item_fulfillments")
         limit = self.settings.fulfillment_query_limit
@@ -140,7 +145,7 @@ class LineItemFulfillment(Job):
             # An order is claimed first (its lease is the order's lock), then its due lines. Until the run has
             # taken anything, an order with more lines than the whole limit may be taken (and split).
             claimed = [r["id"] for r in await orders.claim("claim_line_item_orders", free, remaining,
-                                                           remaining == limit)]
+                                                           remaining == limit, storefront.label)]
             if not claimed:
                 return None
             rows = await lines.claim("claim_order_lines", remaining, claimed)
@@ -151,17 +156,18 @@ class LineItemFulfillment(Job):
             for line in await self.store.fetch("line_item_details", [r["id"] for r in rows]) if rows else []:
                 by_order.setdefault(line["fulfillment_id"], []).append(line)
             return len(rows), [(f"order-{fulfillment_id}",
-                                self._process(run, orders, lines, fulfillment_id, group, unfinished))
+                                self._process(run, orders, lines, fulfillment_id, group, unfinished,
+                                              storefront.client))
                                for fulfillment_id, group in by_order.items()]
 
-        await self.claim_and_process(run, [orders, lines], limit, claim)
+        await self.claim_and_process(run, [orders, lines], limit, claim, storefront=storefront)
 
     # -- orders waiting for acceptance ------------------------------------------------------------------------
 
     async def _refresh_states(self) -> None:
         """Ask Digital River once for the state of each order whose due lines wait on acceptance."""
         rows = await self.store.fetch("orders_awaiting_acceptance", self.settings.fulfillment_query_limit,
-                                      ORDER_STATE_LOOK_AFTER_SECONDS)
+                                      ORDER_STATE_LOOK_AFTER_SECONDS, [s.label for s in self.storefronts])
         if not rows:
             return
         slots = asyncio.Semaphore(self.concurrency)
@@ -170,16 +176,17 @@ class LineItemFulfillment(Job):
                 group.create_task(self._refresh(row, slots), name=f"order-state:{row['id']}")
 
     async def _refresh(self, row: asyncpg.Record, slots: asyncio.Semaphore) -> None:
+        client = self.client_for(row["storefront"])
         async with slots:
-            if self.key_refused or self.stop_requested:
+            if client is None or client.storefront in self.refused or self.stop_requested:
                 return
             started = time.monotonic()
             fields = {"fulfillment_id": row["id"], "dr_order_id": row["dr_order_id"],
                       "previous_state": row["dr_order_state"]}
             try:
-                order = await self.dr.get_order(row["dr_order_id"])
+                order = await client.get_order(row["dr_order_id"])
             except AuthError:
-                self.key_refused = True
+                self.refuse(client)
                 return
             except DigitalRiverError as exc:
                 message = dr_message(exc)
@@ -194,12 +201,12 @@ class LineItemFulfillment(Job):
     # -- one order's lines ------------------------------------------------------------------------------------
 
     async def _process(self, run: Run, orders: Leases, lines: Leases, fulfillment_id: int,
-                       order_lines: list[asyncpg.Record], unfinished: set[int]) -> None:
+                       order_lines: list[asyncpg.Record], unfinished: set[int], client: DigitalRiverClient) -> None:
         started = time.monotonic()
         ids = [line["id"] for line in order_lines]
         verdicts: dict[int, Verdict]
         try:
-            verdicts = await self._fulfil(order_lines, orders, lines, fulfillment_id, unfinished)
+            verdicts = await self._fulfil(order_lines, orders, lines, fulfillment_id, unfinished, client)
             written = await self._write(orders, lines, fulfillment_id, verdicts)
         except asyncio.CancelledError:
             # Cancelled (a hard stop) perhaps after Digital River took the request: the leases are not given
@@ -211,7 +218,7 @@ class LineItemFulfillment(Job):
             verdicts = {i: Verdict("line_item_lease_lost", fields={"error": str(exc)}) for i in ids}
             written = set(ids)
         except AuthError as exc:
-            self.key_refused = True
+            self.refuse(client)
             await lines.release(ids)
             await orders.release([fulfillment_id])
             verdicts = {i: Verdict("line_item_key_refused", fields={"error": str(exc)}) for i in ids}
@@ -240,7 +247,7 @@ class LineItemFulfillment(Job):
                         app_logged=verdict.app_level is not None and line["id"] in written)
 
     async def _fulfil(self, order_lines: Sequence[asyncpg.Record], orders: Leases, lines: Leases,
-                      fulfillment_id: int, unfinished: set[int]) -> dict[int, Verdict]:
+                      fulfillment_id: int, unfinished: set[int], client: DigitalRiverClient) -> dict[int, Verdict]:
         """Check every line, send the good ones (one request per tracking), and decide how each ends. Before each
         send the order's lease (its lock) is fenced: still this claim's, unexpired, pushed out for the call.
         A group with a line that may have been sent already (an earlier claim of it never wrote an outcome, or
@@ -261,7 +268,7 @@ class LineItemFulfillment(Job):
                 lines.check(line["id"])
             await orders.touch(fulfillment_id)
             look_first = any(line["id"] in unfinished or line["retry_count"] > 0 for line in group)
-            results = await send_fulfillment(self.dr, dr_order_id, entries, dict(key), tag=self.tag,
+            results = await send_fulfillment(client, dr_order_id, entries, dict(key), tag=self.tag,
                                              look_first=look_first)
             request = {"orderId": dr_order_id, "items": [entry for _, entry in entries], **dict(key),
                        "metadata": request_metadata(self.tag, [line_id for line_id, _ in entries])}

@@ -32,10 +32,11 @@ from typing import Any, ClassVar
 
 import asyncpg
 
-from engine.digital_river import AuthError, DigitalRiverError
+from engine.digital_river import AuthError, DigitalRiverClient, DigitalRiverError
 from engine.fulfillment import Sent, request_metadata, send_fulfillment
 from engine.jobs import FAILED, SUCCEEDED, BadData, Job, Outcome, Outcomes, Run, backoff
 from engine.store import LeaseLost, Leases
+from engine.storefronts import Storefront
 
 
 def cancel_items(rec: asyncpg.Record, items: Sequence[asyncpg.Record]) -> list[tuple[int, dict[str, Any]]]:
@@ -73,13 +74,17 @@ class OrderFulfillment(Job):
     }
 
     async def due_count(self) -> int:
-        return int(await self.store.fetchval("count_due_cancelled_orders"))
+        return int(await self.store.fetchval("count_due_cancelled_orders", [s.label for s in self.storefronts]))
 
     async def run_once(self, run: Run) -> None:
+        await self.claim_by_storefront(lambda storefront: self._cancel_storefront(run, storefront))
+
+    async def _cancel_storefront(self, run: Run, storefront: Storefront) -> None:
+        """One storefront's cancelled orders, sent with its key (its own slots and FULFILLMENT_QUERY_LIMIT)."""
         leases = self.leases("fulfillments")
 
         async def claim(free: int, remaining: int) -> tuple[int, list[tuple[str, Any]]] | None:
-            rows = await leases.claim("claim_cancelled_orders", min(free, remaining))
+            rows = await leases.claim("claim_cancelled_orders", min(free, remaining), storefront.label)
             if not rows:
                 return None
             ids = [r["id"] for r in rows]
@@ -88,19 +93,21 @@ class OrderFulfillment(Job):
                 items[item["fulfillment_id"]].append(item)
             unfinished = {r["id"] for r in rows if r["unfinished"]}
             return len(rows), [(f"order-{rec['id']}",
-                                self._process(run, leases, rec, items[rec["id"]], rec["id"] in unfinished))
+                                self._process(run, leases, rec, items[rec["id"]], rec["id"] in unfinished,
+                                              storefront.client))
                                for rec in await self.store.fetch("cancel_order_details", ids)]
 
-        await self.claim_and_process(run, [leases], self.settings.fulfillment_query_limit, claim)
+        await self.claim_and_process(run, [leases], self.settings.fulfillment_query_limit, claim,
+                                     storefront=storefront)
 
     async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record],
-                       unfinished: bool) -> None:
+                       unfinished: bool, client: DigitalRiverClient) -> None:
         started = time.monotonic()
         fields: dict[str, Any] = {"record_id": rec["id"], "order_id": rec["order_id"],
                                   "dr_order_id": rec["dr_order_id"]}
         # A crash (a bug or a database failure) leaves the lease to lapse: the record comes back.
         try:
-            outcome = await self.attempt(self._cancel(leases, rec, items, leases.token(rec["id"]), unfinished),
+            outcome = await self.attempt(self._cancel(leases, rec, items, leases.token(rec["id"]), unfinished, client),
                                          fields=fields,
                                          lease_lost="order_cancel_lease_lost", crashed="order_cancel_crashed")
         except asyncio.CancelledError:
@@ -112,7 +119,7 @@ class OrderFulfillment(Job):
         self.settle(run, outcome, started, **fields)
 
     async def _cancel(self, leases: Leases, rec: asyncpg.Record, items: list[asyncpg.Record], token: int,
-                      unfinished: bool) -> Outcome:
+                      unfinished: bool, client: DigitalRiverClient) -> Outcome:
         """One cancellation: check, send, and write how it ended (every write under the claim's lease token).
         When an earlier claim never wrote its outcome, or this is a retry, the order's fulfillments are looked
         at first, so a cancellation Digital River already took is not sent again (engine/fulfillment.py)."""
@@ -129,10 +136,10 @@ class OrderFulfillment(Job):
         # Marks the fulfillment as this record's (with the order item ids, engine/fulfillment.py).
         tag = {"drjobsJob": self.job_name, "drjobsRecord": str(rec["id"])}
         try:
-            results = await send_fulfillment(self.dr, rec["dr_order_id"], entries, tag=tag,
+            results = await send_fulfillment(client, rec["dr_order_id"], entries, tag=tag,
                                              look_first=unfinished or rec["retry_count"] > 0)
         except AuthError as exc:
-            self.key_refused = True
+            self.refuse(client)
             await leases.release([rec["id"]])
             return Outcome("order_cancel_key_refused", {"error": str(exc)})
         request = {"orderId": rec["dr_order_id"], "items": [item for _, item in entries],

@@ -49,6 +49,7 @@ from engine.digital_river import (
     AuthError,
     BadRequestError,
     DeclinedError,
+    DigitalRiverClient,
     DigitalRiverError,
     NotFoundError,
     Order,
@@ -60,6 +61,7 @@ from engine.jobs import FAILED, SUCCEEDED, BadData, Job, Outcome, Outcomes, Run,
 from engine.metrics import first_due_payment
 from engine.money import cents, is_currency
 from engine.store import LeaseLost, Leases
+from engine.storefronts import Storefront
 
 DECLINE_PAUSE = timedelta(hours=24)
 DECLINE_WINDOW = timedelta(days=30)
@@ -288,29 +290,49 @@ class RecurringPayments(Job):
         return int(await self.store.fetchval("count_due_payment_records"))
 
     async def has_due(self) -> bool:
-        """Whether any record is due: the claim order walked a window at a time, never a count of the backlog."""
-        return await first_due_payment(self.store, HAS_DUE_WINDOW) is not None
+        """Whether any record of a storefront with a key is due: each one's claim order walked a window at a time,
+        never a count of the backlog (a storefront waiting for a key has nothing due for drain)."""
+        labels = [storefront.label for storefront in self.storefronts]
+        return bool(labels) and await first_due_payment(self.store, HAS_DUE_WINDOW, labels) is not None
 
     async def run_once(self, run: Run) -> None:
+        """Each storefront with a key claims and charges its own records at once (`claim_by_storefront`), each
+        within RECURRING_PAYMENT_PROCESS_QUERY_LIMIT and RECURRING_PAYMENTS_CONCURRENCY, as the Salesforce app's job
+        runs per storefront. Storefronts whose records wait for a key are named once per run."""
+        labels = [row["label"] for row in await self.store.fetch("payment_storefronts")]
+        keyed = {storefront.label for storefront in self.storefronts}
+        waiting = [label for label in labels if label not in keyed]
+        if waiting:
+            self.log.warning("storefronts_waiting_for_key", storefronts=waiting,
+                             detail="their installment records are not charged until DR_API_KEY_<STORE> is set")
+
+        async def each(storefront: Storefront) -> None:
+            if storefront.label in labels:
+                await self._charge_storefront(run, storefront)
+
+        await self.claim_by_storefront(each)
+
+    async def _charge_storefront(self, run: Run, storefront: Storefront) -> None:
         leases = self.leases("subscription_process_data")
-        # Where the run is in the claim order (installment date, id). A claim reads a window of CLAIM_WINDOW open
-        # records from there (issue 14: its cost follows what it takes, not the backlog) and the cursor moves to
-        # the last row it took, or past a window with nothing due. At the end of the order a new pass starts from
-        # the beginning (an installment whose earlier one finished since, a record given back), once per pass
-        # that took something; a pass that takes nothing ends the claiming.
+        # Where the run is in this storefront's claim order (installment date, id). A claim reads a window of
+        # CLAIM_WINDOW open records from there (issue 14: its cost follows what it takes, not the backlog) and the
+        # cursor moves to the last row it took, or past a window with nothing due. At the end of the order a new pass
+        # starts from the beginning (an installment whose earlier one finished since, a record given back), once per
+        # pass that took something; a pass that takes nothing ends the claiming.
         cursor = CLAIM_START
         took_in_pass = False
+        label = storefront.label
 
         async def claim(free: int, remaining: int) -> tuple[int, list[tuple[str, Any]]] | None:
             nonlocal cursor, took_in_pass
             size = min(self.settings.recurring_payment_batch_size, free, remaining)
             while True:
-                rows = await leases.claim("claim_payment_records", size, *cursor, CLAIM_WINDOW)
+                rows = await leases.claim("claim_payment_records", size, *cursor, CLAIM_WINDOW, label)
                 if rows:
                     cursor = max((r["claim_date"], r["id"]) for r in rows)
                     took_in_pass = True
                     break
-                window = await self.store.fetchrow("payment_claim_window_end", *cursor, CLAIM_WINDOW)
+                window = await self.store.fetchrow("payment_claim_window_end", *cursor, CLAIM_WINDOW, label)
                 if window is not None:
                     cursor = (window["claim_date"], window["id"])
                     continue
@@ -320,17 +342,18 @@ class RecurringPayments(Job):
                 cursor, took_in_pass = CLAIM_START, False
             failpoint("after_claim")
             details = await self.store.fetch("payment_record_details", [r["id"] for r in rows])
-            return len(rows), [(f"record-{rec['id']}", self._process(run, leases, rec)) for rec in details]
+            return len(rows), [(f"record-{rec['id']}", self._process(run, leases, rec, storefront.client))
+                               for rec in details]
 
         # The next installment of a subscription in flight becomes claimable when it finishes: wait for it.
         await self.claim_and_process(run, [leases], self.settings.recurring_payment_process_query_limit, claim,
-                                     wait_when_empty=True)
+                                     wait_when_empty=True, storefront=storefront)
 
-    async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record) -> None:
+    async def _process(self, run: Run, leases: Leases, rec: asyncpg.Record, client: DigitalRiverClient) -> None:
         started = time.monotonic()
         fields: dict[str, Any] = {"record_id": rec["id"], "subscription_id": rec["subscription_id"],
-                                  "installment_number": rec["installment_number"]}
-        charge = Charge(self, leases, rec)
+                                  "installment_number": rec["installment_number"], "storefront": client.storefront}
+        charge = Charge(self, leases, rec, client)
         # A bug, or an answer the store refuses: the record is put back with the outage backoff (checkout kept, so
         # nothing is charged twice). If even that fails, its lease lapses and it comes back.
         outcome = await self.attempt(
@@ -343,8 +366,10 @@ class RecurringPayments(Job):
 class Charge:
     """The exactly-once protocol for one claimed record, every write fenced by the claim's lease token."""
 
-    def __init__(self, job: RecurringPayments, leases: Leases, rec: asyncpg.Record) -> None:
+    def __init__(self, job: RecurringPayments, leases: Leases, rec: asyncpg.Record, client: DigitalRiverClient) -> None:
         self.job = job
+        # The client of the record's storefront: every call for this record is made with its key.
+        self.dr = client
         self.leases = leases
         self.rec = rec
         self.id: int = rec["id"]
@@ -355,7 +380,7 @@ class Charge:
 
     async def run(self) -> Outcome:
         """The protocol for one record; returns how it ended."""
-        rec, dr = self.rec, self.job.dr
+        rec, dr = self.rec, self.dr
         try:
             if rec["dr_order_id"]:
                 return await self.settle_order(await dr.get_order(rec["dr_order_id"]), adopted=True)
@@ -405,7 +430,7 @@ class Charge:
                 failpoint("after_checkout_saved")
             return await self.submit(checkout_id)
         except AuthError as exc:
-            self.job.key_refused = True
+            self.job.refuse(self.dr)
             await self.leases.release([self.id])
             return Outcome("installment_key_refused", {"error": str(exc)})
         except OutcomeUnknown as exc:
@@ -461,7 +486,7 @@ class Charge:
         """POST /orders for a committed checkout, and every way it can end."""
         self.leases.check(self.id)
         try:
-            order = await self.job.dr.create_order(checkout_id)
+            order = await self.dr.create_order(checkout_id)
         except DeclinedError as exc:
             message = dr_message(exc)
             if not exc.classified:
@@ -520,7 +545,7 @@ class Charge:
         Only an order carrying this checkout or this record's upstream id is adopted, whatever else a lookup
         lists. A lookup Digital River refuses (anything but a refused key) leaves the outcome unknown.
         """
-        dr, upstream_id = self.job.dr, self.rec["upstream_id"]
+        dr, upstream_id = self.dr, self.rec["upstream_id"]
         # An order that failed after it was made (order.charge.failed, order.blocked, order.cancelled) stays in
         # the record's history and is never adopted: a later attempt's lookups by upstream id still list it.
         failed = set(self.rec["dr_failed_order_ids"] or ())

@@ -20,7 +20,6 @@ from engine.actor import Actor, Supervisor
 from engine.console import Console
 from engine.console.dr_view import DrSampler
 from engine.database import DatabaseUnavailable, connection_failure, describe_target, open_database
-from engine.digital_river import DigitalRiverClient
 from engine.http import Health, HttpServer
 from engine.jobs import Job, Run, RunRequest, Services
 from engine.log_writer import LogWriter
@@ -32,6 +31,7 @@ from engine.scheduler import Scheduler
 from engine.schema import MigrationError
 from engine.settings import JOBS, Settings
 from engine.store import Store, is_outage
+from engine.storefronts import Storefronts
 from engine.webhooks import WebhookServer
 
 log = get_logger(component="engine")
@@ -96,29 +96,32 @@ class Engine:
         self.app_log = AppLogSink(settings.app_log_level, settings.node_name)
         install_app_log(self.app_log)
         self.metrics = Metrics(node_lost_seconds=settings.node_lost_seconds)
-        dr = DigitalRiverClient.from_settings(settings, self.app_log) if settings.dr_api_key else None
-        if dr is not None:
-            dr.metrics = self.metrics
+        # A client per storefront with a key (engine/storefronts.py); DefaultStore's is `dr`.
+        self.storefronts = Storefronts(settings, self.app_log, self.metrics)
+        dr = self.storefronts.default
         self.dr = dr
         # A 429 met here pauses every engine on this database using the key, and theirs pause this one.
-        self.rate_pauses = RatePauses(store, dr) if dr is not None else None
+        self.rate_pauses = RatePauses(store, self.storefronts.clients) if self.storefronts.clients else None
         # The webhook listener, once `serve` has started it (tests read its port).
         self.webhooks: WebhookServer | None = None
-        if dr is not None and self.rate_pauses is not None:
-            dr.on_rate_limited = self.rate_pauses.publish
-        self.services = Services(settings, store, self.app_log, self.stop, dr=dr, metrics=self.metrics)
+        self.services = Services(settings, store, self.app_log, self.stop, dr=dr, metrics=self.metrics,
+                                 storefronts=self.storefronts)
         self.jobs = build_jobs(self.services)
         self.services.jobs = self.jobs
-        on_live_nodes = getattr(dr, "set_share", None)
-        self.node = NodeHeartbeat(store, __version__, on_live_nodes, lost_after=settings.node_lost_seconds,
-                                  published=published_settings(settings, set(self.jobs)))
+        self.node = NodeHeartbeat(store, __version__, self.storefronts.set_shares,
+                                  lost_after=settings.node_lost_seconds,
+                                  published=published_settings(settings, set(self.jobs), self.storefronts.published()),
+                                  default_key_id=dr.key_id if dr is not None else None)
         self.log_writer = LogWriter(store, self.app_log)
         self.supervisor: Supervisor | None = None
         self.metrics.set_in_flight_source(lambda: {name: job.in_flight() for name, job in self.jobs.items()})
         self.metrics.set_queue_depth_source(
             lambda: {a.name: a.inbox.qsize() for a in (self.supervisor.actors if self.supervisor else [])})
+        # Ready while Digital River accepts the key of at least one storefront (or none is configured): one
+        # storefront's refused key is named in the check, but the process serves the others.
         self.health = Health(store, lambda: dict(self.supervisor.running) if self.supervisor else {},
-                             lambda: dr is None or not dr.key_refused)
+                             lambda: len(self.storefronts.key_refused()) < max(1, len(self.storefronts)),
+                             refused_storefronts=self.storefronts.key_refused)
 
     def _supervisor(self, with_scheduler: bool) -> Supervisor:
         actors: list[Actor[Any]] = [self.node, self.log_writer, *self.jobs.values()]
@@ -202,9 +205,12 @@ class Engine:
             if events is not None:
                 events.offer(RunRequest(datetime.now(UTC), "message"))
 
+        # DefaultStore's path always (refusing every delivery without DR_WEBHOOK_SECRET), and one per other
+        # storefront this process has a key for.
+        secrets = {config.label: config.webhook_secret for config in self.settings.keyed_storefronts}
         self.webhooks = WebhookServer(self.settings.webhook_host, self.settings.webhook_port, self.store,
                                       self.metrics, secret=self.settings.dr_webhook_secret,
-                                      tolerance=self.settings.webhook_tolerance_seconds, wake=wake)
+                                      tolerance=self.settings.webhook_tolerance_seconds, wake=wake, secrets=secrets)
         return self.webhooks
 
     async def drive(self, work: Callable[[], Any]) -> int:
@@ -226,10 +232,7 @@ class Engine:
 
     @asynccontextmanager
     async def _dr_open(self) -> AsyncIterator[None]:
-        if self.dr is None:
-            yield
-            return
-        async with self.dr:
+        async with self.storefronts:
             yield
 
     async def run_job(self, name: str) -> int:

@@ -318,13 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, known in misspelt:
         get_logger(component="settings").warning("setting_unknown", variable=name, did_you_mean=known,
                                                  detail="not a drjobs setting; the setting keeps its default")
-    from engine.settings import storefront_settings
+    from engine.settings import storefronts_without_key
 
-    for name in storefront_settings():
+    for label in storefronts_without_key(settings):
         get_logger(component="settings").warning(
-            "storefront_setting_ignored", variable=name,
-            detail="per-storefront settings are not built in this version: every record uses DR_API_KEY, "
-                   "DR_API_URL, DR_MAX_REQUESTS_PER_SECOND and DR_WEBHOOK_SECRET (docs/contract.md, Not built yet)")
+            "storefront_without_key", storefront=label,
+            detail=f"DR_API_KEY_{label} is unset: this storefront's records wait, untouched, until it is set")
     if command.name == "serve" and not settings.database_url:
         get_logger(component="settings").warning(
             "embedded_database", data_dir=os.path.abspath(settings.data_dir),

@@ -60,14 +60,17 @@ over). create_order is never repeated: a second POST could charge twice, so the 
 create_fulfillment neither: engine/fulfillment.py looks for the fulfillment (by our metadata) before a repeat.
 
 Rate: every request, retries included, first takes a token from one bucket shared by all callers of the
-client. Its rate is DR_MAX_REQUESTS_PER_SECOND divided by the number of live engine processes
-(`set_share`, called from the node heartbeat). A 429 pauses every request of the client until its whole
+client (one client per storefront key, engine/storefronts.py). Its rate is the storefront's
+DR_MAX_REQUESTS_PER_SECOND divided by the number of live engine processes holding the key (`set_share`, called
+from the node heartbeat). A 429 pauses every request of the client until its whole
 `Retry-After` (1 s when absent) has passed, because Digital River refuses every call with that key before that
 time (its example is 120 s). The pause is capped only at RETRY_AFTER_CAP_SECONDS (an hour), so a Retry-After of
-a year cannot freeze the process for good. `on_rate_limited(seconds)` tells the engine, which shares the pause
-with every other process on the database using the same key (engine/rate_pauses.py); `pause_for` applies a pause
-another process met. `Retry-After` is read as delta-seconds (digits, optionally a fraction) or an HTTP date;
-anything else ("-1", "1e3", "inf") is absent.
+a year cannot freeze the process for good. A request made while more than `backoff_max` of a pause is left is not
+sent and not waited for: it fails at once as a TransientError (code `rate_paused`), so the record holding it goes
+back with its outage backoff instead of holding a concurrency slot through the pause. `on_rate_limited(seconds)`
+tells the engine, which shares the pause with every other process on the database using the same key
+(engine/rate_pauses.py); `pause_for` applies a pause another process met. `Retry-After` is read as delta-seconds
+(digits, optionally a fraction) or an HTTP date; anything else ("-1", "1e3", "inf") is absent.
 
 Logging: each failed call writes ONE `application_logs` row after its retries are spent (not one per attempt),
 level ERROR, module `digital-river`, message `dr_request_failed`, with the status, the request
@@ -748,6 +751,10 @@ class TokenBucket:
     def paused_until(self) -> float:
         return self._paused_until
 
+    def now(self) -> float:
+        """The bucket's clock, the one `paused_until` is on."""
+        return self._clock()
+
     async def acquire(self) -> float:
         """Wait for a token; return the seconds spent waiting."""
         waited = 0.0
@@ -863,6 +870,8 @@ class DigitalRiverClient:
         self.on_rate_limited: Callable[[float], Any] | None = None
         # Names the key in a shared pause without being the key: the first 16 hex digits of its SHA-256.
         self.key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
+        # The storefront (label, engine/storefronts.py) whose key this is: in its failure logs and pauses.
+        self.storefront = "DefaultStore"
 
     @classmethod
     def from_settings(cls, settings: Settings, app_log: AppLogSink | None = None) -> DigitalRiverClient:
@@ -913,6 +922,10 @@ class DigitalRiverClient:
     def pause_for(self, seconds: float) -> None:
         """Hold every request for `seconds` (a 429 another process met with this key), at most an hour."""
         self.bucket.pause(min(max(0.0, seconds), RETRY_AFTER_CAP_SECONDS))
+
+    def paused_for(self) -> float:
+        """Seconds left of a 429 pause (0 when none): a storefront paused this long does not claim records."""
+        return max(0.0, self.bucket.paused_until - self.bucket.now())
 
     def set_share(self, live_nodes: int) -> None:
         """Use 1/`live_nodes` of the cluster's DR_MAX_REQUESTS_PER_SECOND (called from the node heartbeat)."""
@@ -1069,6 +1082,12 @@ class DigitalRiverClient:
         session = self._session
         if session is None:
             raise RuntimeError("DigitalRiverClient is not started: use `async with client:` or `await start()`")
+        paused = self.paused_for()
+        if paused > self.backoff_max:
+            # A 429 told us Digital River refuses this key for a while: nothing is sent, and the caller (a record
+            # holding a concurrency slot) hears it now instead of waiting out the whole pause (issue 17).
+            raise TransientError(f"not sent: Digital River asked this key to wait {paused:.0f} s more (429 "
+                                 "Retry-After)", code="rate_paused", path=path, retry_after=paused)
         waited = await self.bucket.acquire()
         if waited:
             self.stats.rate_limit_wait_seconds += waited

@@ -3,8 +3,9 @@ HTTP_HOST:HTTP_PORT (loopback by default).
 
     GET /healthz   200 {"status": "ok"} while the process serves requests (liveness)
     GET /readyz    200 {"status": "ready", "checks": {…}} when the database answers, every actor runs and
-                   Digital River accepts the key; otherwise 503 {"status": "not_ready", "failing": [names],
-                   "checks": {…}}
+                   Digital River accepts a key (a storefront whose key it refused is named in the check's
+                   `refused`; the process still serves the others, so it stays ready); otherwise 503
+                   {"status": "not_ready", "failing": [names], "checks": {…}}
     GET /metrics   the Prometheus text format, after reading the database gauges (time-boxed)
 
 These three only read: nothing here changes the engine or the database; the console's actions (retry, pause,
@@ -37,15 +38,24 @@ class Health:
 
     `store`: the process's store (`SELECT 1` must answer within `db_timeout` seconds; /metrics reads its gauges
     through it too). `actors_running()` → {actor: running}; ready when every actor runs (an empty answer, before
-    the supervisor starts, is not ready). `dr_key_ok()` → False once Digital River refused the key (401/403).
+    the supervisor starts, is not ready). `dr_key_ok()` → False once Digital River refused the key (401/403);
+    `refused_storefronts()`, when given, names the storefronts whose key it refused (issue 17).
     """
 
     def __init__(self, store: Store, actors_running: Callable[[], dict[str, bool]], dr_key_ok: Callable[[], bool],
-                 *, db_timeout: float = DB_TIMEOUT_SECONDS) -> None:
+                 *, db_timeout: float = DB_TIMEOUT_SECONDS,
+                 refused_storefronts: Callable[[], list[str]] | None = None) -> None:
         self.store = store
         self.actors_running = actors_running
         self.dr_key_ok = dr_key_ok
+        self.refused_storefronts = refused_storefronts
         self.db_timeout = db_timeout
+
+    def _key(self) -> dict[str, Any]:
+        check: dict[str, Any] = {"ok": bool(self.dr_key_ok())}
+        if self.refused_storefronts is not None:
+            check["refused"] = self.refused_storefronts()
+        return check
 
     def alive(self) -> bool:
         """The process is alive. Being asked at all proves the event loop turns: a blocked loop cannot answer,
@@ -57,7 +67,7 @@ class Health:
         checks = {
             "database": await self._database(),
             "actors": _call_check(self._actors),
-            "digital_river_key": _call_check(lambda: {"ok": bool(self.dr_key_ok())}),
+            "digital_river_key": _call_check(self._key),
         }
         return all(check["ok"] for check in checks.values()), checks
 

@@ -24,13 +24,17 @@ from engine.actor import Actor
 from engine.digital_river import AuthError, DigitalRiverClient
 from engine.logs import AppLogSink, error_text, get_logger
 from engine.metrics import Metrics
-from engine.settings import Settings
+from engine.settings import Settings, storefront_label
 from engine.store import LeaseLost, Leases, Store, is_outage
+from engine.storefronts import Storefront, Storefronts
 
 log = get_logger(component="jobs")
 # How long a job trusts its last look at job_controls before asking again (pause takes effect within this).
 PAUSE_CHECK_SECONDS = 1.0
 BACKOFF_MAX = timedelta(hours=1)
+# A storefront whose client is paused (a 429) for longer than this stops claiming for the rest of the run; a
+# shorter pause is waited out.
+LONG_PAUSE_SECONDS = 5.0
 # How an outcome counts on its run (`Job.outcomes`).
 SUCCEEDED, FAILED = "succeeded", "failed"
 # A job's outcomes: event → (log level, SUCCEEDED / FAILED / None).
@@ -106,6 +110,8 @@ class Services:
     stopping: asyncio.Event
     dr: DigitalRiverClient | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    # A client per storefront with a key (engine/storefronts.py); None: `dr` alone, as DefaultStore's.
+    storefronts: Storefronts | None = None
     jobs: dict[str, Job] = field(default_factory=dict)
     # True under `serve`: jobs may start each other's runs. `run JOB` and `drain` drive every run themselves.
     autonomous: bool = False
@@ -136,8 +142,9 @@ class Job(Actor[RunRequest]):
         self._paused = False
         self._pause_checked = -PAUSE_CHECK_SECONDS
         self._leases: list[Leases] = []
-        # Set by a record's processing on a 401/403: the run stops claiming and ends `failed`.
-        self.key_refused = False
+        # The storefronts whose key Digital River refused (401/403) in this run (`refuse`): they stop claiming, the
+        # others go on, and the run ends `failed` naming them.
+        self.refused: set[str] = set()
 
     @property
     def stop_requested(self) -> bool:
@@ -146,10 +153,34 @@ class Job(Actor[RunRequest]):
 
     @property
     def dr(self) -> DigitalRiverClient:
-        """The process's Digital River client (`run`, `serve` and `drain` always have one)."""
+        """DefaultStore's Digital River client (DR_API_KEY)."""
         if self.services.dr is None:
             raise RuntimeError("no Digital River client: DR_API_KEY is not set")
         return self.services.dr
+
+    @property
+    def storefronts(self) -> list[Storefront]:
+        """The storefronts this process has a key for: each is claimed for on its own (`claim_by_storefront`)."""
+        if self.services.storefronts is not None:
+            return list(self.services.storefronts)
+        return [] if self.services.dr is None else [Storefront(self.services.dr.storefront, self.services.dr)]
+
+    def client_for(self, storefront: str) -> DigitalRiverClient | None:
+        """The client for a record of the storefront named `storefront`; None when it has no key here."""
+        label = storefront_label(storefront)
+        for known in self.storefronts:
+            if known.label == label:
+                return known.client
+        return None
+
+    @property
+    def key_refused(self) -> bool:
+        """Whether Digital River refused a storefront's key in this run."""
+        return bool(self.refused)
+
+    def refuse(self, client: DigitalRiverClient) -> None:
+        """A 401/403 with `client`'s key: its storefront stops claiming for the rest of the run."""
+        self.refused.add(client.storefront)
 
     @property
     def paused(self) -> bool:
@@ -214,7 +245,7 @@ class Job(Actor[RunRequest]):
         run = Run(run_id, self.job_name, message.fire_time, message.trigger)
         self.running = run
         self._leases = []
-        self.key_refused = False
+        self.refused = set()
         structlog.contextvars.bind_contextvars(job=self.job_name, run_id=run_id)
         log.info("job_run_started", fire_time=message.fire_time.isoformat(), trigger=message.trigger)
         try:
@@ -243,8 +274,20 @@ class Job(Actor[RunRequest]):
         self._leases.append(leases)
         return leases
 
+    async def claim_by_storefront(self, each: Callable[[Storefront], Coroutine[Any, Any, None]]) -> None:
+        """Run `each(storefront)` for every storefront with a key, at once: each claims, with its own concurrency
+        slots, leases and query limit, only its storefront's records (a storefront paused by a 429, or whose key was
+        refused, holds no slot another could use). An error of one (the database gone) cancels the others and is
+        raised; a refused key ends the run `failed` naming its storefronts once the others are done."""
+        async with asyncio.TaskGroup() as group:
+            for storefront in self.storefronts:
+                group.create_task(each(storefront), name=f"{self.job_name}:{storefront.label}")
+        if self.refused:
+            raise AuthError(f"Digital River refused the API key (401/403) of {', '.join(sorted(self.refused))}; "
+                            "those storefronts stopped claiming")
+
     async def claim_and_process(self, run: Run, leases: Sequence[Leases], limit: int, claim: Claim, *,
-                                wait_when_empty: bool = False) -> None:
+                                wait_when_empty: bool = False, storefront: Storefront | None = None) -> None:
         """The claim loop every leasing job shares.
 
         While fewer than `limit` records were taken, the job may claim and the key is not refused: take a
@@ -254,17 +297,33 @@ class Job(Actor[RunRequest]):
         unit in flight to finish first (finishing one can make another claimable). The leases are kept alive
         meanwhile; on the way out, work still in flight is awaited (or cancelled, if the run itself is), and
         unfinished leases are given back. A refused key ends the run as failed.
+
+        With `storefront` (`claim_by_storefront`), the loop is that storefront's: it stops claiming once its key is
+        refused (the caller raises), and claims nothing while its client waits out a 429 pause.
         """
+        def refused() -> bool:
+            return storefront.label in self.refused if storefront is not None else self.key_refused
+
         beat_stop = asyncio.Event()
         beats = [asyncio.create_task(lease.heartbeat(beat_stop), name=f"{self.job_name}:{lease.table}-heartbeat")
                  for lease in leases]
         in_flight: set[asyncio.Task[None]] = set()
         taken = 0
         try:
-            while taken < limit and not self.key_refused and await self.may_claim():
+            while taken < limit and not refused() and await self.may_claim():
                 free = self.concurrency - len(in_flight)
                 if free <= 0:
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                paused = storefront.client.paused_for() if storefront is not None else 0.0
+                if paused > LONG_PAUSE_SECONDS:
+                    # Digital River refuses this key for a while (a 429's Retry-After): this storefront's records
+                    # wait for a later run, and the run does not wait for them.
+                    log.warning("storefront_paused_stops_claiming", storefront=storefront.label if storefront else None,
+                                seconds=round(paused, 1))
+                    break
+                if paused > 0:
+                    await self._wait(in_flight, paused)
                     continue
                 claimed = await claim(free, limit - taken)
                 if claimed is None:
@@ -288,8 +347,18 @@ class Job(Actor[RunRequest]):
                 await asyncio.gather(*in_flight, return_exceptions=True)
             beat_stop.set()
             await asyncio.shield(_give_back(leases, beats))
-        if self.key_refused:
+        if storefront is None and self.key_refused:
             raise AuthError("Digital River refused the API key (401/403); the run stopped claiming")
+
+    async def _wait(self, in_flight: set[asyncio.Task[None]], seconds: float) -> None:
+        """Wait `seconds`, or less when the engine stops or a unit in flight finishes."""
+        waits: set[asyncio.Future[Any]] = set(in_flight)
+        stop = asyncio.ensure_future(self.services.stopping.wait())
+        waits.add(stop)
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
 
     def in_flight(self) -> int:
         """Records of this job in flight on this process now (for /metrics)."""

@@ -298,18 +298,27 @@ async def _oldest_due(store: Store) -> list[Sample]:
     return [((job,), max(0.0, ages.get(job) or 0.0)) for job in DUE_JOBS]
 
 
-async def first_due_payment(store: Store, window: int = OLDEST_DUE_WINDOW) -> datetime | None:
-    """The next_attempt_at of recurring-payments' first due record in claim order (None: nothing is due), found by
-    walking the claim order `window` rows at a time (`payment_claim_window_end`): it costs the rows before the
-    first due record, never a count of the backlog. Drain's check and the oldest-due age both use it."""
-    cursor: tuple[Any, int] = (date.min, 0)
-    while True:
-        found = await store.fetchrow("payment_claim_window_end", *cursor, window)
-        if found is None:
-            return None
-        if found["due"]:
-            return found["first_due_at"]  # type: ignore[no-any-return]
-        cursor = (found["claim_date"], found["id"])
+async def first_due_payment(store: Store, window: int = OLDEST_DUE_WINDOW,
+                            labels: Iterable[str] | None = None) -> datetime | None:
+    """The earliest next_attempt_at among the first due record in claim order of each storefront in `labels`
+    (storefront_label; None: every storefront with open records), None when none is due. Each storefront's claim
+    order is walked `window` rows at a time (`payment_claim_window_end`): it costs the rows before its first due
+    record, never a count of the backlog. Drain's check (the storefronts with a key) and the oldest-due age use it."""
+    if labels is None:
+        labels = [row["label"] for row in await store.fetch("payment_storefronts")]
+    first: datetime | None = None
+    for label in labels:
+        cursor: tuple[Any, int] = (date.min, 0)
+        while True:
+            found = await store.fetchrow("payment_claim_window_end", *cursor, window, label)
+            if found is None:
+                break
+            if found["due"]:
+                if first is None or found["first_due_at"] < first:
+                    first = found["first_due_at"]
+                break
+            cursor = (found["claim_date"], found["id"])
+    return first
 
 
 async def oldest_due(store: Store) -> list[dict[str, Any]]:

@@ -1,9 +1,9 @@
 """This process in `engine_nodes`: heartbeats, the live-node count, and runs left behind by dead processes.
 
 Every `HEARTBEAT_SECONDS` (at most a third of NODE_LOST_SECONDS) the node refreshes its row. A node is live
-while its heartbeat is younger than NODE_LOST_SECONDS (default 30); the Digital River rate budget is split
-among live nodes (`on_live_nodes`). Runs left `running` by a node that stopped heartbeating (it was killed)
-are marked `failed`, so `status` tells the truth.
+while its heartbeat is younger than NODE_LOST_SECONDS (default 30); each storefront's Digital River rate budget is
+split among the live nodes holding its key (`on_live_nodes`). Runs left `running` by a node that stopped
+heartbeating (it was killed) are marked `failed`, so `status` tells the truth.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ LOST_AFTER_SECONDS = 30.0
 class NodeHeartbeat(Actor[None]):
     """Keeps this process's `engine_nodes` row fresh."""
 
-    def __init__(self, store: Store, version: str, on_live_nodes: Callable[[int], None] | None = None,
-                 lost_after: float = LOST_AFTER_SECONDS, published: dict[str, Any] | None = None) -> None:
+    def __init__(self, store: Store, version: str, on_live_nodes: Callable[[dict[str, int], int], None] | None = None,
+                 lost_after: float = LOST_AFTER_SECONDS, published: dict[str, Any] | None = None,
+                 default_key_id: str | None = None) -> None:
         super().__init__("node")
         self.store = store
         self.version = version
@@ -42,6 +43,8 @@ class NodeHeartbeat(Actor[None]):
         self.lost_after = lost_after
         self.started_at = datetime.now(UTC)
         self.live_nodes = 1
+        # DefaultStore's key_id: processes of a release before storefronts are counted as holding that key.
+        self.default_key_id = default_key_id
 
     async def beat(self) -> None:
         """One heartbeat: refresh the row, count live nodes, fail runs of lost nodes."""
@@ -49,7 +52,9 @@ class NodeHeartbeat(Actor[None]):
                                  self.version, self.published)
         self.live_nodes = max(1, int(await self.store.fetchval("live_node_count", self.lost_after)))
         if self.on_live_nodes:
-            self.on_live_nodes(self.live_nodes)
+            by_key = {row["key_id"]: int(row["live"]) for row in
+                      await self.store.fetch("live_nodes_by_key", self.lost_after, self.default_key_id)}
+            self.on_live_nodes(by_key, self.live_nodes)
         for row in await self.store.fetch("fail_runs_of_lost_nodes", self.lost_after, self.store.node,
                                           self.started_at):
             log.warning("job_run_abandoned", job=row["job"], run_id=row["id"], node=row["node"])
@@ -69,10 +74,13 @@ class NodeHeartbeat(Actor[None]):
         log.info("node_stopped", node=self.store.node)
 
 
-def published_settings(settings: Settings, jobs: set[str]) -> dict[str, Any]:
+def published_settings(settings: Settings, jobs: set[str],
+                       storefronts: dict[str, dict[str, object]] | None = None) -> dict[str, Any]:
     """What this process tells `status` about itself in `engine_nodes.settings`: the jobs it runs with their
-    schedules and concurrency, the zone schedules are read in, and where it sends requests. Never a secret."""
+    schedules and concurrency, the zone schedules are read in, where it sends requests, and the storefronts it has a
+    key for (label → key_id, URL, budget: `Storefronts.published`). Never a secret."""
     return {
+        "storefronts": storefronts or {},
         "jobs": {name: {"schedule": job.schedule.text, "schedule_description": job.schedule.describe(),
                         "concurrency": job.concurrency}
                  for name, job in settings.jobs.items() if name in jobs},

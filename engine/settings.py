@@ -51,6 +51,12 @@ LOG_FORMATS = ("json", "console")
 # `pool_mode = transaction`), where a connection is one server session only for the length of a transaction.
 DATABASE_POOLERS = ("none", "transaction")
 SECRET_SETTINGS = frozenset({"DR_API_KEY", "DR_WEBHOOK_SECRET", "ADMIN_TOKEN"})
+# The storefront whose settings are the unsuffixed ones (the Salesforce app's `cc_batch_SubscriptionProcessor(
+# 'DefaultStore', …)`), and the per-storefront variables of the contract: `DR_API_KEY_<STORE>` and its siblings.
+DEFAULT_STOREFRONT = "DefaultStore"
+STOREFRONT_SETTING_PREFIXES = ("DR_API_KEY_", "DR_API_URL_", "DR_MAX_REQUESTS_PER_SECOND_", "DR_WEBHOOK_SECRET_")
+_SECRET_PREFIXES = ("DR_API_KEY_", "DR_WEBHOOK_SECRET_")
+_STORE_SUFFIX = re.compile(r"[A-Z0-9_]+")
 # The web console's actions need ADMIN_TOKEN: at least this long, so it cannot be guessed through the sign-in form.
 ADMIN_TOKEN_MIN_CHARS = 16
 # Commands that talk to Digital River and so need a key.
@@ -82,7 +88,7 @@ class SettingsError(ValueError):
         self.name = name
         if value is None:
             shown = "unset"
-        elif name in SECRET_SETTINGS:
+        elif name in SECRET_SETTINGS or name.startswith(_SECRET_PREFIXES):
             shown = "<redacted>"
         else:
             shown = repr(value)
@@ -96,6 +102,34 @@ class JobSettings:
     name: str
     schedule: Schedule
     concurrency: int
+
+
+def storefront_label(name: str) -> str:
+    """A storefront's name as its settings spell it: `DefaultStore` itself (whose settings are the unsuffixed ones),
+    any other upper-cased with every character other than A–Z and 0–9 as `_` (`EU Store` → `EU_STORE`, the STORE of
+    `DR_API_KEY_EU_STORE`). Only ASCII letters are upper-cased, so `drjobs_storefront_label` in schema.sql gives
+    the same answer for every name."""
+    if name == DEFAULT_STOREFRONT:
+        return name
+    return "".join(c if "A" <= c <= "Z" or "0" <= c <= "9" else chr(ord(c) - 32) if "a" <= c <= "z" else "_"
+                   for c in name)
+
+
+@dataclass(frozen=True)
+class StorefrontSettings:
+    """One storefront's Digital River settings: `DefaultStore`'s are DR_API_KEY and its siblings, another's
+    DR_API_KEY_<STORE> and theirs. `api_key` None: the storefront's records wait for a key, untouched."""
+
+    label: str
+    api_url: str
+    api_key: str | None = field(repr=False)
+    max_requests_per_second: float
+    webhook_secret: str | None = field(repr=False)
+
+    @property
+    def variables(self) -> str:
+        """The suffix of this storefront's variables: '' for DefaultStore, `_EU_STORE` for EU_STORE."""
+        return "" if self.label == DEFAULT_STOREFRONT else f"_{self.label}"
 
 
 @dataclass(frozen=True)
@@ -135,6 +169,8 @@ class Settings:
     database_pooler: str
     data_dir: str
     node_lost_seconds: float
+    # Every storefront with a setting, by label (storefront_label): DefaultStore always, with DR_API_KEY & co.
+    storefronts: dict[str, StorefrontSettings] = field(default_factory=dict)
 
     @property
     def is_test_key(self) -> bool:
@@ -142,8 +178,21 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Values that must never reach a log line, a table or an exception message."""
-        return tuple(s for s in (self.dr_api_key, self.dr_webhook_secret, self.admin_token) if s)
+        """Values that must never reach a log line, a table or an exception message: every storefront's key and
+        webhook secret, and the admin token."""
+        values = [self.dr_api_key, self.dr_webhook_secret, self.admin_token]
+        for storefront in self.storefronts.values():
+            values += [storefront.api_key, storefront.webhook_secret]
+        return tuple(dict.fromkeys(s for s in values if s))
+
+    def storefront(self, name: str) -> StorefrontSettings | None:
+        """The settings of the storefront named `name` (as orders and subscriptions spell it), or None."""
+        return self.storefronts.get(storefront_label(name))
+
+    @property
+    def keyed_storefronts(self) -> list[StorefrontSettings]:
+        """The storefronts this process can talk to Digital River for, DefaultStore first."""
+        return [s for s in self.storefronts.values() if s.api_key]
 
 
 class _Reader:
@@ -248,12 +297,44 @@ def _webhook_port(reader: _Reader) -> int | None:
     return reader.integer("WEBHOOK_PORT", 8090, 0, 65_535)
 
 
-def _webhook_secret(reader: _Reader) -> str | None:
-    value = reader.raw("DR_WEBHOOK_SECRET")
+def _webhook_secret(reader: _Reader, name: str = "DR_WEBHOOK_SECRET") -> str | None:
+    value = reader.raw(name)
     if value is not None and (any(c.isspace() for c in value) or not value.isprintable()):
-        raise SettingsError("DR_WEBHOOK_SECRET", value, "expected a signing secret without spaces or control "
-                                                        "characters")
+        raise SettingsError(name, value, "expected a signing secret without spaces or control characters")
     return value
+
+
+def _api_key(reader: _Reader, name: str) -> str | None:
+    value = reader.raw(name)
+    if value is not None and (any(c.isspace() for c in value) or not value.isprintable()):
+        raise SettingsError(name, value, "expected a secret key without spaces or control characters")
+    return value
+
+
+def _storefronts(reader: _Reader, default: StorefrontSettings) -> dict[str, StorefrontSettings]:
+    """DefaultStore's settings and every other storefront's, from the DR_API_KEY_<STORE> family of variables."""
+    suffixes: set[str] = set()
+    for name in reader.env:
+        for prefix in STOREFRONT_SETTING_PREFIXES:
+            if name.startswith(prefix) and name not in KNOWN_SETTINGS and reader.raw(name) is not None:
+                suffix = name[len(prefix):]
+                if not _STORE_SUFFIX.fullmatch(suffix) or suffix.strip("_") == "":
+                    raise SettingsError(name, reader.raw(name),
+                                        f"expected {prefix}<STORE> with STORE the storefront's name upper-cased, every "
+                                        "character other than A-Z and 0-9 as _ (EU Store: EU_STORE)")
+                suffixes.add(suffix)
+    storefronts = {default.label: default}
+    for suffix in sorted(suffixes):
+        key = _api_key(reader, f"DR_API_KEY_{suffix}")
+        url = _url(reader, f"DR_API_URL_{suffix}", default.api_url, ("http", "https"), host_required=True)
+        assert url is not None
+        rate_default = 20.0 if key and key.startswith("sk_test_") else 200.0
+        storefronts[suffix] = StorefrontSettings(
+            label=suffix, api_url=url.rstrip("/"), api_key=key,
+            max_requests_per_second=reader.number(f"DR_MAX_REQUESTS_PER_SECOND_{suffix}", rate_default, 0.1,
+                                                  100_000.0),
+            webhook_secret=_webhook_secret(reader, f"DR_WEBHOOK_SECRET_{suffix}"))
+    return storefronts
 
 
 def _admin_token(reader: _Reader) -> str | None:
@@ -286,12 +367,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
     assert dr_api_url is not None
     dr_api_url = dr_api_url.rstrip("/")
 
-    dr_api_key = reader.raw("DR_API_KEY")
-    if dr_api_key is None and command in COMMANDS_NEEDING_KEY:
-        raise SettingsError("DR_API_KEY", None,
-                            f"a Digital River secret key (sk_test_… or live) is required by {command}")
-    if dr_api_key is not None and (any(c.isspace() for c in dr_api_key) or not dr_api_key.isprintable()):
-        raise SettingsError("DR_API_KEY", dr_api_key, "expected a secret key without spaces or control characters")
+    dr_api_key = _api_key(reader, "DR_API_KEY")
 
     dr_api_version = reader.raw("DR_API_VERSION")
     if dr_api_version is not None and not _is_date(dr_api_version):
@@ -319,6 +395,17 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         concurrency = reader.integer(f"{prefix}_CONCURRENCY", DEFAULT_CONCURRENCY[job], 1, 4096)
         jobs[job] = JobSettings(job, schedule, concurrency)
 
+    dr_max_requests_per_second = reader.number("DR_MAX_REQUESTS_PER_SECOND", 20.0 if is_test_key else 200.0, 0.1,
+                                               100_000.0)
+    dr_webhook_secret = _webhook_secret(reader)
+    storefronts = _storefronts(reader, StorefrontSettings(
+        label=DEFAULT_STOREFRONT, api_url=dr_api_url, api_key=dr_api_key,
+        max_requests_per_second=dr_max_requests_per_second, webhook_secret=dr_webhook_secret))
+    if command in COMMANDS_NEEDING_KEY and not any(s.api_key for s in storefronts.values()):
+        raise SettingsError("DR_API_KEY", None,
+                            f"a Digital River secret key (sk_test_… or live) is required by {command}: DR_API_KEY "
+                            "for DefaultStore, or DR_API_KEY_<STORE> for another storefront")
+
     log_format_default = "console" if is_terminal else "json"
     node_name = reader.raw("NODE_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     if len(node_name) > 200 or not node_name.isprintable():
@@ -330,8 +417,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         dr_api_key=dr_api_key,
         dr_api_version=dr_api_version,
         dr_timeout_seconds=reader.number("DR_TIMEOUT_SECONDS", 30.0, 0.1, 600.0),
-        dr_max_requests_per_second=reader.number(
-            "DR_MAX_REQUESTS_PER_SECOND", 20.0 if is_test_key else 200.0, 0.1, 100_000.0),
+        dr_max_requests_per_second=dr_max_requests_per_second,
         cc_subscriptions_batch_query_limit=reader.integer("CC_SUBSCRIPTIONS_BATCH_QUERY_LIMIT", 2000, 1, 1_000_000),
         cc_subscription_processor_batch_size=reader.integer("CC_SUBSCRIPTION_PROCESSOR_BATCH_SIZE", 200, 1, 10_000),
         recurring_payment_process_query_limit=reader.integer(
@@ -350,7 +436,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         shutdown_grace_seconds=reader.number("SHUTDOWN_GRACE_SECONDS", 30.0, 0.0, 3600.0),
         http_host=_host(reader),
         http_port=reader.integer("HTTP_PORT", 8080, 0, 65_535),
-        dr_webhook_secret=_webhook_secret(reader),
+        dr_webhook_secret=dr_webhook_secret,
         webhook_host=_host(reader, "WEBHOOK_HOST"),
         webhook_port=_webhook_port(reader),
         webhook_tolerance_seconds=reader.integer("WEBHOOK_TOLERANCE_SECONDS", 300, 1, 86_400),
@@ -360,6 +446,7 @@ def load(env: Mapping[str, str] | None = None, *, command: str = "serve", is_ter
         database_pooler=reader.choice("DATABASE_POOLER", "none", DATABASE_POOLERS, upper=False),
         data_dir=reader.raw("DATA_DIR") or ".data",
         node_lost_seconds=reader.number("NODE_LOST_SECONDS", 30.0, 3.0, 3600.0),
+        storefronts=storefronts,
     )
 
 
@@ -376,16 +463,9 @@ KNOWN_SETTINGS = frozenset({
 })
 
 
-# The per-storefront settings of the contract (`DR_API_KEY_<STORE>`, …). Not read by this version (one key for
-# every record; docs/contract.md, Not built yet): never taken for a misspelling (`DR_API_KEY_X` resembles
-# DR_API_KEY), and `storefront_settings` names them so the engine can say they are ignored.
-STOREFRONT_SETTING_PREFIXES = ("DR_API_KEY_", "DR_API_URL_", "DR_MAX_REQUESTS_PER_SECOND_", "DR_WEBHOOK_SECRET_")
-
-
-def storefront_settings(env: Mapping[str, str] | None = None) -> list[str]:
-    """The set variables that are per-storefront settings, which this version does not read."""
-    return sorted(name for name in (os.environ if env is None else env)
-                  if name.startswith(STOREFRONT_SETTING_PREFIXES) and name not in KNOWN_SETTINGS)
+def storefronts_without_key(settings: Settings) -> list[str]:
+    """Storefronts given a setting (a URL, a budget, a webhook secret) but no key: their records wait."""
+    return [s.label for s in settings.storefronts.values() if not s.api_key and s.label != DEFAULT_STOREFRONT]
 
 
 def misspelt_settings(env: Mapping[str, str] | None = None) -> list[tuple[str, str]]:

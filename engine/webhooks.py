@@ -1,10 +1,14 @@
 """Digital River's webhooks: `POST /webhooks/digital-river` on WEBHOOK_HOST:WEBHOOK_PORT, under `serve`.
 
-A listener of its own, apart from `/metrics`, so it can be exposed to Digital River alone. Each delivery:
+A listener of its own, apart from `/metrics`, so it can be exposed to Digital River alone. `/webhooks/digital-river`
+is DefaultStore's; `/webhooks/digital-river/<STORE>` another storefront's, STORE its name or label (`EU Store`,
+`EU%20Store` and `EU_STORE` are one storefront: `storefront_label`), each checked with that storefront's own
+secret (DR_WEBHOOK_SECRET_<STORE>) and stored with its label. A storefront this process has no key for: 404. Each
+delivery:
 
 1. A body over 1 MiB is refused (413) before it is read whole: by its Content-Length, else while reading.
 2. The `DigitalRiver-Signature` header, `<timestamp>, <signature>` (a `t=` before the Unix seconds allowed), is
-   checked: the signature must be the base64 HMAC-SHA256, keyed by DR_WEBHOOK_SECRET, of the timestamp, a `.`
+   checked: the signature must be the base64 HMAC-SHA256, keyed by the storefront's secret, of the timestamp, a `.`
    and the raw body (CONTRACT.md "Webhooks"; the form Digital River's Salesforce Commerce Cloud cartridge,
    `drHooksHelper.js`, checks), compared in constant time; the timestamp must be within
    WEBHOOK_TOLERANCE_SECONDS of now (Digital River signs every delivery and retry afresh, so an older one is a
@@ -39,6 +43,7 @@ from engine.digital_river import Event, MalformedResponseError, parse_event
 from engine.http import serve_app
 from engine.logs import error_text, get_logger
 from engine.metrics import Metrics
+from engine.settings import DEFAULT_STOREFRONT, storefront_label
 from engine.store import Store
 
 log = get_logger(component="webhooks")
@@ -87,7 +92,8 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
 def verify(header: str | None, body: bytes, secret: str | None, tolerance: float, now: float) -> None:
     """Raise `Refused` unless `header` signs `body` with `secret` at a time within `tolerance` seconds of `now`."""
     if not secret:
-        raise Refused(401, "no_secret", "DR_WEBHOOK_SECRET is not set: every webhook is refused")
+        raise Refused(401, "no_secret", "no webhook secret is set for this storefront (DR_WEBHOOK_SECRET, or "
+                                        "DR_WEBHOOK_SECRET_<STORE>): every webhook is refused")
     if not header:
         raise Refused(401, "signature_missing", "no DigitalRiver-Signature header")
     parts = [part.strip() for part in header.split(",")]
@@ -111,16 +117,20 @@ class WebhookServer:
     """The listener. `wake()` is called after each stored event (the events job's inbox, on this process)."""
 
     def __init__(self, host: str, port: int, store: Store, metrics: Metrics, *, secret: str | None,
-                 tolerance: float, wake: Callable[[], Any], storefront: str = "DefaultStore",
-                 clock: Callable[[], float] = time.time) -> None:
+                 tolerance: float, wake: Callable[[], Any], storefront: str = DEFAULT_STOREFRONT,
+                 clock: Callable[[], float] = time.time, secrets: dict[str, str | None] | None = None) -> None:
+        """`secret` is `storefront`'s (DefaultStore's); `secrets` adds other storefronts' (label → secret, None when
+        a storefront with a key has no secret: its deliveries are refused)."""
         self.host = host
         self.requested_port = port
         self.store = store
         self.metrics = metrics
-        self._secret = secret
+        self._secrets: dict[str, str | None] = {storefront_label(storefront): secret}
+        for label, other in (secrets or {}).items():
+            self._secrets[storefront_label(label)] = other
         self.tolerance = tolerance
         self.wake = wake
-        self.storefront = storefront
+        self.storefront = storefront_label(storefront)
         self.clock = clock
         self._runner: web.AppRunner | None = None
 
@@ -134,10 +144,20 @@ class WebhookServer:
         """Bind and serve; raises OSError when the address is taken."""
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post(PATH, self._receive)
+        app.router.add_post(PATH + "/{storefront}", self._receive)
         self._runner = await serve_app(app, self.host, self.requested_port)
-        if not self._secret:
-            log.warning("webhook_secret_missing", detail="DR_WEBHOOK_SECRET is not set: every webhook is refused")
-        log.info("webhooks_listening", host=self.host, port=self.port, path=PATH)
+        for label, secret in self._secrets.items():
+            if not secret:
+                variable = "DR_WEBHOOK_SECRET" + ("" if label == DEFAULT_STOREFRONT else f"_{label}")
+                log.warning("webhook_secret_missing", storefront=label,
+                            detail=f"{variable} is not set: every webhook of this storefront is refused")
+        log.info("webhooks_listening", host=self.host, port=self.port,
+                 paths=[self.path(label) for label in self._secrets])
+
+    @staticmethod
+    def path(label: str) -> str:
+        """Where Digital River delivers the events of the storefront `label`."""
+        return PATH if label == DEFAULT_STOREFRONT else f"{PATH}/{label}"
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
@@ -146,33 +166,38 @@ class WebhookServer:
 
     async def _receive(self, request: web.Request) -> web.Response:
         started = time.monotonic()
+        named = request.match_info.get("storefront")
+        label = self.storefront if named is None else storefront_label(named)
         try:
-            event_id, new = await self._accept(request)
+            if label not in self._secrets:
+                raise Refused(404, "unknown_storefront", f"no storefront {label} here: this engine has no "
+                                                         f"DR_API_KEY_{label}")
+            event_id, new = await self._accept(request, label)
         except Refused as exc:
             self.metrics.webhook_refused(exc.reason)
-            log.warning("webhook_refused", reason=exc.reason, detail=str(exc), status=exc.status)
+            log.warning("webhook_refused", reason=exc.reason, detail=str(exc), status=exc.status, storefront=label)
             return web.json_response({"error": exc.reason, "message": str(exc)}, status=exc.status)
-        log.info("webhook_received", event_id=event_id, new=new, ms=round((time.monotonic() - started) * 1000, 1))
+        log.info("webhook_received", event_id=event_id, new=new, storefront=label,
+                 ms=round((time.monotonic() - started) * 1000, 1))
         if new:
             self.metrics.dr_events_stored("webhook", 1)
             self.wake()
         return web.json_response({"received": event_id})
 
-    async def _accept(self, request: web.Request) -> tuple[str, bool]:
+    async def _accept(self, request: web.Request, label: str) -> tuple[str, bool]:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             raise Refused(413, "too_large", f"body of {request.content_length} bytes is over 1 MiB")
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise Refused(413, "too_large", "body over 1 MiB") from None
-        verify(request.headers.get("DigitalRiver-Signature"), body, self._secret, self.tolerance, self.clock())
+        verify(request.headers.get("DigitalRiver-Signature"), body, self._secrets[label], self.tolerance, self.clock())
         try:
             event = parse_event(json.loads(body))
         except (ValueError, MalformedResponseError) as exc:
             raise Refused(400, "bad_body", f"not a JSON event with id and type: {error_text(exc)}"[:300]) from None
         try:
-            rows = await asyncio.wait_for(self.store.fetch("store_events", json.dumps([event_row(event,
-                                                                                                 self.storefront)]),
+            rows = await asyncio.wait_for(self.store.fetch("store_events", json.dumps([event_row(event, label)]),
                                                            "webhook"),
                                           STORE_TIMEOUT_SECONDS)
         except Exception as exc:  # the database is slow or gone (or refused it): Digital River delivers again

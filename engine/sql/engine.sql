@@ -158,6 +158,20 @@ UPDATE engine_nodes SET stopped_at = now() WHERE name = $1;
 -- Processes whose heartbeat is younger than $1 seconds: the rate budget is split among them.
 SELECT count(*) FROM engine_nodes WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1);
 
+-- name: live_nodes_by_key
+-- Live processes (heartbeat younger than $1 seconds) holding each Digital River key (the key_id its storefronts
+-- publish in engine_nodes.settings, never the key): a storefront's budget is split among them. A process of a
+-- release before storefronts published none and used DR_API_KEY: it counts for the key_id $2 of this one's.
+SELECT k.key_id, count(DISTINCT n.name) AS live
+  FROM engine_nodes n
+ CROSS JOIN LATERAL (
+        SELECT s.value ->> 'key_id' AS key_id FROM jsonb_each(coalesce(n.settings -> 'storefronts', '{}')) s
+         WHERE jsonb_typeof(s.value) = 'object'
+        UNION ALL
+        SELECT $2::text WHERE n.settings -> 'storefronts' IS NULL) k
+ WHERE n.stopped_at IS NULL AND n.heartbeat_at > now() - make_interval(secs => $1) AND k.key_id IS NOT NULL
+ GROUP BY k.key_id;
+
 -- name: fail_runs_of_lost_nodes
 -- Runs left `running` by a process that stopped heartbeating (killed) or by this node's previous life.
 UPDATE job_runs r

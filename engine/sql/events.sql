@@ -35,7 +35,7 @@ SELECT count(*) FROM dr_events WHERE status = 'Pending';
 
 -- name: lock_event
 -- digital-river-events: event $1, locked for this transaction, if it is still to apply and nobody else holds it.
-SELECT id, event_id, type, dr_order_id, payload FROM dr_events
+SELECT id, event_id, type, dr_order_id, payload, storefront FROM dr_events
  WHERE id = $1 AND status = 'Pending'
    FOR UPDATE SKIP LOCKED;
 
@@ -44,12 +44,14 @@ SELECT id, event_id, type, dr_order_id, payload FROM dr_events
 UPDATE dr_events SET status = $2, message = $3, processed_at = now() WHERE id = $1
 RETURNING type;
 
--- name: order_known
--- digital-river-events: whether Digital River order $1 is one of ours (an orders or fulfillments row, or an
--- installment record's order).
-SELECT EXISTS (SELECT 1 FROM orders WHERE dr_order_id = $1)
-    OR EXISTS (SELECT 1 FROM fulfillments WHERE dr_order_id = $1)
-    OR EXISTS (SELECT 1 FROM subscription_process_data WHERE dr_order_id = $1);
+-- name: order_storefront
+-- digital-river-events: the storefront label of Digital River order $1 if it is one of ours (an orders or
+-- fulfillments row, or an installment record's order); NULL when it is not.
+SELECT coalesce(
+    (SELECT drjobs_storefront_label(storefront) FROM orders WHERE dr_order_id = $1),
+    (SELECT drjobs_storefront_label(o.storefront) FROM fulfillments f JOIN orders o ON o.id = f.order_id
+      WHERE f.dr_order_id = $1 LIMIT 1),
+    (SELECT drjobs_storefront_label(storefront) FROM subscription_process_data WHERE dr_order_id = $1));
 
 -- name: advance_order_state
 -- digital-river-events: Digital River order $1 is now in state $2 (never moving back: drjobs_order_state_rank),
@@ -150,11 +152,12 @@ RETURNING id;
 
 -- name: claim_pending_records
 -- digital-river-events: lease installment records Pending with no event for an hour (their next_attempt_at has
--- come), oldest first, to look at their order.
+-- come), oldest first, to look at their order: those of storefront label $5.
 WITH due AS (
     SELECT p.id
       FROM subscription_process_data p
      WHERE p.subscription_job_run_status = 'Pending' AND p.next_attempt_at <= now()
+       AND drjobs_storefront_label(p.storefront) = $5
        AND (p.locked_until IS NULL OR p.locked_until < now())
        AND p.id <> ALL($4::bigint[])
      ORDER BY p.next_attempt_at, p.id
@@ -169,8 +172,10 @@ UPDATE subscription_process_data t
 RETURNING t.id, t.lease_token, t.dr_order_id;
 
 -- name: count_pending_records_due
--- digital-river-events: Pending installment records whose look at their order is due.
-SELECT count(*) FROM subscription_process_data WHERE subscription_job_run_status = 'Pending' AND next_attempt_at <= now();
+-- digital-river-events: Pending installment records of the storefront labels $1 whose look at their order is due.
+SELECT count(*) FROM subscription_process_data
+ WHERE subscription_job_run_status = 'Pending' AND next_attempt_at <= now()
+   AND drjobs_storefront_label(storefront) = ANY($1::text[]);
 
 -- name: still_pending
 -- digital-river-events: record $1 (lease token $2) is still Pending at Digital River: look again at $3.

@@ -28,7 +28,8 @@ OR (f.ofi_received AND coalesce(f.dr_order_state, o.dr_order_state, '') <> 'canc
 OR coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NULL
 
 -- name: claim_cancelled_orders
--- order-fulfillment: lease due Open/Pending records of cancelled Digital River orders, oldest due first.
+-- order-fulfillment: lease due Open/Pending records of cancelled Digital River orders of storefront label $5, oldest
+-- due first.
 -- `unfinished`: the row still held an earlier claim's token (that claim never wrote an outcome, so it may have
 -- sent its request: the job looks before sending).
 WITH due AS (
@@ -36,6 +37,7 @@ WITH due AS (
       FROM fulfillments f
       JOIN orders o ON o.id = f.order_id
      WHERE {{cancelled_order_due}}
+       AND drjobs_storefront_label(o.storefront) = $5
        AND (f.locked_until IS NULL OR f.locked_until < now())
        AND f.id <> ALL($4::bigint[])
      ORDER BY f.next_attempt_at, f.id
@@ -50,11 +52,11 @@ UPDATE fulfillments t
 RETURNING t.id, t.lease_token, due.prior_token IS NOT NULL AS unfinished;
 
 -- name: count_due_cancelled_orders
--- order-fulfillment: cancelled-order records due now (leased or not), for drain.
+-- order-fulfillment: cancelled-order records due now (leased or not) of the storefront labels $1, for drain.
 SELECT count(*)
   FROM fulfillments f
   JOIN orders o ON o.id = f.order_id
- WHERE {{cancelled_order_due}};
+ WHERE {{cancelled_order_due}} AND drjobs_storefront_label(o.storefront) = ANY($1::text[]);
 
 -- name: cancel_order_details
 -- order-fulfillment: the claimed records $1 with their Digital River order id.
@@ -105,12 +107,14 @@ SELECT efn_status AS status, dr_fulfillment_id, locked_by FROM fulfillments WHER
 -- line-item-fulfillment: up to $1 orders with due lines whose state is pending_payment, in_review or unknown and
 -- that had no news (an answer to GET /orders/{id}, or an event) for $2 seconds, least recently touched first:
 -- their state is asked of Digital River. Normally `order.accepted` says it first (digital-river-events). Found
--- from the due lines, so the cost follows the backlog, not the history of orders.
+-- from the due lines, so the cost follows the backlog, not the history of orders. Only orders of the storefront
+-- labels $3 (each is asked with its storefront's key).
 SELECT f.id, coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) AS dr_order_id,
-       coalesce(f.dr_order_state, o.dr_order_state) AS dr_order_state
+       coalesce(f.dr_order_state, o.dr_order_state) AS dr_order_state, o.storefront
   FROM fulfillments f
   JOIN orders o ON o.id = f.order_id
- WHERE f.id IN (SELECT l.fulfillment_id FROM line_item_fulfillments l
+ WHERE drjobs_storefront_label(o.storefront) = ANY($3::text[])
+   AND f.id IN (SELECT l.fulfillment_id FROM line_item_fulfillments l
                  WHERE l.efn_status IN ('Open', 'Pending') AND l.next_attempt_at <= now())
    AND NOT f.ofi_received
    AND coalesce(nullif(f.dr_order_id, ''), nullif(o.dr_order_id, '')) IS NOT NULL
@@ -136,15 +140,15 @@ UPDATE fulfillments
 -- more (the only order a run splits). Candidates come from walking the due-lines index (the order check is a
 -- subquery so the planner keeps that walk and stops early): the cost follows what is claimed, not the backlog.
 -- The order's lease is re-checked on each locked row, so two claimers never both get one order. Orders this node
--- still has in flight ($4) are never taken again.
+-- still has in flight ($4) are never taken again. Only orders of storefront label $7.
 WITH candidates AS (
     SELECT l.fulfillment_id, l.next_attempt_at
       FROM line_item_fulfillments l
      WHERE {{line_item_due}}
        AND (l.locked_until IS NULL OR l.locked_until < now())
-       AND (SELECT (f.locked_until IS NULL OR f.locked_until < now()) AND {{line_item_order_sendable}}
+       AND (SELECT (f.locked_until IS NULL OR f.locked_until < now()) AND ({{line_item_order_sendable}})
               FROM fulfillments f JOIN orders o ON o.id = f.order_id
-             WHERE f.id = l.fulfillment_id)
+             WHERE f.id = l.fulfillment_id AND drjobs_storefront_label(o.storefront) = $7)
      ORDER BY l.next_attempt_at, l.id
      LIMIT $2 * 16
 ), picked AS (
@@ -196,12 +200,12 @@ RETURNING t.id, t.fulfillment_id, t.lease_token, due.prior_token IS NOT NULL AS 
 
 -- name: count_due_line_items
 -- line-item-fulfillment: lines due now (leased or not) whose order can be sent or failed, for drain. Lines of
--- orders Digital River has not accepted yet are waiting, not due.
+-- orders Digital River has not accepted yet are waiting, not due. Only orders of the storefront labels $1.
 SELECT count(*)
   FROM line_item_fulfillments l
   JOIN fulfillments f ON f.id = l.fulfillment_id
   JOIN orders o ON o.id = f.order_id
- WHERE {{line_item_due}} AND {{line_item_order_sendable}};
+ WHERE {{line_item_due}} AND ({{line_item_order_sendable}}) AND drjobs_storefront_label(o.storefront) = ANY($1::text[]);
 
 -- name: line_item_details
 -- line-item-fulfillment: everything the claimed lines $1 need: their order item (quantity, Digital River id,

@@ -60,7 +60,8 @@ SELECT count(*)
 
 -- name: insert_installments
 -- subscription-installments: for each ($1 subscription, $2 installment number, $3 run date) one Open-DR cart, its
--- cart item (price, quantity and billing agreement from the subscription) and an Open process-data record, in one
+-- cart item (price, quantity and billing agreement from the subscription) and an Open process-data record, all
+-- three of the subscription's storefront, in one
 -- statement. Cart and item ids are drawn first so the three inserts can refer to each other.
 WITH input AS MATERIALIZED (
     SELECT u.subscription_id, u.installment_number, u.run_date,
@@ -69,22 +70,23 @@ WITH input AS MATERIALIZED (
       FROM unnest($1::bigint[], $2::int[], $3::date[]) AS u(subscription_id, installment_number, run_date)
 ), s AS (
     SELECT i.*, s.account_id, s.currency, s.product_id, s.quantity, s.unit_price, s.parent_order_id,
-           s.stored_payment_id, coalesce(s.dr_billing_agreement_id, oi.dr_billing_agreement_id) AS billing_agreement
+           s.stored_payment_id, coalesce(s.dr_billing_agreement_id, oi.dr_billing_agreement_id) AS billing_agreement,
+           s.storefront
       FROM input i
       JOIN subscriptions s ON s.id = i.subscription_id
       LEFT JOIN order_items oi ON oi.id = s.parent_order_item_id
 ), cart AS (
-    INSERT INTO carts (id, account_id, subscription_id, status, currency) OVERRIDING SYSTEM VALUE
-    SELECT cart_id, account_id, subscription_id, 'Open-DR', currency FROM s
+    INSERT INTO carts (id, account_id, subscription_id, status, currency, storefront) OVERRIDING SYSTEM VALUE
+    SELECT cart_id, account_id, subscription_id, 'Open-DR', currency, storefront FROM s
 ), item AS (
     INSERT INTO cart_items (id, cart_id, product_id, quantity, unit_price, dr_billing_agreement_id)
     OVERRIDING SYSTEM VALUE
     SELECT cart_item_id, cart_id, product_id, quantity, unit_price, billing_agreement FROM s
 )
 INSERT INTO subscription_process_data (subscription_id, installment_number, cart_id, cart_item_id, parent_order_id,
-                                       stored_payment_id, product_id, account_id, installment_run_date)
+                                       stored_payment_id, product_id, account_id, installment_run_date, storefront)
 SELECT subscription_id, installment_number, cart_id, cart_item_id, parent_order_id, stored_payment_id, product_id,
-       account_id, run_date
+       account_id, run_date, storefront
   FROM s
  -- Ids in installment order: a subscription's catch-up is numbered oldest first (the join above may reorder).
  ORDER BY subscription_id, installment_number

@@ -18,7 +18,8 @@ AND (SELECT e.id FROM subscription_process_data e
 
 -- name: claim_payment_records
 -- recurring-payments: lease up to $2 due records of the claim window (`drjobs_payment_claim_window` in schema.sql:
--- the next $7 open records in claim order, oldest installment date first, after the run's cursor $5/$6), in claim
+-- the next $7 open records of storefront label $8 in claim order, oldest installment date first, after the run's
+-- cursor $5/$6), in claim
 -- order. The window always walks the claim index and stops at its limit, so a claim reads at most $7 rows whatever
 -- the backlog and the planner's statistics (issue 14). Only the lowest Open installment of each subscription
 -- is eligible, so two installments of one subscription are never in flight at once. Rows this node still has in
@@ -26,7 +27,7 @@ AND (SELECT e.id FROM subscription_process_data e
 -- token: every later write names it, so a worker that outlived its lease changes nothing. A window with nothing
 -- due claims nothing: the job moves its cursor to the window's end (`payment_claim_window_end`) and goes on.
 WITH win AS MATERIALIZED (
-    SELECT id, claim_date FROM drjobs_payment_claim_window($5, $6, $7)
+    SELECT id, claim_date FROM drjobs_payment_claim_window($5, $6, $7, $8)
 ), due AS (
     -- Each window row looked up by its id (a nested loop: the window is all that is read).
     SELECT p.id
@@ -47,11 +48,12 @@ UPDATE subscription_process_data t
 RETURNING t.*, coalesce(t.installment_run_date, '-infinity'::date) AS claim_date;
 
 -- name: payment_claim_window_end
--- recurring-payments: where the claim window after ($1 date, $2 id) of $3 rows ends, how many of its rows are due
+-- recurring-payments: where storefront label $4's claim window after ($1 date, $2 id) of $3 rows ends, how many of
+-- its rows are due
 -- now (leased or not) and the first due one's next_attempt_at; no row when the window is empty (the claim order
 -- is exhausted). Drain's check and /metrics' oldest due walk the claim order with it, a window at a time.
 WITH win AS MATERIALIZED (
-    SELECT id, claim_date FROM drjobs_payment_claim_window($1, $2, $3)
+    SELECT id, claim_date FROM drjobs_payment_claim_window($1, $2, $3, $4)
 )
 SELECT last.claim_date, last.id, first_due.due, first_due.next_attempt_at AS first_due_at
   FROM (SELECT claim_date, id FROM win ORDER BY claim_date DESC, id DESC LIMIT 1) last
@@ -60,6 +62,25 @@ SELECT last.claim_date, last.id, first_due.due, first_due.next_attempt_at AS fir
                (array_agg(p.next_attempt_at ORDER BY win.claim_date, win.id))[1] AS next_attempt_at
           FROM win JOIN subscription_process_data p ON p.id = win.id AND p.id = (SELECT win.id OFFSET 0)
          WHERE {{payment_record_due}}) first_due;
+
+-- name: payment_storefronts
+-- recurring-payments, status, /metrics: the labels (drjobs_storefront_label) of the storefronts with open
+-- installment records, by a loose index scan of the claim index: one probe per storefront, whatever the backlog.
+WITH RECURSIVE labels AS (
+    (SELECT drjobs_storefront_label(storefront) AS label
+       FROM subscription_process_data
+      WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed
+      ORDER BY 1 LIMIT 1)
+    UNION ALL
+    SELECT (SELECT drjobs_storefront_label(p.storefront)
+              FROM subscription_process_data p
+             WHERE p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed
+               AND drjobs_storefront_label(p.storefront) > labels.label
+             ORDER BY 1 LIMIT 1)
+      FROM labels
+     WHERE labels.label IS NOT NULL
+)
+SELECT label FROM labels WHERE label IS NOT NULL;
 
 -- name: count_due_payment_records
 -- recurring-payments: records due now (leased or not): the same rule as the claim, so a record waiting behind an
@@ -177,6 +198,7 @@ WITH input AS (
        FOR UPDATE OF p SKIP LOCKED
 ), rec AS (
     SELECT p.id, p.subscription_id, p.cart_id, p.product_id, coalesce(p.account_id, s.account_id) AS account_id,
+           p.storefront,
            coalesce(p.parent_order_id, s.parent_order_id) AS parent_order_id, input.*
       FROM input
       JOIN locked ON locked.id = input.record_id AND locked.lease_token = input.token AND NOT locked.processed
@@ -185,10 +207,10 @@ WITH input AS (
 ), ord AS (
     INSERT INTO orders (account_id, parent_order_id, dr_order_id, dr_checkout_id, dr_order_state, dr_fraud_state,
                         dr_charge_state, dr_order_source, currency, subtotal, total_tax, total_amount, ship_to,
-                        bill_to)
+                        bill_to, storefront)
     SELECT rec.account_id, rec.parent_order_id, rec.dr_order_id, rec.dr_checkout_id, rec.state, rec.fraud_state,
            rec.charge_state, 'Subscription—Installment', rec.currency, rec.subtotal, rec.total_tax, rec.total_amount,
-           po.ship_to, po.bill_to
+           po.ship_to, po.bill_to, rec.storefront
       FROM rec LEFT JOIN orders po ON po.id = rec.parent_order_id
     ON CONFLICT (dr_order_id) DO UPDATE SET dr_order_state = EXCLUDED.dr_order_state,
                                             dr_fraud_state = EXCLUDED.dr_fraud_state,

@@ -287,11 +287,17 @@ async def test_unknown_job_name_is_one_line_exit_2_and_nothing_written(database_
     assert await store.pool.fetchval("SELECT count(*) FROM job_controls") == 0
 
 
-def test_storefront_settings_are_not_taken_for_misspellings_and_are_named_as_ignored() -> None:
-    from engine.settings import misspelt_settings, storefront_settings
+def test_storefront_settings_are_read_per_storefront_and_not_taken_for_misspellings() -> None:
+    from engine.settings import load, misspelt_settings, storefronts_without_key
 
     env = {"DR_API_KEY": KEY, "DR_API_KEY_X": "sk_test_x", "DR_API_URL_EU_STORE": "https://eu.example",
-           "DR_WEBHOOK_SECRET_X": "s", "DR_MAX_REQUESTS_PER_SECOND_X": "10", "DR_API_KYE": "k"}
+           "DR_WEBHOOK_SECRET_X": "whsec_x", "DR_MAX_REQUESTS_PER_SECOND_X": "10", "DR_API_KYE": "k"}
     assert misspelt_settings(env) == [("DR_API_KYE", "DR_API_KEY")]
-    assert storefront_settings(env) == ["DR_API_KEY_X", "DR_API_URL_EU_STORE", "DR_MAX_REQUESTS_PER_SECOND_X",
-                                        "DR_WEBHOOK_SECRET_X"]
+    settings = load(env, is_terminal=False)
+    x = settings.storefront("x")
+    assert x is not None and (x.api_key, x.max_requests_per_second, x.webhook_secret) == ("sk_test_x", 10.0, "whsec_x")
+    assert x.api_url == settings.dr_api_url  # DR_API_URL_X unset: DR_API_URL's
+    eu = settings.storefront("EU Store")
+    assert eu is not None and eu.api_key is None and eu.api_url == "https://eu.example"
+    assert storefronts_without_key(settings) == ["EU_STORE"]
+    assert {"sk_test_x", "whsec_x", KEY} <= set(settings.secrets)

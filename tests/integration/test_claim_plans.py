@@ -71,14 +71,15 @@ async def assert_window_walks_the_index(store: Store, window: int) -> None:
     """The window function's own statement, planned as the function plans it (its SET options): an ordered walk
     of the claim index that stops at the limit."""
     fn = await store.pool.fetchrow("SELECT prosrc, proconfig FROM pg_proc WHERE proname = 'drjobs_payment_claim_window'")
-    body = fn["prosrc"].replace("after_date", "$1::date").replace("after_id", "$2::bigint").replace("size", "$3::int")
+    body = (fn["prosrc"].replace("after_date", "$1::date").replace("after_id", "$2::bigint").replace("size", "$3::int")
+            .replace("= label", "= $4::text"))
     async with store.pool.acquire() as conn, conn.transaction():
         for option in fn["proconfig"]:
             name, value = option.split("=")
             await conn.execute(f"SET LOCAL {name} = {value}")
         plan = nodes(json.loads(await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + body, date.min, 0,
-                                                    window))[0]["Plan"])
-    [scan] = [n for n in plan if n.get("Index Name") == "subscription_process_data_claim"]
+                                                    window, "DefaultStore"))[0]["Plan"])
+    [scan] = [n for n in plan if n.get("Index Name") == "subscription_process_data_storefront_claim"]
     assert scan["Node Type"] == "Index Scan" and not {n["Node Type"] for n in plan} & {"Sort", "Seq Scan"}
     assert scan["Actual Rows"] + scan.get("Rows Removed by Filter", 0) <= window
 
@@ -89,7 +90,8 @@ async def test_a_claim_reads_a_window_of_the_claim_order_not_the_backlog(store: 
     window = 1000
     # At the front: a window of waiting rows claims nothing; the job moves its cursor past it and goes on.
     await assert_window_walks_the_index(store, window)
-    first = await explain(store, "claim_payment_records", "node", LIMIT, 300.0, [], date.min, 0, window)
+    first = await explain(store, "claim_payment_records", "node", LIMIT, 300.0, [], date.min, 0, window,
+                          "DefaultStore")
     assert_reads_a_window(first, window, 0)
     assert first[0]["Actual Rows"] == 0
     # Past the waiting rows: the claim takes its rows out of one window.
@@ -97,7 +99,7 @@ async def test_a_claim_reads_a_window_of_the_claim_order_not_the_backlog(store: 
         "SELECT installment_run_date, id FROM subscription_process_data WHERE next_attempt_at <= now() "
         "ORDER BY installment_run_date, id OFFSET 5000 LIMIT 1")
     later = await explain(store, "claim_payment_records", "node", LIMIT, 300.0, [], cursor["installment_run_date"],
-                          cursor["id"], window)
+                          cursor["id"], window, "DefaultStore")
     assert_reads_a_window(later, window, LIMIT)
     assert later[0]["Actual Rows"] == LIMIT
 
@@ -107,13 +109,14 @@ async def test_drain_and_metrics_find_the_first_due_record_a_window_at_a_time(st
     await seed(store, analyze)
     window = 5000
     await assert_window_walks_the_index(store, window)
-    found = await explain(store, "payment_claim_window_end", date.min, 0, window)
+    found = await explain(store, "payment_claim_window_end", date.min, 0, window, "DefaultStore")
     assert_reads_a_window(found, window, 0)
     assert await first_due_payment(store, window) is not None
     # The waiting rows fill the first two windows: the third finds the first due record.
     ends = []
     cursor: tuple[Any, int] = (date.min, 0)
-    while (row := await store.fetchrow("payment_claim_window_end", *cursor, window)) is not None and not row["due"]:
+    while (row := await store.fetchrow("payment_claim_window_end", *cursor, window, "DefaultStore")) is not None \
+            and not row["due"]:
         ends.append(row["id"])
         cursor = (row["claim_date"], row["id"])
     assert len(ends) == WAITING // window

@@ -230,7 +230,7 @@ async def test_a_pending_installment_without_events_for_an_hour_is_looked_up_by_
     rec = await pending_record(store, sandbox)
     # Digital River accepted it, but no event was ever heard (no webhook, nothing to poll).
     sandbox.ledger.orders[rec["dr_order_id"]]["state"] = "accepted"
-    assert await store.fetchval("count_pending_records_due") == 0
+    assert await store.fetchval("count_pending_records_due", ["DefaultStore"]) == 0
     assert await run_job(store, sandbox, EVENTS) == 0
     assert (await record_of(store, rec["subscription_id"]))["subscription_job_run_status"] == "Pending"
     assert sandbox.ledger.count_requests("GET", f"/orders/{rec['dr_order_id']}") == 0  # not before the hour

@@ -24,7 +24,7 @@ SPD = "subscription_process_data"
 LEASE = 60.0
 
 # The claim window and cursor arguments of a whole-backlog claim (a run's first).
-PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW)
+PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW, "DefaultStore")
 
 
 @pytest.fixture
@@ -361,10 +361,10 @@ async def test_finish_fulfillment_with_a_stale_token_changes_nothing(store: Stor
                                            items=[{"quantity": 1, "dr_order_item_id": "item_c"}],
                                            dr_order_state="cancelled")
     a = Leases(store, "fulfillments", int(LEASE))
-    assert [r["id"] for r in await a.claim("claim_cancelled_orders", 10)] == [ful]
+    assert [r["id"] for r in await a.claim("claim_cancelled_orders", 10, "DefaultStore")] == [ful]
     await expire(store, [ful], "fulfillments")
     b = Leases(other_store, "fulfillments", int(LEASE))
-    assert [r["id"] for r in await b.claim("claim_cancelled_orders", 10)] == [ful]
+    assert [r["id"] for r in await b.claim("claim_cancelled_orders", 10, "DefaultStore")] == [ful]
     assert a.token(ful) != b.token(ful)
 
     before = await row(store, ful, "fulfillments")
@@ -386,7 +386,7 @@ async def test_finish_line_items_writes_only_lines_whose_token_matches(store: St
         lines=[{"item": 0, "fulfill_quantity": 1}, {"item": 1, "fulfill_quantity": 1}])
     orders = Leases(store, "fulfillments", int(LEASE))
     lines = Leases(store, "line_item_fulfillments", int(LEASE))
-    assert [r["id"] for r in await orders.claim("claim_line_item_orders", 10, 100, True)] == [ful]
+    assert [r["id"] for r in await orders.claim("claim_line_item_orders", 10, 100, True, "DefaultStore")] == [ful]
     assert sorted(r["id"] for r in await lines.claim("claim_order_lines", 100, [ful])) == [kept, taken]
 
     # This node stalls: the order's lease and one line's run out, and node B claims them.
@@ -394,7 +394,7 @@ async def test_finish_line_items_writes_only_lines_whose_token_matches(store: St
     await expire(store, [taken], "line_item_fulfillments")
     b_orders = Leases(other_store, "fulfillments", int(LEASE))
     b_lines = Leases(other_store, "line_item_fulfillments", int(LEASE))
-    assert [r["id"] for r in await b_orders.claim("claim_line_item_orders", 10, 100, True)] == [ful]
+    assert [r["id"] for r in await b_orders.claim("claim_line_item_orders", 10, 100, True, "DefaultStore")] == [ful]
     assert [r["id"] for r in await b_lines.claim("claim_order_lines", 100, [ful])] == [taken]
 
     taken_before = await row(store, taken, "line_item_fulfillments")

@@ -18,7 +18,7 @@ from tests.integration.factories import process_records, subscription
 from tests.support import ROOT
 
 # The claim window and cursor arguments of a whole-backlog claim (a run's first).
-PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW)
+PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW, "DefaultStore")
 
 
 async def test_migrate_runs_again_and_concurrently(store: Store) -> None:
@@ -145,7 +145,7 @@ KILLED_CLAIMER = textwrap.dedent("""
     import asyncio, sys
     from actors.recurring_payments import CLAIM_START, CLAIM_WINDOW
     from engine.store import Leases, Store
-    PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW)
+    PAYMENT_WINDOW = (*CLAIM_START, CLAIM_WINDOW, "DefaultStore")
 
     async def main():
         store = await Store.connect(sys.argv[1], "doomed-node", min_size=1, max_size=1)
