@@ -40,10 +40,12 @@ SELECT a.id,
   FROM generate_series(1, $1) AS i JOIN accounts a ON a.name = 'Customer ' || i;
 
 -- name: demo_acquisition_orders
--- demo: the acquisition order each subscription came from.
+-- demo: the acquisition order each subscription came from, placed at the storefronts $2 (text[]) in turn:
+-- customer 1 at the first, customer 2 at the second, ….
 INSERT INTO orders (account_id, dr_order_id, dr_checkout_id, dr_order_state, currency, subtotal, total_tax,
-                    total_amount, ship_to, bill_to)
-SELECT a.id, 'ord_demo_acq_' || i, 'chk_demo_acq_' || i, 'complete', 'USD', 0, 0, 0, a.bill_to, a.bill_to
+                    total_amount, ship_to, bill_to, storefront)
+SELECT a.id, 'ord_demo_acq_' || i, 'chk_demo_acq_' || i, 'complete', 'USD', 0, 0, 0, a.bill_to, a.bill_to,
+       ($2::text[])[1 + (i - 1) % cardinality($2::text[])]
   FROM generate_series(1, $1) AS i JOIN accounts a ON a.name = 'Customer ' || i;
 
 -- name: demo_acquisition_items
@@ -59,15 +61,15 @@ SELECT o.id, p.id, 1 + i % 3, (ARRAY[9.99, 19.00, 49.50, 120.00, 5.25, 15.00, 29
                                               'TRN-ANN'])[1 + i % 7] END;
 
 -- name: demo_subscriptions
--- demo: one subscription per account. Most are due today, some are one to three periods behind, some are due
--- later; frequencies are mostly monthly; every 113th has an unknown currency.
+-- demo: one subscription per account, at the storefront of its acquisition order. Most are due today, some are one
+-- to three periods behind, some are due later; frequencies are mostly monthly; every 113th has an unknown currency.
 INSERT INTO subscriptions (account_id, product_id, stored_payment_id, parent_order_id, parent_order_item_id, status,
                            quantity, unit_price, currency, installment_frequency, installment_interval,
                            installment_anchor_date, installment_count, installment_count_remaining,
-                           installment_next_run_date, dr_billing_agreement_id)
+                           installment_next_run_date, dr_billing_agreement_id, storefront)
 SELECT o.account_id, oi.product_id, sp.id, o.id, oi.id, 'Active', oi.quantity, oi.unit_price,
        CASE WHEN i % 113 = 0 THEN 'XXX' ELSE 'USD' END,
-       f.frequency, 1, d.anchor, 0, 12, d.anchor, oi.dr_billing_agreement_id
+       f.frequency, 1, d.anchor, 0, 12, d.anchor, oi.dr_billing_agreement_id, o.storefront
   FROM generate_series(1, $1) AS i
   JOIN orders o ON o.dr_order_id = 'ord_demo_acq_' || i
   JOIN order_items oi ON oi.order_id = o.id
@@ -123,3 +125,17 @@ SELECT 'order cancellations' AS kind, efn_status AS status, count(*) FROM fulfil
 UNION ALL
 SELECT 'line fulfillments', efn_status, count(*) FROM line_item_fulfillments GROUP BY 2
 ORDER BY 1, 2;
+
+-- name: demo_summary_storefronts
+-- demo summary, with several storefronts: installment records by storefront and status.
+SELECT storefront,
+       count(*) FILTER (WHERE subscription_job_run_status = 'Successful') AS charged,
+       count(*) FILTER (WHERE subscription_job_run_status = 'Open') AS waiting,
+       count(*) FILTER (WHERE subscription_job_run_status = 'Failed') AS failed
+  FROM subscription_process_data
+ GROUP BY 1;
+
+-- name: demo_summary_storefront_orders
+-- demo summary, with several storefronts: each installment order's storefront and Digital River order id, to look
+-- up in that storefront's sandbox.
+SELECT storefront, dr_order_id FROM orders WHERE dr_order_source = 'Subscription—Installment';

@@ -86,6 +86,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.db_timeout = db_timeout
         self.node_lost_seconds = node_lost_seconds
+        # The labels of the storefronts this process has a key for (set by the engine); None: no
+        # drjobs_storefront_waiting_records gauge.
+        self.storefronts_with_key: list[str] | None = None
         self.content_type = CONTENT_TYPE
         r = self.registry
         self._runs = Counter("drjobs_job_runs", "Job runs by how they ended.", ["job", "status"], registry=r)
@@ -214,6 +217,7 @@ class Metrics:
                 ("drjobs_job_last_success_timestamp_seconds", _last_success),
                 ("drjobs_job_paused", _paused),
                 ("drjobs_live_nodes", self._live_nodes),
+                ("drjobs_storefront_waiting_records", self._waiting),
             ):
                 try:
                     remaining = deadline - loop.time()
@@ -227,6 +231,12 @@ class Metrics:
             if failed:
                 log.warning("metrics_db_refresh_failed", gauges=sorted(failed), error=next(iter(failed.values())))
             return not failed
+
+    async def _waiting(self, store: Store) -> list[Sample]:
+        if self.storefronts_with_key is None:
+            return []
+        return [((row["label"], row["kind"]), float(row["count"]))
+                for row in await waiting_for_key(store, self.storefronts_with_key)]
 
     async def _live_nodes(self, store: Store) -> list[Sample]:
         return [((), float(await store.fetchval("live_node_count", self.node_lost_seconds)))]
@@ -270,6 +280,9 @@ DB_GAUGES: dict[str, tuple[str, list[str]]] = {
     "drjobs_job_last_success_timestamp_seconds": ("When a run of the job last succeeded on any engine process (Unix "
                                                   "time); no series for a job that never succeeded.", ["job"]),
     "drjobs_job_paused": ("1 while the job is paused (`pause JOB`), else 0.", ["job"]),
+    "drjobs_storefront_waiting_records": (
+        "Open records of a storefront this process has no Digital River key for (DR_API_KEY_<STORE>): no job touches "
+        "them. kind: installments (counted up to 100,000), cancellations, fulfillment_lines.", ["storefront", "kind"]),
     "drjobs_dr_events_backlog": ("Digital River events stored and not applied yet; installment records Pending "
                                  "(order made, payment not confirmed); seconds since the newest event was heard.",
                                  ["what"]),
@@ -402,6 +415,15 @@ async def record_counts(store: Store, exact_below: int = COUNT_EXACTLY_BELOW) ->
     return sorted(counted + estimated, key=lambda r: (r["kind"], r["status"] or ""))
 
 
+
+
+# Open installment records of a storefront without a key are counted up to this many (one index walk each).
+WAITING_COUNT_LIMIT = 100_000
+
+
+async def waiting_for_key(store: Store, with_key: Iterable[str]) -> list[dict[str, Any]]:
+    """Records of storefronts not in `with_key` (labels), which wait for a key: {"label", "kind", "count"}."""
+    return [dict(row) for row in await store.fetch("storefronts_waiting_for_key", list(with_key), WAITING_COUNT_LIMIT)]
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -14,9 +14,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.cron import CronError, Schedule, parse_schedule
-from engine.metrics import COUNT_EXACTLY_BELOW, record_counts
+from engine.metrics import COUNT_EXACTLY_BELOW, record_counts, waiting_for_key
 from engine.metrics import oldest_due as metrics_oldest_due
-from engine.settings import JOBS, Settings
+from engine.settings import DEFAULT_STOREFRONT, JOBS, Settings
 from engine.store import Store
 
 # Failure reasons shown per job.
@@ -54,12 +54,32 @@ async def collect(settings: Settings, store: Store, built: set[str], now: dateti
         "heartbeat_at": _iso(r["heartbeat_at"]), "stopped_at": _iso(r["stopped_at"]), "pid": r["pid"],
         "host": r["host"], "version": r["version"], "settings": _settings(r["settings"]),
     } for r in node_rows]
+    storefronts = await _storefronts(settings, store, live_settings)
     ev = await store.fetchrow("events_status")
     events = {"backlog": ev["backlog"], "last_received_at": _iso(ev["last_received_at"]),
               "pending_installments": ev["pending_installments"]} if ev is not None else None
     return {"now": _iso(now), "jobs": jobs, "records": counts, "records_estimated": sorted(estimated),
-            "attention": attention, "events": events,
+            "attention": attention, "events": events, "storefronts": storefronts,
             "nodes": nodes}
+
+
+async def _storefronts(settings: Settings, store: Store, live_settings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The storefronts with a key (those the live engines publish; with none live, this command's settings) and
+    the records of every other storefront, which wait for a key untouched."""
+    if live_settings:
+        # A live engine of a release before storefronts publishes none: it has DefaultStore's key.
+        keyed = sorted({label for published in live_settings
+                        for label in (published.get("storefronts") or {DEFAULT_STOREFRONT: {}})})
+        source = "live engines"
+    else:
+        keyed = [config.label for config in settings.keyed_storefronts]
+        source = "this command's settings (no engine is live)"
+    waiting: dict[str, dict[str, int]] = {}
+    for row in await waiting_for_key(store, keyed):
+        waiting.setdefault(row["label"], {})[row["kind"]] = row["count"]
+    return {"with_key": keyed, "key_source": source,
+            "waiting_for_key": [{"storefront": label, "records": records, "setting": f"DR_API_KEY_{label}"}
+                                for label, records in sorted(waiting.items())]}
 
 
 def job_rows(settings: Settings, built: set[str], now: datetime, *, last_runs: dict[str, Any],
@@ -201,6 +221,13 @@ def render_text(data: dict[str, Any]) -> str:
                   f"{(events['last_received_at'] or 'never')[:19]}",
                   f"  installments Pending  {events['pending_installments']:>8}   (order made, payment not "
                   "confirmed by Digital River yet)"]
+    storefronts = data.get("storefronts")
+    if storefronts is not None:
+        lines += ["", "STOREFRONTS",
+                  f"  with a key ({storefronts['key_source']}): {', '.join(storefronts['with_key']) or 'none'}"]
+        for row in storefronts["waiting_for_key"]:
+            counts = "  ".join(f"{kind}={count}" for kind, count in sorted(row["records"].items()))
+            lines.append(f"  {row['storefront']:<26} waiting for a key: {counts}  (set {row['setting']})")
     lines += ["", "ENGINE PROCESSES (last day)"]
     if not data["nodes"]:
         lines.append("  none")

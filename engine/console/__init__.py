@@ -43,7 +43,7 @@ from engine.console.dr_view import DrSampler
 from engine.console.forecast_view import ForecastCache, per_currency
 from engine.controls import RETRY_KINDS, retry, set_paused
 from engine.logs import error_text, get_logger, redact_text, register_secrets
-from engine.metrics import COUNT_EXACTLY_BELOW, DB_ERRORS, record_counts
+from engine.metrics import COUNT_EXACTLY_BELOW, DB_ERRORS, record_counts, waiting_for_key
 from engine.settings import JOBS, Settings, _without_password
 from engine.store import Store
 
@@ -284,14 +284,15 @@ class Console:
         # Counted or estimated by the rule `status` and /metrics use (engine.metrics.record_counts).
         counts = await record_counts(self.store)
         large = sorted({row["kind"] for row in counts if row["estimated"]})
-        (to_do, oldest, waiting_rows, lines, awaiting, attention, events, paused_rows) = await self._gather(
+        (to_do, oldest, waiting_rows, lines, awaiting, attention, events, paused_rows, no_key) = await self._gather(
             self.store.fetch("console_counts_to_do", COUNT_CAP) if large else _nothing(),
             self.store.fetch("console_oldest_waiting", DUE_WINDOW),
             self.store.fetch("console_installments_waiting", EXAMPLES, COUNT_CAP),
             self.store.fetchrow("console_lines_waiting", EXAMPLES, COUNT_CAP),
             self.store.fetchrow("console_lines_awaiting_acceptance", DUE_WINDOW),
             self.store.fetch("status_attention"), self.store.fetchrow("events_status"),
-            self.store.fetch("paused_jobs"))
+            self.store.fetch("paused_jobs"),
+            waiting_for_key(self.store, [config.label for config in self.settings.keyed_storefronts]))
         # records[table] = {status: (count, how)}: how is "exact", "estimate" (PostgreSQL's statistics) or "over"
         # (more than COUNT_CAP, counted no further: the estimate is shown).
         records: dict[str, dict[str, tuple[int, str]]] = {t: {} for t in tables}
@@ -315,6 +316,9 @@ class Console:
             "events": dict(events) if events else None,
             "paused": [dict(r) for r in paused_rows],
             "exact_below_rows": COUNT_EXACTLY_BELOW,
+            "waiting_for_key": no_key,
+            "key_kinds": {"installments": "Installment records", "cancellations": "Order cancellations",
+                          "fulfillment_lines": "Line-item fulfillments"},
         }
 
     async def _failures(self, request: web.Request) -> tuple[str, dict[str, Any]]:

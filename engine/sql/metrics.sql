@@ -43,3 +43,40 @@ SELECT j.job, last.at
 -- /metrics: per job $1, 1 when it is paused (`pause JOB`), else 0.
 SELECT j.job, coalesce((SELECT c.paused FROM job_controls c WHERE c.job = j.job), false)::int::float8 AS paused
   FROM unnest($1::text[]) AS j(job);
+
+-- name: storefronts_waiting_for_key
+-- status, /metrics and the console: records of storefronts whose label is not among $1 (the storefronts with a key),
+-- which no job touches: open installment records (counted up to $2 each, by the claim index), open cancellation
+-- records and open fulfillment lines (by their order's storefront). One row per (label, kind) with records.
+WITH RECURSIVE labels AS (
+    (SELECT drjobs_storefront_label(storefront) AS label
+       FROM subscription_process_data
+      WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed
+      ORDER BY 1 LIMIT 1)
+    UNION ALL
+    SELECT (SELECT drjobs_storefront_label(p.storefront)
+              FROM subscription_process_data p
+             WHERE p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed
+               AND drjobs_storefront_label(p.storefront) > labels.label
+             ORDER BY 1 LIMIT 1)
+      FROM labels
+     WHERE labels.label IS NOT NULL
+)
+SELECT label, 'installments' AS kind,
+       (SELECT count(*) FROM (SELECT 1 FROM subscription_process_data p
+                               WHERE p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed
+                                 AND drjobs_storefront_label(p.storefront) = labels.label
+                               LIMIT $2) x) AS count
+  FROM labels
+ WHERE label IS NOT NULL AND label <> ALL($1::text[])
+UNION ALL
+SELECT drjobs_storefront_label(o.storefront), 'cancellations', count(*)
+  FROM fulfillments f JOIN orders o ON o.id = f.order_id
+ WHERE f.efn_status IN ('Open', 'Pending') AND drjobs_storefront_label(o.storefront) <> ALL($1::text[])
+ GROUP BY 1
+UNION ALL
+SELECT drjobs_storefront_label(o.storefront), 'fulfillment_lines', count(*)
+  FROM line_item_fulfillments l JOIN fulfillments f ON f.id = l.fulfillment_id JOIN orders o ON o.id = f.order_id
+ WHERE l.efn_status IN ('Open', 'Pending') AND drjobs_storefront_label(o.storefront) <> ALL($1::text[])
+ GROUP BY 1
+ORDER BY 1, 2;

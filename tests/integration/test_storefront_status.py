@@ -1,0 +1,98 @@
+"""Records of a storefront with no Digital River key are named by `status`, /metrics and the console as waiting for
+a key; a storefront's name is matched to its settings by the same label in Python and in SQL."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from engine import status
+from engine.console import Console
+from engine.http import Health, HttpServer
+from engine.metrics import Metrics
+from engine.settings import load, storefront_label
+from engine.store import Store
+from tests.integration.factories import fulfillment_order, process_records, subscription
+from tests.support import TEST_KEY
+
+NAMES = ["DefaultStore", "EU Store", "eu-store", "Store 1", "défault", "ß-shop", "A.B/C", "DEFAULTSTORE", "x" * 60,
+         "日本", "tab\there", ""]
+
+
+async def test_a_storefront_label_is_the_same_in_python_and_in_sql(store: Store) -> None:
+    labels = await store.pool.fetch("SELECT n, drjobs_storefront_label(n) AS label FROM unnest($1::text[]) n", NAMES)
+    assert {row["n"]: row["label"] for row in labels} == {name: storefront_label(name) for name in NAMES}
+    assert storefront_label("EU Store") == "EU_STORE" and storefront_label("DefaultStore") == "DefaultStore"
+    assert storefront_label("défault") == "D_FAULT"  # only ASCII letters are upper-cased, in both
+
+
+async def seed(store: Store) -> dict[str, int]:
+    """Open installments of DefaultStore (2) and of `Nowhere` (3), and two open lines of a Nowhere order."""
+    keyed = await subscription(store)
+    await process_records(store, keyed, 2)
+    lost = await subscription(store, storefront="Nowhere")
+    await process_records(store, lost, 3, storefront="Nowhere")
+    order, _, _, lines = await fulfillment_order(store, dr_order_id="ord_nowhere_1",
+                                                 items=[{"quantity": 1}, {"quantity": 2}],
+                                                 lines=[{"item": 0, "fulfill_quantity": 1},
+                                                        {"item": 1, "fulfill_quantity": 2}])
+    await store.pool.execute("UPDATE orders SET storefront = 'Nowhere' WHERE id = $1", order)
+    return {"lines": len(lines)}
+
+
+async def test_status_names_the_storefronts_waiting_for_a_key_and_what_they_hold(database_url: str,
+                                                                                store: Store) -> None:
+    seeded = await seed(store)
+    settings = load({"DATABASE_URL": database_url, "DR_API_KEY": TEST_KEY}, command="status", is_terminal=False)
+    data = await status.collect(settings, store, set(settings.jobs))
+    fronts = data["storefronts"]
+    assert fronts["with_key"] == ["DefaultStore"] and "no engine is live" in fronts["key_source"]
+    assert fronts["waiting_for_key"] == [{"storefront": "NOWHERE", "setting": "DR_API_KEY_NOWHERE", "records": {
+        "installments": 3, "cancellations": 1, "fulfillment_lines": seeded["lines"]}}]
+    text = status.render_text(data)
+    assert "NOWHERE" in text and "waiting for a key: cancellations=1" in text and "set DR_API_KEY_NOWHERE" in text
+    json.loads(status.render_json(data))
+
+    # A live engine with NOWHERE's key: its records are not waiting any more, whatever this command's settings say.
+    await store.pool.execute(
+        "INSERT INTO engine_nodes (name, pid, host, version, settings) VALUES ('live-1', 1, 'h', 'x', $1::jsonb)",
+        json.dumps({"storefronts": {"DefaultStore": {"key_id": "a"}, "NOWHERE": {"key_id": "b"}}}))
+    data = await status.collect(settings, store, set(settings.jobs))
+    assert data["storefronts"]["with_key"] == ["DefaultStore", "NOWHERE"]
+    assert data["storefronts"]["key_source"] == "live engines" and data["storefronts"]["waiting_for_key"] == []
+
+
+async def test_metrics_count_the_records_waiting_for_a_key_by_storefront_and_kind(store: Store) -> None:
+    seeded = await seed(store)
+    metrics = Metrics()
+    assert await metrics.refresh_from_store(store)
+    assert "drjobs_storefront_waiting_records{" not in metrics.render().decode()  # no engine said which have keys
+    metrics.storefronts_with_key = ["DefaultStore"]
+    assert await metrics.refresh_from_store(store)
+    body = metrics.render().decode()
+    assert 'drjobs_storefront_waiting_records{kind="installments",storefront="NOWHERE"} 3.0' in body
+    assert f'drjobs_storefront_waiting_records{{kind="fulfillment_lines",storefront="NOWHERE"}} {seeded["lines"]}.0' \
+        in body
+    assert 'storefront="DefaultStore"' not in body
+    metrics.storefronts_with_key = ["DefaultStore", "NOWHERE"]
+    assert await metrics.refresh_from_store(store)
+    assert "drjobs_storefront_waiting_records{" not in metrics.render().decode()
+
+
+async def test_the_console_backlog_shows_a_storefront_waiting_for_its_key(database_url: str, store: Store) -> None:
+    await seed(store)
+    settings = load({"DATABASE_URL": database_url, "DR_API_KEY": TEST_KEY, "HTTP_PORT": "0"}, command="status",
+                    is_terminal=False)
+    console = Console(settings, store, built=set(settings.jobs))
+    server = HttpServer("127.0.0.1", 0, Metrics(), Health(store, dict, lambda: True), console=console)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"http://127.0.0.1:{server.port}/backlog") as response:
+            page = await response.text()
+    finally:
+        await server.stop()
+    assert response.status == 200
+    assert 'data-storefront="NOWHERE"' in page and "DR_API_KEY_NOWHERE" in page
+    assert "Installment records of storefront <code>NOWHERE</code>" in page
