@@ -1,3 +1,3 @@
 """drjobs engine: the machinery every job shares."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
