@@ -301,3 +301,29 @@ def test_storefront_settings_are_read_per_storefront_and_not_taken_for_misspelli
     assert eu is not None and eu.api_key is None and eu.api_url == "https://eu.example"
     assert storefronts_without_key(settings) == ["EU_STORE"]
     assert {"sk_test_x", "whsec_x", KEY} <= set(settings.secrets)
+
+
+@pytest.mark.parametrize(("env", "named", "why"), [
+    ({"DR_API_KEY_eu": "sk_test_CANARY_lower"}, "DR_API_KEY_eu", "STORE the storefront's name upper-cased"),
+    ({"DR_API_KEY_": "sk_test_CANARY_empty"}, "DR_API_KEY_", "STORE the storefront's name upper-cased"),
+    ({"DR_API_KEY_EU": "sk_test_CANARY bad"}, "DR_API_KEY_EU", "without spaces"),
+    ({"DR_WEBHOOK_SECRET_EU": "whsec_CANARY\tx"}, "DR_WEBHOOK_SECRET_EU", "without spaces"),
+    ({"DR_MAX_REQUESTS_PER_SECOND_EU": "fast"}, "DR_MAX_REQUESTS_PER_SECOND_EU", "a number from 0.1"),
+    ({"DR_API_URL_EU": "ftp://x"}, "DR_API_URL_EU", "a URL starting with http://"),
+])
+def test_a_bad_storefront_setting_is_one_line_naming_it_and_never_shows_a_secret(
+        env: dict[str, str], named: str, why: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load({"DR_API_KEY": KEY, **env}, command="serve", is_terminal=False)
+    message = str(caught.value)
+    assert message.startswith(f"bad setting {named}=") and why in message and "\n" not in message
+    assert "CANARY" not in message
+
+
+def test_serve_needs_a_key_of_some_storefront_and_any_one_will_do() -> None:
+    with pytest.raises(SettingsError, match="DR_API_KEY_<STORE>"):
+        load({"DR_WEBHOOK_SECRET_EU": "whsec_x"}, command="serve", is_terminal=False)
+    settings = load({"DR_API_KEY_EU_STORE": "sk_test_eu"}, command="serve", is_terminal=False)
+    assert settings.dr_api_key is None and [s.label for s in settings.keyed_storefronts] == ["EU_STORE"]
+    eu = settings.storefront("eu store")
+    assert eu is not None and eu.max_requests_per_second == 20.0  # an sk_test_ key's default, as DR_API_KEY's
