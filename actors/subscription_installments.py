@@ -163,7 +163,7 @@ class SubscriptionInstallments(Job):
         installments in one transaction; those still due after it go on `behind`."""
         now = datetime.now(UTC)
         async with self.store.pool.acquire() as conn, conn.transaction():
-            subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones, *cursor, behind)
+            subs = await conn.fetch(sql("claim_due_subscriptions"), size, zones, *cursor, behind, self._labels())
             if subs:
                 cursor[:] = max((sub["installment_next_run_date"], sub["id"]) for sub in subs)
             run.claimed += len(subs)
@@ -237,9 +237,15 @@ class SubscriptionInstallments(Job):
         if payments is not None and not payments.offer(RunRequest(datetime.now(UTC), "message")):
             log.info("payments_already_busy")
 
+    def _labels(self) -> list[str]:
+        """The storefronts whose subscriptions this job makes installments of: those with a key (the others wait,
+        untouched, as the Salesforce job runs only for its storefront)."""
+        return [storefront.label for storefront in self.storefronts]
+
     async def due_count(self) -> int:
-        return int(await self.store.fetchval("count_due_subscriptions", await self.known_time_zones()))
+        return int(await self.store.fetchval("count_due_subscriptions", await self.known_time_zones(),
+                                             self._labels()))
 
     async def has_due(self) -> bool:
-        return bool(await self.store.fetchval("any_due_subscription", await self.known_time_zones()))
+        return bool(await self.store.fetchval("any_due_subscription", await self.known_time_zones(), self._labels()))
 

@@ -421,9 +421,16 @@ async def record_counts(store: Store, exact_below: int = COUNT_EXACTLY_BELOW) ->
 WAITING_COUNT_LIMIT = 100_000
 
 
-async def waiting_for_key(store: Store, with_key: Iterable[str]) -> list[dict[str, Any]]:
-    """Records of storefronts not in `with_key` (labels), which wait for a key: {"label", "kind", "count"}."""
-    return [dict(row) for row in await store.fetch("storefronts_waiting_for_key", list(with_key), WAITING_COUNT_LIMIT)]
+async def waiting_for_key(store: Store, with_key: Iterable[str], *,
+                          subscriptions: bool = False) -> list[dict[str, Any]]:
+    """Records of storefronts not in `with_key` (labels), which wait for a key: {"label", "kind", "count"}; with
+    `subscriptions`, also their due subscriptions (kind `subscriptions_due`: a walk of every due subscription, so
+    for status and the console, not for every scrape)."""
+    labels = list(with_key)
+    rows = [dict(row) for row in await store.fetch("storefronts_waiting_for_key", labels, WAITING_COUNT_LIMIT)]
+    if subscriptions:
+        rows += [dict(row) for row in await store.fetch("subscriptions_waiting_for_key", labels, WAITING_COUNT_LIMIT)]
+    return sorted(rows, key=lambda row: (row["label"], row["kind"]))
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -75,7 +75,7 @@ async def _storefronts(settings: Settings, store: Store, live_settings: list[dic
         keyed = [config.label for config in settings.keyed_storefronts]
         source = "this command's settings (no engine is live)"
     waiting: dict[str, dict[str, int]] = {}
-    for row in await waiting_for_key(store, keyed):
+    for row in await waiting_for_key(store, keyed, subscriptions=True):
         waiting.setdefault(row["label"], {})[row["kind"]] = row["count"]
     return {"with_key": keyed, "key_source": source,
             "waiting_for_key": [{"storefront": label, "records": records, "setting": f"DR_API_KEY_{label}"}

@@ -292,7 +292,8 @@ class Console:
             self.store.fetchrow("console_lines_awaiting_acceptance", DUE_WINDOW),
             self.store.fetch("status_attention"), self.store.fetchrow("events_status"),
             self.store.fetch("paused_jobs"),
-            waiting_for_key(self.store, [config.label for config in self.settings.keyed_storefronts]))
+            waiting_for_key(self.store, [config.label for config in self.settings.keyed_storefronts],
+                            subscriptions=True))
         # records[table] = {status: (count, how)}: how is "exact", "estimate" (PostgreSQL's statistics) or "over"
         # (more than COUNT_CAP, counted no further: the estimate is shown).
         records: dict[str, dict[str, tuple[int, str]]] = {t: {} for t in tables}
@@ -318,6 +319,7 @@ class Console:
             "exact_below_rows": COUNT_EXACTLY_BELOW,
             "waiting_for_key": no_key,
             "key_kinds": {"installments": "Installment records", "cancellations": "Order cancellations",
+                          "subscriptions_due": "Subscriptions due (no installment made)",
                           "fulfillment_lines": "Line-item fulfillments"},
         }
 

@@ -31,11 +31,14 @@ AND s.installment_next_run_date <= (now() AT TIME ZONE
 -- the run's cursor ($3 run date, $4 id: where its last batch stopped), so each batch walks the due index from
 -- there and its cost does not grow with what is left. A subscription this run took that is still due after its
 -- batch (far behind: one batch makes at most MAX_CATCH_UP of its installments) is in $5 and waits for the next
--- run, so it cannot take every batch from those due today. $2: the valid zones (`subscription_due`).
+-- run, so it cannot take every batch from those due today. $2: the valid zones (`subscription_due`). Only the
+-- subscriptions of the storefront labels $6 (those with a key): as the Salesforce job, run per storefront, a
+-- storefront's subscriptions are not touched while the engine cannot charge them.
 SELECT s.*, a.time_zone
   FROM subscriptions s
   LEFT JOIN accounts a ON a.id = s.account_id
  WHERE {{subscription_due zones=$2}}
+   AND drjobs_storefront_label(s.storefront) = ANY($6::text[])
    AND (s.installment_next_run_date, s.id) > ($3::date, $4::bigint)
    AND s.id <> ALL($5::bigint[])
  ORDER BY s.installment_next_run_date, s.id
@@ -43,20 +46,22 @@ SELECT s.*, a.time_zone
    FOR UPDATE OF s SKIP LOCKED;
 
 -- name: any_due_subscription
--- subscription-installments: whether any subscription is due now (drain): the first in the due index's order.
+-- subscription-installments: whether any subscription of the storefront labels $2 is due now (drain): the first in
+-- the due index's order.
 SELECT (SELECT s.id
           FROM subscriptions s
           LEFT JOIN accounts a ON a.id = s.account_id
-         WHERE {{subscription_due zones=$1}}
+         WHERE {{subscription_due zones=$1}} AND drjobs_storefront_label(s.storefront) = ANY($2::text[])
          ORDER BY s.installment_next_run_date, s.id
          LIMIT 1) IS NOT NULL;
 
 -- name: count_due_subscriptions
--- subscription-installments: how many subscriptions are due now (for drain). $1: the valid zones.
+-- subscription-installments: how many subscriptions of the storefront labels $2 are due now (for drain). $1: the
+-- valid zones.
 SELECT count(*)
   FROM subscriptions s
   LEFT JOIN accounts a ON a.id = s.account_id
- WHERE {{subscription_due zones=$1}};
+ WHERE {{subscription_due zones=$1}} AND drjobs_storefront_label(s.storefront) = ANY($2::text[]);
 
 -- name: insert_installments
 -- subscription-installments: for each ($1 subscription, $2 installment number, $3 run date) one Open-DR cart, its

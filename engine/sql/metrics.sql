@@ -80,3 +80,17 @@ SELECT drjobs_storefront_label(o.storefront), 'fulfillment_lines', count(*)
  WHERE l.efn_status IN ('Open', 'Pending') AND drjobs_storefront_label(o.storefront) <> ALL($1::text[])
  GROUP BY 1
 ORDER BY 1, 2;
+
+-- name: subscriptions_waiting_for_key
+-- status and the console: Active subscriptions due (run date up to tomorrow, by the due index) of storefronts whose
+-- label is not among $1: the installment job makes nothing for them until their storefront has a key. Counted up
+-- to $2 each; the walk reads every due subscription, so /metrics, scraped often, does not ask.
+SELECT label, 'subscriptions_due' AS kind, count(*) AS count
+  FROM (SELECT drjobs_storefront_label(s.storefront) AS label
+          FROM subscriptions s
+         WHERE s.status = 'Active' AND s.installment_count_remaining > 0
+           AND s.installment_next_run_date <= (now() AT TIME ZONE 'UTC')::date + 1
+           AND drjobs_storefront_label(s.storefront) <> ALL($1::text[])
+         LIMIT $2) due
+ GROUP BY label
+ ORDER BY label;

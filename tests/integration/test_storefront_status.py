@@ -31,7 +31,7 @@ async def seed(store: Store) -> dict[str, int]:
     """Open installments of DefaultStore (2) and of `Nowhere` (3), and two open lines of a Nowhere order."""
     keyed = await subscription(store)
     await process_records(store, keyed, 2)
-    lost = await subscription(store, storefront="Nowhere")
+    lost = await subscription(store, storefront="Nowhere")  # due since 2026-01-31
     await process_records(store, lost, 3, storefront="Nowhere")
     order, _, _, lines = await fulfillment_order(store, dr_order_id="ord_nowhere_1",
                                                  items=[{"quantity": 1}, {"quantity": 2}],
@@ -49,7 +49,7 @@ async def test_status_names_the_storefronts_waiting_for_a_key_and_what_they_hold
     fronts = data["storefronts"]
     assert fronts["with_key"] == ["DefaultStore"] and "no engine is live" in fronts["key_source"]
     assert fronts["waiting_for_key"] == [{"storefront": "NOWHERE", "setting": "DR_API_KEY_NOWHERE", "records": {
-        "installments": 3, "cancellations": 1, "fulfillment_lines": seeded["lines"]}}]
+        "installments": 3, "cancellations": 1, "fulfillment_lines": seeded["lines"], "subscriptions_due": 1}}]
     text = status.render_text(data)
     assert "NOWHERE" in text and "waiting for a key: cancellations=1" in text and "set DR_API_KEY_NOWHERE" in text
     json.loads(status.render_json(data))
@@ -96,3 +96,21 @@ async def test_the_console_backlog_shows_a_storefront_waiting_for_its_key(databa
     assert response.status == 200
     assert 'data-storefront="NOWHERE"' in page and "DR_API_KEY_NOWHERE" in page
     assert "Installment records of storefront <code>NOWHERE</code>" in page
+
+
+async def test_subscriptions_of_a_storefront_without_a_key_get_no_installments_and_drain_ends(store: Store) -> None:
+    from sandbox.config import SandboxConfig
+    from sandbox.server import Sandbox
+    from tests.integration.engines import drain
+    from tests.integration.factories import due_subscription
+
+    keyed = await due_subscription(store)
+    lost = await due_subscription(store, storefront="Nowhere")
+    async with Sandbox(SandboxConfig(api_key=TEST_KEY)) as sandbox:
+        assert await drain(store, sandbox) == 0
+    made = {row["subscription_id"]: row["n"] for row in await store.pool.fetch(
+        "SELECT subscription_id, count(*) AS n FROM subscription_process_data GROUP BY 1")}
+    assert made == {keyed: 1}
+    row = await store.pool.fetchrow("SELECT installment_count, installment_next_run_date, updated_at = created_at "
+                                    "AS untouched FROM subscriptions WHERE id = $1", lost)
+    assert row["installment_count"] == 0 and row["untouched"]
