@@ -98,7 +98,7 @@ class Engine:
         self.metrics = Metrics(node_lost_seconds=settings.node_lost_seconds)
         # A client per storefront with a key (engine/storefronts.py); DefaultStore's is `dr`.
         self.storefronts = Storefronts(settings, self.app_log, self.metrics)
-        self.metrics.storefronts_with_key = self.storefronts.labels
+        self.metrics.storefronts(self.storefronts.labels)
         dr = self.storefronts.default
         self.dr = dr
         # A 429 met here pauses every engine on this database using the key, and theirs pause this one.

@@ -1106,7 +1106,7 @@ class DigitalRiverClient:
         except TimeoutError:
             self.stats.requests[(endpoint, "timeout")] += 1
             if self.metrics is not None:
-                self.metrics.dr_request(endpoint, None, time.perf_counter() - started)
+                self.metrics.dr_request(endpoint, None, time.perf_counter() - started, self.storefront)
             self._log.debug("dr_request", method=method, path=path, status=None, error="timeout",
                             ms=_ms(started))
             raise TransientError(f"no answer within {self.timeout_seconds:g} s", code="timeout",
@@ -1114,7 +1114,7 @@ class DigitalRiverClient:
         except aiohttp.ClientError as exc:
             self.stats.requests[(endpoint, "connection_error")] += 1
             if self.metrics is not None:
-                self.metrics.dr_request(endpoint, None, time.perf_counter() - started)
+                self.metrics.dr_request(endpoint, None, time.perf_counter() - started, self.storefront)
             self._log.debug("dr_request", method=method, path=path, status=None, error="connection_error",
                             ms=_ms(started))
             # `from None`: some aiohttp errors carry the request's headers, Authorization included.
@@ -1122,7 +1122,7 @@ class DigitalRiverClient:
                                  path=path) from None
         self.stats.requests[(endpoint, str(status))] += 1
         if self.metrics is not None:
-            self.metrics.dr_request(endpoint, status, time.perf_counter() - started)
+            self.metrics.dr_request(endpoint, status, time.perf_counter() - started, self.storefront)
         self._log.debug("dr_request", method=method, path=path, status=status, ms=_ms(started))
         if 200 <= status < 300:
             self.key_refused = False
@@ -1168,7 +1168,7 @@ class DigitalRiverClient:
             pause = DEFAULT_RETRY_AFTER_429 if retry_after is None else retry_after
             self.stats.rate_limited += 1
             if self.metrics is not None:
-                self.metrics.rate_limited()
+                self.metrics.rate_limited(self.storefront)
             # Every caller of every process on this key waits out the whole pause (Digital River refuses all of
             # their calls until then), capped only at an hour. A call whose wait would pass backoff_max is not
             # retried: its record's own backoff takes over.

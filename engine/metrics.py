@@ -9,10 +9,10 @@ Fed by the engine (each call is a dict lookup and an addition; they run per reco
     drjobs_job_records_total{job,outcome}                 run_finished (outcome: claimed | succeeded | failed)
     drjobs_job_run_seconds{job}                           run_finished (histogram)
     drjobs_record_outcomes_total{job,outcome}             record_outcome (outcome: the record's log event)
-    drjobs_dr_requests_total{endpoint,status}             dr_request (status: HTTP status, `error` without one)
+    drjobs_dr_requests_total{endpoint,status,storefront}  dr_request (status: HTTP status, `error` without one)
     drjobs_dr_request_seconds{endpoint}                   dr_request (histogram, 5 ms … 30 s)
     drjobs_dr_rate_limit_wait_seconds_total               rate_limit_wait
-    drjobs_dr_429_total                                   rate_limited
+    drjobs_dr_429_total{storefront}                       rate_limited
     drjobs_lease_lost_total{table}                        lease_lost
     drjobs_settlement_conflicts_total{job}                settlement_conflict (an alarm: see docs/reliability.md)
 
@@ -50,7 +50,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from engine.logs import error_text, get_logger
 from engine.node import LOST_AFTER_SECONDS
-from engine.settings import JOBS
+from engine.settings import DEFAULT_STOREFRONT, JOBS
 from engine.store import LEASED_TABLES
 
 if TYPE_CHECKING:
@@ -98,13 +98,15 @@ class Metrics:
                                       buckets=JOB_RUN_BUCKETS, registry=r)
         self._outcomes = Counter("drjobs_record_outcomes", "Records by outcome event (installment_charged, …).",
                                  ["job", "outcome"], registry=r)
-        self._dr_requests = Counter("drjobs_dr_requests", "Digital River requests (each attempt) by status.",
-                                    ["endpoint", "status"], registry=r)
+        self._dr_requests = Counter("drjobs_dr_requests", "Digital River requests (each attempt) by status and the "
+                                    "storefront whose key sent them.", ["endpoint", "status", "storefront"],
+                                    registry=r)
         self._dr_seconds = Histogram("drjobs_dr_request_seconds", "Digital River request latency.", ["endpoint"],
                                      buckets=DR_REQUEST_BUCKETS, registry=r)
         self._rate_wait = Counter("drjobs_dr_rate_limit_wait_seconds",
                                   "Seconds requests waited for the Digital River rate budget.", registry=r)
-        self._dr_429 = Counter("drjobs_dr_429", "Digital River 429 (rate limited) answers.", registry=r)
+        self._dr_429 = Counter("drjobs_dr_429", "Digital River 429 (rate limited) answers, by storefront.",
+                               ["storefront"], registry=r)
         self._lease_lost = Counter("drjobs_lease_lost", "In-flight rows whose lease this process lost.", ["table"],
                                    registry=r)
         self._conflicts = Counter(
@@ -120,6 +122,9 @@ class Metrics:
                                          "no_secret, bad_body, too_large, store_failed).", ["reason"], registry=r)
         # Labelled children by label values: `labels()` validates and locks on every call, a dict get does not.
         self._children: dict[tuple[object, ...], Any] = {}
+        # At 0 from the start (for DefaultStore, and each storefront `storefronts` names), so the first 429 is an
+        # increase a rule sees.
+        self._child(self._dr_429, DEFAULT_STOREFRONT)
         self._in_flight: Source | None = None
         self._queue_depth: Source | None = None
         self._db: dict[str, list[Sample]] = {}
@@ -155,13 +160,15 @@ class Metrics:
         """One record ended with `outcome`, its log event (installment_charged, fulfillment_completed, …)."""
         self._child(self._outcomes, job, outcome).inc()
 
-    def dr_request(self, endpoint: str, status: int | None, seconds: float) -> None:
-        """One Digital River request (every attempt, retries included); `status` None when no answer came."""
-        key = (self._dr_requests, endpoint, status)
+    def dr_request(self, endpoint: str, status: int | None, seconds: float,
+                   storefront: str = DEFAULT_STOREFRONT) -> None:
+        """One Digital River request (every attempt, retries included) with `storefront`'s key; `status` None when
+        no answer came."""
+        key = (self._dr_requests, endpoint, status, storefront)
         counter = self._children.get(key)
         if counter is None:
             counter = self._children[key] = self._dr_requests.labels(
-                endpoint, "error" if status is None else str(status))
+                endpoint, "error" if status is None else str(status), storefront)
         counter.inc()
         self._child(self._dr_seconds, endpoint).observe(seconds)
 
@@ -169,9 +176,16 @@ class Metrics:
         """A request waited `seconds` for the rate budget (the token bucket, or a 429 pause)."""
         self._rate_wait.inc(seconds)
 
-    def rate_limited(self) -> None:
-        """Digital River answered 429."""
-        self._dr_429.inc()
+    def storefronts(self, labels: Iterable[str]) -> None:
+        """The storefronts this process has a key for: their 429 counters start at 0, and records of every other
+        storefront are counted as waiting for a key (drjobs_storefront_waiting_records)."""
+        self.storefronts_with_key = list(labels)
+        for label in self.storefronts_with_key:
+            self._child(self._dr_429, label)
+
+    def rate_limited(self, storefront: str = DEFAULT_STOREFRONT) -> None:
+        """Digital River answered 429 to `storefront`'s key."""
+        self._child(self._dr_429, storefront).inc()
 
     def lease_lost(self, table: str, count: int) -> None:
         """A heartbeat found `count` in-flight rows of `table` no longer leased to this process."""
@@ -216,8 +230,8 @@ class Metrics:
                 ("drjobs_dr_events_backlog", _events_backlog),
                 ("drjobs_job_last_success_timestamp_seconds", _last_success),
                 ("drjobs_job_paused", _paused),
-                ("drjobs_live_nodes", self._live_nodes),
                 ("drjobs_storefront_waiting_records", self._waiting),
+                ("drjobs_live_nodes", self._live_nodes),
             ):
                 try:
                     remaining = deadline - loop.time()

@@ -220,7 +220,7 @@ async def test_metrics_answer_within_the_time_box_when_a_query_hangs(serve: Serv
     assert gauge(found, "drjobs_live_nodes") is None
     assert gauge(found, "drjobs_expired_leases", table="fulfillments") == 0
     assert gauge(found, "drjobs_dr_events_backlog", what="events_pending") == 0
-    assert gauge(found, "drjobs_dr_429_total") == 1
+    assert gauge(found, "drjobs_dr_429_total", storefront="DefaultStore") == 1
 
     _, (_, text) = await get(server, "/metrics")
     assert gauge(samples(text), "drjobs_metrics_db_up") == 1

@@ -23,6 +23,9 @@ def scrape(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
     return found
 
 
+DS = "DefaultStore"
+
+
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
     return scrape(metrics).get((name, frozenset(labels.items())))
 
@@ -66,9 +69,10 @@ def test_dr_requests_are_counted_by_endpoint_and_status_with_error_for_no_answer
     m.dr_request("POST /orders", 201, 0.06)
     m.dr_request("POST /orders", 409, 0.05)
     m.dr_request("GET /orders/{id}", None, 30.0)
-    assert value(m, "drjobs_dr_requests_total", endpoint="POST /orders", status="201") == 2
-    assert value(m, "drjobs_dr_requests_total", endpoint="POST /orders", status="409") == 1
-    assert value(m, "drjobs_dr_requests_total", endpoint="GET /orders/{id}", status="error") == 1
+    assert value(m, "drjobs_dr_requests_total", endpoint="POST /orders", status="201", storefront=DS) == 2
+    assert value(m, "drjobs_dr_requests_total", endpoint="POST /orders", status="409", storefront=DS) == 1
+    assert value(m, "drjobs_dr_requests_total", endpoint="GET /orders/{id}", status="error",
+                 storefront=DS) == 1
     assert value(m, "drjobs_dr_request_seconds_count", endpoint="POST /orders") == 3
     assert value(m, "drjobs_dr_request_seconds_count", endpoint="GET /orders/{id}") == 1
 
@@ -96,10 +100,10 @@ def test_rate_limit_waits_add_up_their_seconds() -> None:
 
 def test_429_answers_are_counted() -> None:
     m = Metrics()
-    assert value(m, "drjobs_dr_429_total") == 0
+    assert value(m, "drjobs_dr_429_total", storefront=DS) == 0
     m.rate_limited()
     m.rate_limited()
-    assert value(m, "drjobs_dr_429_total") == 2
+    assert value(m, "drjobs_dr_429_total", storefront=DS) == 2
 
 
 def test_lost_leases_are_counted_by_table() -> None:
@@ -141,7 +145,7 @@ def test_a_failing_source_leaves_out_its_gauge_and_the_rest_renders() -> None:
     assert "drjobs_in_flight" not in {name for name, _ in found}
     assert [(e["event"], e["metric"]) for e in logs] == [("metrics_source_failed", "drjobs_in_flight")]
     assert found[("drjobs_inbox_depth", frozenset({("actor", "node")}))] == 0
-    assert found[("drjobs_dr_429_total", frozenset())] == 1
+    assert found[("drjobs_dr_429_total", frozenset({("storefront", DS)}))] == 1
 
 
 def test_database_gauges_are_absent_until_the_first_refresh() -> None:
@@ -153,9 +157,9 @@ def test_database_gauges_are_absent_until_the_first_refresh() -> None:
 def test_each_metrics_has_its_own_registry_apart_from_the_global_one() -> None:
     first, second = Metrics(), Metrics()
     first.rate_limited()
-    assert value(first, "drjobs_dr_429_total") == 1
-    assert value(second, "drjobs_dr_429_total") == 0
-    assert REGISTRY.get_sample_value("drjobs_dr_429_total") is None
+    assert value(first, "drjobs_dr_429_total", storefront=DS) == 1
+    assert value(second, "drjobs_dr_429_total", storefront=DS) == 0
+    assert REGISTRY.get_sample_value("drjobs_dr_429_total", {"storefront": DS}) is None
 
 
 def test_render_is_the_prometheus_text_format() -> None:
@@ -163,4 +167,4 @@ def test_render_is_the_prometheus_text_format() -> None:
     assert m.content_type == "text/plain; version=0.0.4; charset=utf-8"
     text = m.render().decode()
     assert "# TYPE drjobs_dr_429_total counter" in text
-    assert "drjobs_dr_429_total 0.0" in text
+    assert 'drjobs_dr_429_total{storefront="DefaultStore"} 0.0' in text
