@@ -107,7 +107,7 @@ class DigitalRiverEvents(Job):
 
     async def due_count(self) -> int:
         return int(await self.store.fetchval("count_pending_events")) + int(
-            await self.store.fetchval("count_pending_records_due", [s.label for s in self.storefronts]))
+            await self.store.fetchval("count_pending_records_due", self.ready_labels()))
 
     async def run_once(self, run: Run) -> None:
         # A run a webhook woke applies what is stored; the scheduled (and manual, drain) runs also poll, so a

@@ -129,7 +129,7 @@ class LineItemFulfillment(Job):
     }
 
     async def due_count(self) -> int:
-        return int(await self.store.fetchval("count_due_line_items", [s.label for s in self.storefronts]))
+        return int(await self.store.fetchval("count_due_line_items", self.ready_labels()))
 
     async def run_once(self, run: Run) -> None:
         await self._refresh_states()

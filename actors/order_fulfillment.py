@@ -74,7 +74,7 @@ class OrderFulfillment(Job):
     }
 
     async def due_count(self) -> int:
-        return int(await self.store.fetchval("count_due_cancelled_orders", [s.label for s in self.storefronts]))
+        return int(await self.store.fetchval("count_due_cancelled_orders", self.ready_labels()))
 
     async def run_once(self, run: Run) -> None:
         await self.claim_by_storefront(lambda storefront: self._cancel_storefront(run, storefront))

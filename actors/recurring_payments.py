@@ -290,9 +290,10 @@ class RecurringPayments(Job):
         return int(await self.store.fetchval("count_due_payment_records"))
 
     async def has_due(self) -> bool:
-        """Whether any record of a storefront with a key is due: each one's claim order walked a window at a time,
-        never a count of the backlog (a storefront waiting for a key has nothing due for drain)."""
-        labels = [storefront.label for storefront in self.storefronts]
+        """Whether any record of a storefront with a key and no long 429 pause is due: each one's claim order walked
+        a window at a time, never a count of the backlog (a storefront waiting for a key, or out a pause, has nothing
+        due for drain)."""
+        labels = self.ready_labels()
         return bool(labels) and await first_due_payment(self.store, HAS_DUE_WINDOW, labels) is not None
 
     async def run_once(self, run: Run) -> None:

@@ -165,6 +165,12 @@ class Job(Actor[RunRequest]):
             return list(self.services.storefronts)
         return [] if self.services.dr is None else [Storefront(self.services.dr.storefront, self.services.dr)]
 
+    def ready_labels(self) -> list[str]:
+        """The labels of the storefronts whose records can be sent now: a key, and no 429 pause of more than
+        LONG_PAUSE_SECONDS. Drain's check counts only theirs: a paused storefront's records wait like records whose
+        next attempt has not come."""
+        return [s.label for s in self.storefronts if s.client.paused_for() <= LONG_PAUSE_SECONDS]
+
     def client_for(self, storefront: str) -> DigitalRiverClient | None:
         """The client for a record of the storefront named `storefront`; None when it has no key here."""
         label = storefront_label(storefront)
