@@ -70,13 +70,16 @@ HELP: dict[str, tuple[str, str, list[tuple[str, str]], list[str]]] = {
     "resume": ("JOB", "Undo `pause JOB`.", [], [_DATABASE, "NODE_NAME"]),
     "retry": ("KIND ID", "Put a Failed record back to Open, due now. KIND is installment, fulfillment or "
               "line-item; ID the record's id. Audited in application_logs.", [], [_DATABASE, "NODE_NAME"]),
-    "demo": ("[--subscriptions N] [--latency-ms MS] [--keep] [--console]",
+    "demo": ("[--subscriptions N] [--latency-ms MS] [--storefronts N] [--keep] [--console]",
              "A newcomer's first run: an embedded PostgreSQL and the local Digital River sandbox, a seeded book, "
              "every job to completion with progress bars, then a summary. The engine's own log goes to a file "
              "the summary names. On a terminal it then serves the web console (read-only) on the demo's database "
-             "at a free loopback port and waits for Ctrl-C.",
+             "at a free loopback port and waits for Ctrl-C. With --storefronts 2 or more the book is spread over "
+             "DefaultStore, EU Store, …, each charged with its own key at its own sandbox, and the summary shows "
+             "each storefront's share and what its sandbox saw.",
              [("--subscriptions N", "subscriptions in the seeded book (default 2000, 1 to 200000)"),
               ("--latency-ms MS", "the sandbox's answer time (default 0)"),
+              ("--storefronts N", "storefronts, each with its own key and sandbox (default 1, 1 to 8)"),
               ("--keep", "keep the demo's database afterwards; the summary prints the command to look at it"),
               ("--console", "serve the web console after the summary even when stdout is not a terminal")],
              ["DATA_DIR (the demo's embedded database lives under DATA_DIR/demo)", _LOGS]),

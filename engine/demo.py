@@ -13,20 +13,30 @@ or with `--console`, the demo serves it on a free loopback port, prints `console
 for Ctrl-C (or SIGTERM) before it stops and drops its database; its Digital River page shows the demo's own
 requests. Otherwise (a pipe: tests, scripts) it prints how to get the console (`demo --console`) and exits.
 
-Options: `--subscriptions N` (default 2000), `--latency-ms MS` (sandbox latency, default 0), `--keep` (leave the
-demo database in place afterwards and print the `status` command that reads it; by default it is dropped),
-`--console` (serve the console after the summary even when stdout is not a terminal).
+Storefronts (docs/contract.md, Storefronts): `--storefronts N` (1 to 8, default 1) runs the demo with N of them,
+`DefaultStore` and then `EU Store`, `UK Store`, …, each with its own key and its own in-process sandbox, which
+accepts that key only (DefaultStore's is DR_API_KEY and DR_API_URL, EU Store's DR_API_KEY_EU_STORE and
+DR_API_URL_EU_STORE, and so on). The seeded customers are spread over the storefronts in turn (their acquisition
+orders and subscriptions name it), and the summary gains a STOREFRONTS section: each storefront's installments
+charged and failed, its installment orders and how many of them its own sandbox created, and the fulfillments,
+requests and refused keys (401) that sandbox saw. With one storefront the demo is what it always was. The
+console's Digital River page shows DefaultStore's client.
+
+Options: `--subscriptions N` (default 2000), `--latency-ms MS` (sandbox latency, default 0), `--storefronts N`
+(default 1), `--keep` (leave the demo database in place afterwards and print the `status` command that reads it;
+by default it is dropped), `--console` (serve the console after the summary even when stdout is not a terminal).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,7 +50,7 @@ from engine.database import EMBEDDED_DATABASE, open_database
 from engine.http import HttpServer
 from engine.jobs import Job
 from engine.logs import get_logger
-from engine.settings import JOBS, Settings, load
+from engine.settings import DEFAULT_STOREFRONT, JOBS, STOREFRONT_SETTING_PREFIXES, Settings, load, storefront_label
 from engine.store import Store, load_queries
 from sandbox.config import SandboxConfig
 from sandbox.server import Sandbox
@@ -52,7 +62,11 @@ DEMO_SQL = load_queries([Path(__file__).with_name("demo.sql")])
 log = get_logger(component="demo")
 DEMO_DATABASE = EMBEDDED_DATABASE  # on the demo's own embedded server, under DATA_DIR/demo
 DEMO_KEY = "sk_test_demo_local_sandbox"
-USAGE = "usage: python run.py demo [--subscriptions N] [--latency-ms MS] [--keep] [--console]"
+# The storefronts `--storefronts N` runs with: the first N of these, DefaultStore (DR_API_KEY) first.
+DEMO_STOREFRONTS = (DEFAULT_STOREFRONT, "EU Store", "UK Store", "APAC Store", "LATAM Store", "Canada Store",
+                    "Japan Store", "Nordics Store")
+MAX_STOREFRONTS = len(DEMO_STOREFRONTS)
+USAGE = "usage: python run.py demo [--subscriptions N] [--latency-ms MS] [--storefronts N] [--keep] [--console]"
 # The console's Digital River page samples the demo's client every second (the demo's runs last seconds).
 DEMO_SAMPLE_SECONDS = 1.0
 READ_ONLY = ("This is the demo's console: read-only, on the demo's own database, which the demo drops when it stops "
@@ -67,6 +81,7 @@ class DemoUsageError(ValueError):
 class DemoOptions:
     subscriptions: int = 2000
     latency_ms: float = 0.0
+    storefronts: int = 1
     keep: bool = False
     console: bool = False
 
@@ -81,21 +96,26 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
             options.keep = True
         elif flag == "--console":
             options.console = True
-        elif flag in ("--subscriptions", "--latency-ms"):
+        elif flag in ("--subscriptions", "--latency-ms", "--storefronts"):
             if not args:
                 raise DemoUsageError(f"{flag} needs a value; {USAGE}")
             value = args.pop(0)
+            allowed = {"--subscriptions": "1 to 200000", "--latency-ms": "0 to 10000",
+                       "--storefronts": f"1 to {MAX_STOREFRONTS}"}[flag]
             try:
                 if flag == "--subscriptions":
                     options.subscriptions = int(value)
                     if not 1 <= options.subscriptions <= 200_000:
+                        raise ValueError
+                elif flag == "--storefronts":
+                    options.storefronts = int(value)
+                    if not 1 <= options.storefronts <= MAX_STOREFRONTS:
                         raise ValueError
                 else:
                     options.latency_ms = float(value)
                     if not 0 <= options.latency_ms <= 10_000:
                         raise ValueError
             except ValueError:
-                allowed = "1 to 200000" if flag == "--subscriptions" else "0 to 10000"
                 raise DemoUsageError(f"{flag} {value!r}: expected a number from {allowed}") from None
         else:
             raise DemoUsageError(f"unknown option {flag!r}; {USAGE}")
@@ -111,12 +131,31 @@ def demo_log_path(data_dir: str) -> Path:
     return demo_dir(data_dir) / "demo.log"
 
 
-def demo_settings(sandbox_url: str, env: dict[str, str] | None = None) -> Settings:
-    """The operator's settings, with the store, Digital River and the rate budget pointed at the demo's own."""
-    base = dict(os.environ if env is None else env)
+def demo_key(storefront: str) -> str:
+    """The demo's key for `storefront`, which its sandbox alone accepts: DEMO_KEY for DefaultStore,
+    `sk_test_demo_eu_store` for EU Store."""
+    return DEMO_KEY if storefront == DEFAULT_STOREFRONT else f"sk_test_demo_{storefront_label(storefront).lower()}"
+
+
+def setting_suffix(storefront: str) -> str:
+    """What the storefront's variables end with: '' for DefaultStore (DR_API_KEY), `_EU_STORE` for EU Store."""
+    return "" if storefront == DEFAULT_STOREFRONT else f"_{storefront_label(storefront)}"
+
+
+def demo_settings(sandbox_urls: str | Mapping[str, str], env: dict[str, str] | None = None) -> Settings:
+    """The operator's settings, with the store, Digital River and the rate budget pointed at the demo's own: one
+    sandbox URL (DefaultStore's), or each storefront's sandbox URL by storefront name, each storefront with its
+    `demo_key`. The operator's own storefront variables (DR_API_KEY_<STORE>, …) are left out: the demo never
+    talks to a Digital River of theirs."""
+    urls = {DEFAULT_STOREFRONT: sandbox_urls} if isinstance(sandbox_urls, str) else dict(sandbox_urls)
+    base = {name: value for name, value in (os.environ if env is None else env).items()
+            if not name.startswith(STOREFRONT_SETTING_PREFIXES)}
     for name in ("DATABASE_URL", "DR_API_KEY", "DR_API_URL", "DR_MAX_REQUESTS_PER_SECOND", "DR_API_VERSION"):
         base.pop(name, None)
-    base.update({"DR_API_KEY": DEMO_KEY, "DR_API_URL": sandbox_url, "DR_MAX_REQUESTS_PER_SECOND": "2000"})
+    for storefront, url in urls.items():
+        suffix = setting_suffix(storefront)
+        base.update({f"DR_API_KEY{suffix}": demo_key(storefront), f"DR_API_URL{suffix}": url,
+                     f"DR_MAX_REQUESTS_PER_SECOND{suffix}": "2000"})
     return load(base, command="drain")
 
 
@@ -168,12 +207,15 @@ async def _fresh_database(admin_dsn: str) -> None:
         await conn.close()
 
 
-async def seed(store: Store, subscriptions: int) -> None:
-    """The demo's book of accounts, payments, acquisition orders and subscriptions."""
+async def seed(store: Store, subscriptions: int, storefronts: Sequence[str] = (DEFAULT_STOREFRONT,)) -> None:
+    """The demo's book of accounts, payments, acquisition orders and subscriptions; the customers' orders and
+    subscriptions at `storefronts` in turn."""
     async with store.pool.acquire() as conn, conn.transaction():
         await conn.execute(DEMO_SQL["demo_products"])
-        for name in ("demo_accounts", "demo_stored_payments", "demo_acquisition_orders", "demo_acquisition_items",
-                     "demo_subscriptions"):
+        for name in ("demo_accounts", "demo_stored_payments"):
+            await conn.execute(DEMO_SQL[name], subscriptions)
+        await conn.execute(DEMO_SQL["demo_acquisition_orders"], subscriptions, list(storefronts))
+        for name in ("demo_acquisition_items", "demo_subscriptions"):
             await conn.execute(DEMO_SQL[name], subscriptions)
 
 
@@ -208,8 +250,14 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
     """The whole demo; 0 when every job ran to completion."""
     options = parse_options(argv)
     started = clock()
-    async with Sandbox(SandboxConfig(latency_ms=options.latency_ms, seed=1)) as sandbox:
-        settings = demo_settings(sandbox.url)
+    async with contextlib.AsyncExitStack() as sandboxes_open:
+        # Each storefront's own Digital River, accepting its key only.
+        sandboxes: dict[str, Sandbox] = {}
+        for storefront in DEMO_STOREFRONTS[:options.storefronts]:
+            sandboxes[storefront] = await sandboxes_open.enter_async_context(Sandbox(SandboxConfig(
+                api_key=demo_key(storefront), latency_ms=options.latency_ms, seed=len(sandboxes) + 1)))
+        sandbox = sandboxes[DEFAULT_STOREFRONT]
+        settings = demo_settings({storefront: sb.url for storefront, sb in sandboxes.items()})
         here = demo_dir(settings.data_dir)
         database = await open_database(None, str(here))
         try:
@@ -220,9 +268,17 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
             sampler: DrSampler | None = None
             try:
                 await store.migrate()
-                out.write(f"drjobs demo: {options.subscriptions} subscriptions, Digital River sandbox at "
-                          f"{sandbox.url}, latency {options.latency_ms:g} ms\n")
-                await seed(store, options.subscriptions)
+                if len(sandboxes) == 1:
+                    out.write(f"drjobs demo: {options.subscriptions} subscriptions, Digital River sandbox at "
+                              f"{sandbox.url}, latency {options.latency_ms:g} ms\n")
+                else:
+                    out.write(f"drjobs demo: {options.subscriptions} subscriptions over {len(sandboxes)} storefronts, "
+                              f"latency {options.latency_ms:g} ms\n")
+                    for storefront, sb in sandboxes.items():
+                        suffix = setting_suffix(storefront)
+                        out.write(f"  {storefront:<14} sandbox at {sb.url}, accepting only its own key "
+                                  f"(DR_API_KEY{suffix}, DR_API_URL{suffix})\n")
+                await seed(store, options.subscriptions, list(sandboxes))
                 engine = Engine(settings, store, build_jobs)
                 sampler = DrSampler(engine.dr, interval=DEMO_SAMPLE_SECONDS)
                 sampler.start()
@@ -242,7 +298,7 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
                     return 0
 
                 code = await engine.drive(work)
-                summary = await summarize(store, sandbox, timings, clock() - started)
+                summary = await summarize(store, sandboxes, timings, clock() - started)
                 out.write("\n" + summary + "\n")
                 out.write(f"  engine log (each record's errors) {demo_log_path(settings.data_dir)}\n")
                 if options.console or out.isatty():
@@ -292,8 +348,10 @@ def status_command() -> str:
     return "drjobs"
 
 
-async def summarize(store: Store, sandbox: Sandbox, timings: dict[str, float], elapsed: float) -> str:
-    """The summary table: installments made, charged, declined, failed and why, fulfillments, rates."""
+async def summarize(store: Store, sandboxes: Mapping[str, Sandbox], timings: dict[str, float],
+                    elapsed: float) -> str:
+    """The summary table: installments made, charged, declined, failed and why, fulfillments, each storefront's
+    share (with more than one: `sandboxes` by storefront name), rates."""
     lines = ["SUMMARY", ""]
     by_status = {r["status"]: r for r in await _fetch(store, "demo_summary_records")}
     made = sum(r["records"] for r in by_status.values())
@@ -317,7 +375,9 @@ async def summarize(store: Store, sandbox: Sandbox, timings: dict[str, float], e
         lines += ["", "  FULFILLMENTS"]
         for row in fulfillments:
             lines.append(f"  {row['kind']:<22} {row['status']:<10} {row['count']}")
-    requests = sandbox.ledger.count_requests()
+    if len(sandboxes) > 1:
+        lines += ["", *await summarize_storefronts(store, sandboxes)]
+    requests = sum(sandbox.ledger.count_requests() for sandbox in sandboxes.values())
     busy = sum(timings.values()) or 1e-9
     lines += ["", f"  Digital River requests       {requests} ({requests / busy:.0f}/s while jobs ran)"]
     for job, seconds in timings.items():
@@ -325,3 +385,24 @@ async def summarize(store: Store, sandbox: Sandbox, timings: dict[str, float], e
     lines.append(f"  elapsed                      {elapsed:.1f} s")
     return "\n".join(lines)
 
+
+
+async def summarize_storefronts(store: Store, sandboxes: Mapping[str, Sandbox]) -> list[str]:
+    """Each storefront's installment records and orders from the database, and what its own sandbox saw: how many
+    of the storefront's installment orders that sandbox created (all of them when each storefront's records went
+    to its own Digital River), its fulfillments, its requests and the requests it refused (401: another key)."""
+    records = {r["storefront"]: r for r in await _fetch(store, "demo_summary_storefronts")}
+    orders: dict[str, list[str]] = {}
+    for row in await _fetch(store, "demo_summary_storefront_orders"):
+        orders.setdefault(row["storefront"], []).append(row["dr_order_id"])
+    lines = ["  STOREFRONTS (each with its own key and its own sandbox)",
+             f"  {'':<14} {'charged':>8} {'failed':>7} {'orders':>7} {'at its sandbox':>15} "
+             f"{'fulfillments':>13} {'requests':>9} {'refused (401)':>14}"]
+    for storefront, sandbox in sandboxes.items():
+        row = records.get(storefront)
+        mine = orders.get(storefront, [])
+        at_own = sum(1 for order_id in mine if order_id in sandbox.ledger.orders)
+        lines.append(f"  {storefront:<14} {row['charged'] if row else 0:>8} {row['failed'] if row else 0:>7} "
+                     f"{len(mine):>7} {at_own:>15} {len(sandbox.ledger.fulfillments):>13} "
+                     f"{sandbox.ledger.count_requests():>9} {sandbox.ledger.count_requests(status=401):>14}")
+    return lines
