@@ -191,7 +191,8 @@ class Engine:
     def console(self, read_only_reason: str | None = None) -> Console:
         """The operator console of this process (engine/console), on its HTTP listener: its Digital River page
         samples this process's client."""
-        return Console(self.settings, self.store, built=set(self.jobs), sampler=DrSampler(self.dr),
+        samplers = {storefront.label: DrSampler(storefront.client) for storefront in self.storefronts}
+        return Console(self.settings, self.store, built=set(self.jobs), samplers=samplers,
                        read_only_reason=read_only_reason)
 
     def _webhooks(self) -> WebhookServer | None:

@@ -265,7 +265,7 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
             await _fresh_database(admin)
             store = await Store.connect(database.server.get_uri(DEMO_DATABASE), settings.node_name,
                                         max_size=settings.database_pool_size)
-            sampler: DrSampler | None = None
+            samplers: dict[str, DrSampler] = {}
             try:
                 await store.migrate()
                 if len(sandboxes) == 1:
@@ -280,8 +280,10 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
                                   f"(DR_API_KEY{suffix}, DR_API_URL{suffix})\n")
                 await seed(store, options.subscriptions, list(sandboxes))
                 engine = Engine(settings, store, build_jobs)
-                sampler = DrSampler(engine.dr, interval=DEMO_SAMPLE_SECONDS)
-                sampler.start()
+                samplers = {front.label: DrSampler(front.client, interval=DEMO_SAMPLE_SECONDS)
+                            for front in engine.storefronts}
+                for sampler in samplers.values():
+                    sampler.start()
                 progress = Progress(out)
                 timings: dict[str, float] = {}
 
@@ -302,7 +304,7 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
                 out.write("\n" + summary + "\n")
                 out.write(f"  engine log (each record's errors) {demo_log_path(settings.data_dir)}\n")
                 if options.console or out.isatty():
-                    console = Console(settings, store, built=set(engine.jobs), sampler=sampler,
+                    console = Console(settings, store, built=set(engine.jobs), samplers=samplers,
                                       read_only_reason=READ_ONLY)
                     await serve_console(console, engine, out)
                 else:
@@ -310,7 +312,7 @@ async def demo(argv: Sequence[str], build_jobs: JobFactory, out: TextIO = sys.st
                               "these pages at http://127.0.0.1:PORT/ until Ctrl-C (a terminal gets it without "
                               "--console)\n")
             finally:
-                if sampler is not None:
+                for sampler in samplers.values():
                     await sampler.stop()
                 await store.close()
             if not options.keep:

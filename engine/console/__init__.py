@@ -44,7 +44,7 @@ from engine.console.forecast_view import ForecastCache, per_currency
 from engine.controls import RETRY_KINDS, retry, set_paused
 from engine.logs import error_text, get_logger, redact_text, register_secrets
 from engine.metrics import COUNT_EXACTLY_BELOW, DB_ERRORS, record_counts, waiting_for_key
-from engine.settings import JOBS, Settings, _without_password
+from engine.settings import DEFAULT_STOREFRONT, JOBS, Settings, _without_password, storefront_label
 from engine.store import Store
 
 log = get_logger(component="console")
@@ -157,16 +157,21 @@ class Console:
     """The console's routes on an aiohttp application (the engine's HTTP listener adds them with `add_routes`).
 
     `built`: the jobs this engine version implements. `sampler`: this process's Digital River sampler (None: the
-    page says this process makes no calls). `read_only_reason`: the console refuses every action with this reason
-    and offers no sign-in (the demo's); otherwise actions need ADMIN_TOKEN.
+    page says this process makes no calls); `samplers`, one per storefront (label → sampler) when the process has
+    several keys: the page shows one storefront at a time (`/digital-river?storefront=LABEL`).
+    `read_only_reason`: the console refuses every action with this reason and offers no sign-in (the demo's);
+    otherwise actions need ADMIN_TOKEN.
     """
 
     def __init__(self, settings: Settings, store: Store, *, built: set[str], sampler: DrSampler | None = None,
-                 read_only_reason: str | None = None) -> None:
+                 read_only_reason: str | None = None, samplers: dict[str, DrSampler] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.built = built
-        self.sampler = sampler or DrSampler(None)
+        self.samplers = dict(samplers or {})
+        if sampler is not None or not self.samplers:
+            self.samplers = {DEFAULT_STOREFRONT: sampler or DrSampler(None)} | self.samplers
+        self.sampler = next(iter(self.samplers.values()))
         self.auth = Auth(None if read_only_reason else settings.admin_token)
         self.read_only_reason = read_only_reason or (None if self.auth.enabled else UNSET_TOKEN)
         self.forecasts = ForecastCache(self._compute_forecast)
@@ -191,10 +196,12 @@ class Console:
         """Start sampling Digital River, and compile every template now rather than on its page's first view."""
         for name in ENV.list_templates(extensions=["html"]):
             ENV.get_template(name)
-        self.sampler.start()
+        for sampler in self.samplers.values():
+            sampler.start()
 
     async def stop(self) -> None:
-        await self.sampler.stop()
+        for sampler in self.samplers.values():
+            await sampler.stop()
         await self.forecasts.stop()
 
     async def _compute_forecast(self, days: int) -> dict[str, Any]:
@@ -398,7 +405,15 @@ class Console:
         return "record.html", context
 
     async def _digital_river(self, request: web.Request) -> tuple[str, dict[str, Any]]:
-        return "digital_river.html", {"active": "digital-river", "view": self.sampler.view(),
+        asked = request.query.get("storefront", "")[:200]
+        label = storefront_label(asked) if asked else next(iter(self.samplers))
+        sampler = self.samplers.get(label)
+        if sampler is None:
+            label, sampler = next(iter(self.samplers.items()))
+        suffix = "" if label == DEFAULT_STOREFRONT else f"_{label}"
+        return "digital_river.html", {"active": "digital-river", "view": sampler.view(), "storefront": label,
+                                      "storefronts": list(self.samplers), "budget_setting":
+                                      f"DR_MAX_REQUESTS_PER_SECOND{suffix}",
                                       "kinds": ("ok", "429", "4xx", "5xx", "timeout", "connection_error")}
 
     async def _processes(self, request: web.Request) -> tuple[str, dict[str, Any]]:

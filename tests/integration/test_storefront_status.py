@@ -3,6 +3,7 @@ a key; a storefront's name is matched to its settings by the same label in Pytho
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -115,3 +116,38 @@ async def test_subscriptions_of_a_storefront_without_a_key_get_no_installments_a
     row = await store.pool.fetchrow("SELECT installment_count, installment_next_run_date, updated_at = created_at "
                                     "AS untouched FROM subscriptions WHERE id = $1", lost)
     assert row["installment_count"] == 0 and row["untouched"]
+
+
+async def test_the_console_digital_river_page_shows_each_storefronts_own_client(database_url: str,
+                                                                              store: Store) -> None:
+    from engine.console.dr_view import DrSampler
+    from engine.digital_river import DigitalRiverClient
+
+    settings = load({"DATABASE_URL": database_url, "DR_API_KEY": TEST_KEY, "HTTP_PORT": "0"}, command="status",
+                    is_terminal=False)
+    clients = {"DefaultStore": DigitalRiverClient("http://127.0.0.1:9", TEST_KEY, max_requests_per_second=20),
+               "EU_STORE": DigitalRiverClient("http://127.0.0.1:9", "sk_test_eu", max_requests_per_second=250)}
+    samplers = {label: DrSampler(client, interval=0.05, span=60) for label, client in clients.items()}
+    for sampler in samplers.values():
+        sampler.sample()
+    clients["DefaultStore"].stats.requests[("POST /checkouts", "201")] += 3
+    clients["EU_STORE"].stats.requests[("POST /orders", "429")] += 7
+    await asyncio.sleep(0.06)  # the page's own sample is a new point, 3 and 7 requests after the first
+    console = Console(settings, store, built=set(settings.jobs), samplers=samplers)
+    server = HttpServer("127.0.0.1", 0, Metrics(), Health(store, dict, lambda: True), console=console)
+    await server.start()
+    pages = {}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for query in ("", "?storefront=EU%20Store", "?storefront=unknown"):
+                async with session.get(f"http://127.0.0.1:{server.port}/digital-river{query}") as response:
+                    assert response.status == 200
+                    pages[query] = await response.text()
+    finally:
+        await server.stop()
+    default, eu, unknown = pages.values()
+    assert "storefront <code>DefaultStore</code>" in default and "POST /checkouts" in default
+    assert "POST /orders" not in default and 'href="/digital-river?storefront=EU_STORE"' in default
+    assert "storefront <code>EU_STORE</code>" in eu and 'data-kind="429">7<' in eu and "POST /checkouts" not in eu
+    assert "DR_MAX_REQUESTS_PER_SECOND_EU_STORE" in eu and "250" in eu
+    assert "storefront <code>DefaultStore</code>" in unknown  # an unknown storefront: the first one
