@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from engine.digital_river import AuthError, DigitalRiverClient, DigitalRiverError, dr_message
-from engine.fulfillment import Sent, request_metadata, send_fulfillment
+from engine.fulfillment import Sent, request_metadata, send_fulfillment, throttled_wait
 from engine.jobs import FAILED, SUCCEEDED, Job, Outcome, Outcomes, Run, backoff
 from engine.logs import error_text
 from engine.store import LeaseLost, Leases
@@ -288,6 +288,12 @@ class LineItemFulfillment(Job):
             return Verdict("line_item_already_done", "Completed", message=sent.message,
                            fields={"reason": sent.message})
         message = sent.message or "failed"
+        if sent.kind == "throttled":
+            # Refused for the key's rate limit before anything was done: not counted, sent after Retry-After.
+            later = datetime.now(UTC) + throttled_wait(sent)
+            return Verdict("line_item_retrying", "Pending", 0, message, next_attempt_at=later,
+                           fields={"status": "Pending", "reason": message, "retry_count": line["retry_count"],
+                                   "next_attempt_at": later.isoformat()})
         attempts = line["retry_count"] + 1
         if sent.kind == "failed":
             return Verdict("line_item_failed", "Failed", 1, message, app_level="ERROR", error=sent.error,

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import asyncpg
 
 from engine.digital_river import AuthError, DigitalRiverClient, DigitalRiverError
-from engine.fulfillment import Sent, request_metadata, send_fulfillment
+from engine.fulfillment import Sent, request_metadata, send_fulfillment, throttled_wait
 from engine.jobs import FAILED, SUCCEEDED, BadData, Job, Outcome, Outcomes, Run, backoff
 from engine.store import LeaseLost, Leases
 from engine.storefronts import Storefront
@@ -154,6 +154,14 @@ class OrderFulfillment(Job):
         if "retry" in by_kind:
             first = by_kind["retry"][0]
             return await self._retry(rec, token, first.message or "failed", first.error, request)
+        if "throttled" in by_kind:
+            # Refused for the key's rate limit before anything was done: not counted, sent after Retry-After.
+            first = by_kind["throttled"][0]
+            later = datetime.now(UTC) + throttled_wait(first)
+            await self._write(rec, token, "Pending", 0, first.message, None, later)
+            return Outcome("order_cancel_retrying", {"status": "Pending", "reason": first.message,
+                                                     "retry_count": rec["retry_count"],
+                                                     "next_attempt_at": later.isoformat()})
         fulfillment_id = next((r.fulfillment_id for r in by_kind.get("sent", ())), None)
         done = by_kind.get("done", [])
         found = [r for r in by_kind.get("sent", ()) if r.found]

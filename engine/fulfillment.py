@@ -32,9 +32,11 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from engine.digital_river import (
+    RETRY_AFTER_CAP_SECONDS,
     AuthError,
     BadRequestError,
     ConflictError,
@@ -63,13 +65,23 @@ IDS_KEY = "drjobsIds"
 
 @dataclass
 class Sent:
-    """How one entry of a POST /fulfillments ended: `sent`, `done` (already done), `failed` or `retry`."""
+    """How one entry of a POST /fulfillments ended: `sent`, `done` (already done), `failed`, `retry`, or
+    `throttled`: refused for Digital River's rate limit (a 429, or not sent during the key's 429 pause), so nothing
+    was done; `retry_after` is how long the key must wait."""
 
     kind: str
     message: str | None = None
     fulfillment_id: str | None = None
     error: DigitalRiverError | None = None
     found: bool = False  # `sent` by an earlier request, found in the order's fulfillments by our metadata
+    retry_after: float | None = None
+
+
+def throttled_wait(sent: Sent) -> timedelta:
+    """How long a `throttled` entry waits before it is sent again: the 429's Retry-After (1 s when absent), at most
+    an hour."""
+    seconds = 1.0 if sent.retry_after is None else min(max(sent.retry_after, 1.0), RETRY_AFTER_CAP_SECONDS)
+    return timedelta(seconds=seconds)
 
 
 def classify(exc: DigitalRiverError) -> str:
@@ -163,9 +175,15 @@ async def send_fulfillment(dr: DigitalRiverClient, order_id: str, entries: Seque
         except DigitalRiverError as exc:
             if isinstance(exc, TransientError):
                 unknown += 1
+                throttled = exc.status == 429 or exc.code == "rate_paused"
                 if await dr.wait_to_retry(exc, unknown):
-                    look = exc.status != 429  # a 429 is refused before anything is done
+                    look = not throttled  # a 429 is refused before anything is done, and a paused call not sent
                     continue
+                if throttled:
+                    # Nothing was done: not a failed send (no retry_count), just a wait for the key's Retry-After.
+                    for key, _ in pending:
+                        results[key] = Sent("throttled", dr_message(exc), error=exc, retry_after=exc.retry_after)
+                    return results
             kind = classify(exc)
             message = dr_message(exc)
             if kind == "done":

@@ -107,13 +107,16 @@ class EngineProcess:
 
     async def _read(self) -> None:
         assert self.proc and self.proc.stdout
-        async for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            try:
-                self.events.append(json.loads(line))
-            except ValueError:
-                self.other_lines.append(line)
-            self._changed.set()
+        try:
+            async for raw in self.proc.stdout:
+                line = raw.decode(errors="replace").rstrip("\n")
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    self.other_lines.append(line)
+                self._changed.set()
+        finally:
+            self._changed.set()  # the end of the output wakes a waiter too: the engine may have exited
 
     def find(self, event: str, **fields: Any) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == event
@@ -123,8 +126,12 @@ class EngineProcess:
         """Wait until `count` events named `event` (with these fields) were logged."""
         async def until() -> list[dict[str, Any]]:
             while len(found := self.find(event, **fields)) < count:
-                if self.proc and self.proc.returncode is not None and self._reader and self._reader.done():
-                    raise AssertionError(f"engine exited ({self.proc.returncode}) before {event}: {self.stderr}")
+                if self.proc and self._reader and self._reader.done():
+                    # The output ended: the engine exited (or is exiting) without logging it. Say so at once.
+                    code = await self.proc.wait()
+                    if not self.stderr and self.proc.stderr is not None:
+                        self.stderr = (await self.proc.stderr.read()).decode(errors="replace")
+                    raise AssertionError(f"engine exited ({code}) before {event}: {self.stderr}")
                 self._changed.clear()
                 await self._changed.wait()
             return found

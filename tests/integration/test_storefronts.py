@@ -174,6 +174,11 @@ async def test_a_storefront_paused_by_a_long_429_does_not_hold_up_the_other_nor_
         assert not rec["is_recurring_payment_processed"]
         assert rec["dr_order_id"] is None and rec["order_id"] is None
         assert rec["locked_by"] is None
+    # The record that met the 429 waits out its Retry-After, named for what it was (not an outage).
+    met = [recs[sub] for sub in abroad if recs[sub]["last_error_code"] is not None]
+    assert [rec["last_error_code"] for rec in met] == ["rate_limited"], met
+    assert await store.pool.fetchval("SELECT $1::timestamptz > now() + interval '5 minutes'",
+                                     met[0]["next_attempt_at"])
     assert eu.ledger.count_requests(status=429) >= 1
     assert eu.ledger.orders == {} and eu.ledger.checkouts == {}
     assert len(default.ledger.orders) == 3
@@ -195,9 +200,18 @@ async def test_a_storefront_paused_by_a_long_429_does_not_hold_up_the_others_ful
 
     for ful in lines[DEFAULT]:
         assert [r["efn_status"] for r in await lines_of(store, ful)] == ["Completed"]
+    throttled = 0
     for ful in lines[EU]:
         [line] = await lines_of(store, ful)
         assert line["efn_status"] in ("Open", "Pending") and line["locked_by"] is None, line
+        # A 429 (or a call not sent during the key's pause) is not a failed send: never counted toward
+        # FULFILLMENT_RETRY_LIMIT, and the line waits out the Retry-After.
+        assert line["retry_count"] == 0, line
+        if line["efn_status"] == "Pending":
+            throttled += 1
+            assert await store.pool.fetchval("SELECT $1::timestamptz > now() + interval '5 minutes'",
+                                             line["next_attempt_at"]), line
+    assert throttled >= 1
     assert eu.ledger.fulfillments == {} and eu.ledger.count_requests(status=429) >= 1
     assert len(default.ledger.fulfillments) == 2
 
