@@ -675,6 +675,25 @@ async def test_bucket_sends_evenly_without_a_burst() -> None:
     assert late.done()
 
 
+async def test_a_stall_of_the_event_loop_never_lets_more_than_the_rate_into_one_second() -> None:
+    clock = ManualTime()
+    bucket = TokenBucket(10.0, burst_seconds=0.0, clock=clock.clock, sleep=clock.sleep)
+    sent: list[float] = []
+
+    async def one() -> None:
+        await bucket.acquire()
+        sent.append(clock.now)
+
+    tasks = [asyncio.create_task(one()) for _ in range(30)]
+    await clock.settle()  # one sent at 0; the others hold slots 0.1, 0.2 … 2.9
+    await clock.advance_to(1.55)  # a stall: the loop wakes at 1.55 with fifteen slots past due at once
+    await clock.run(*tasks)
+    assert len(sent) == 30
+    busiest = max(sum(1 for t in sent if start <= t < start + 1.0) for start in sent)
+    assert busiest == 10  # the gate spreads the woken ones; without it all fifteen went at 1.55
+    assert sent.count(1.55) == 10 and min(t for t in sent if t > 1.55) == pytest.approx(2.55)
+
+
 async def test_no_one_second_window_exceeds_the_budget(sink: AppLogSink, mock: DRMock) -> None:
     clock = ManualTime()
     sent_at: list[float] = []
