@@ -224,7 +224,10 @@ async def exported(store: Store) -> dict[str, set[str]]:
     await process_records(store, subscription, 1, subscription_job_run_status="Failed",
                           last_error_code="checkout_unknown")
     await store.execute("node_heartbeat", store.node, 1, "test-host", "test", "{}")
+    # An installment of a storefront without a key here (drjobs_storefront_waiting_records).
+    await process_records(store, await due_subscription(store, storefront="Nowhere"), 1, storefront="Nowhere")
     metrics = Metrics()
+    metrics.storefronts(["DefaultStore"])
     metrics.run_finished("recurring-payments", "succeeded", 3, 2, 1, 0.5)
     metrics.record_outcome("recurring-payments", "installment_charged")
     metrics.dr_request("POST /orders", 201, 0.05)
