@@ -147,8 +147,8 @@ def _settings(value: str | None) -> dict[str, Any]:
 
 
 def _reported(job: str, live: list[dict[str, Any]]) -> list[tuple[str, str, int | None, Schedule | None]]:
-    """The distinct (schedule, description, concurrency, parsed schedule) live engines report for `job`, most
-    common first."""
+    """The distinct (schedule, description, concurrency, parsed schedule) live engines report for `job`: schedules
+    that fire before `off`, then the most common first."""
     seen: dict[tuple[str, str, int | None], list[Any]] = {}
     for node in live:
         job_settings = (node.get("jobs") or {}).get(job)
@@ -158,7 +158,8 @@ def _reported(job: str, live: list[dict[str, Any]]) -> list[tuple[str, str, int 
                job_settings.get("concurrency") if isinstance(job_settings.get("concurrency"), int) else None)
         entry = seen.setdefault(key, [0, _parsed(key[0], node.get("schedule_time_zone"))])
         entry[0] += 1
-    ordered = sorted(seen.items(), key=lambda item: -item[1][0])
+    # An engine with the job `off` does not run it: a schedule that fires is shown first, then the most common.
+    ordered = sorted(seen.items(), key=lambda item: (item[0][0].strip().lower() == "off", -item[1][0]))
     return [(key[0], key[1], key[2], entry[1]) for key, entry in ordered]
 
 
