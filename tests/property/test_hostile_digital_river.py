@@ -513,6 +513,15 @@ async def test_every_answer_ends_in_a_parsed_answer_or_one_readable_digital_rive
         server.script({follow.endpoint: Answer(200, json.dumps(follow.well_formed()).encode())})
         slept_before = sum(vt.slept)
         followed, follow_error = await call_bounded(follow, client, 1, TIMEOUT)
+        if isinstance(follow_error, TransientError) and follow_error.code == "rate_paused":
+            # More of the pause was left than the client waits: the call was not sent and said so at once (a record
+            # does not hold its slot through the pause); once the pause is over, it goes through.
+            assert pause_left > BACKOFF_MAX - 0.5 and sum(vt.slept) == slept_before, (pause_left, vt.slept)
+            await vt.sleep(client.bucket.paused_until - vt.clock())
+            pause_left, slept_before = 0.0, sum(vt.slept)
+            followed, follow_error = await call_bounded(follow, client, 1, TIMEOUT)
+        elif pause_left > BACKOFF_MAX + 0.5:
+            raise AssertionError(f"a call {pause_left:.1f} s into a pause was sent or waited for: {follow_error!r}")
         assert follow_error is None, follow_error
         assert isinstance(followed, Order)
         assert sum(vt.slept) - slept_before <= pause_left + BACKOFF_MAX + 1e-6
