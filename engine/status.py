@@ -71,15 +71,25 @@ async def _storefronts(settings: Settings, store: Store, live_settings: list[dic
         keyed = sorted({label for published in live_settings
                         for label in (published.get("storefronts") or {DEFAULT_STOREFRONT: {}})})
         source = "live engines"
-    else:
+    elif settings.keyed_storefronts:
         keyed = [config.label for config in settings.keyed_storefronts]
-        source = "this command's settings (no engine is live)"
+        source = "this command's settings: no engine is live"
+    else:
+        # Nothing says which storefronts have a key: naming them all "waiting" would be a guess.
+        return {"with_key": [], "key_source": "nowhere: no engine is live and this command has no key, so which "
+                                              "storefronts wait for one is not known",
+                "waiting_for_key": []}
     waiting: dict[str, dict[str, int]] = {}
     for row in await waiting_for_key(store, keyed, subscriptions=True):
         waiting.setdefault(row["label"], {})[row["kind"]] = row["count"]
     return {"with_key": keyed, "key_source": source,
-            "waiting_for_key": [{"storefront": label, "records": records, "setting": f"DR_API_KEY_{label}"}
+            "waiting_for_key": [{"storefront": label, "records": records, "setting": key_setting(label)}
                                 for label, records in sorted(waiting.items())]}
+
+
+def key_setting(label: str) -> str:
+    """The variable that gives the storefront `label` its key: DR_API_KEY for DefaultStore."""
+    return "DR_API_KEY" if label == DEFAULT_STOREFRONT else f"DR_API_KEY_{label}"
 
 
 def job_rows(settings: Settings, built: set[str], now: datetime, *, last_runs: dict[str, Any],
@@ -224,8 +234,8 @@ def render_text(data: dict[str, Any]) -> str:
                   "confirmed by Digital River yet)"]
     storefronts = data.get("storefronts")
     if storefronts is not None:
-        lines += ["", "STOREFRONTS",
-                  f"  with a key ({storefronts['key_source']}): {', '.join(storefronts['with_key']) or 'none'}"]
+        keyed = ", ".join(storefronts["with_key"]) or "none known"
+        lines += ["", "STOREFRONTS", f"  with a key: {keyed} (from {storefronts['key_source']})"]
         for row in storefronts["waiting_for_key"]:
             counts = "  ".join(f"{kind}={count}" for kind, count in sorted(row["records"].items()))
             lines.append(f"  {row['storefront']:<26} waiting for a key: {counts}  (set {row['setting']})")

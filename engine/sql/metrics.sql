@@ -46,8 +46,8 @@ SELECT j.job, coalesce((SELECT c.paused FROM job_controls c WHERE c.job = j.job)
 
 -- name: storefronts_waiting_for_key
 -- status, /metrics and the console: records of storefronts whose label is not among $1 (the storefronts with a key),
--- which no job touches: open installment records (counted up to $2 each, by the claim index), open cancellation
--- records and open fulfillment lines (by their order's storefront). One row per (label, kind) with records.
+-- which no job touches: open installment records (counted up to $2 each, by the claim index), open cancellations
+-- of cancelled orders and open fulfillment lines (by their order's storefront). One row per (label, kind) with records.
 WITH RECURSIVE labels AS (
     (SELECT drjobs_storefront_label(storefront) AS label
        FROM subscription_process_data
@@ -72,7 +72,8 @@ SELECT label, 'installments' AS kind,
 UNION ALL
 SELECT drjobs_storefront_label(o.storefront), 'cancellations', count(*)
   FROM fulfillments f JOIN orders o ON o.id = f.order_id
- WHERE f.efn_status IN ('Open', 'Pending') AND drjobs_storefront_label(o.storefront) <> ALL($1::text[])
+ WHERE f.efn_status IN ('Open', 'Pending') AND coalesce(f.dr_order_state, o.dr_order_state) = 'cancelled'
+   AND drjobs_storefront_label(o.storefront) <> ALL($1::text[])
  GROUP BY 1
 UNION ALL
 SELECT drjobs_storefront_label(o.storefront), 'fulfillment_lines', count(*)

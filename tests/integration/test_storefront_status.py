@@ -39,6 +39,10 @@ async def seed(store: Store) -> dict[str, int]:
                                                  lines=[{"item": 0, "fulfill_quantity": 1},
                                                         {"item": 1, "fulfill_quantity": 2}])
     await store.pool.execute("UPDATE orders SET storefront = 'Nowhere' WHERE id = $1", order)
+    # A cancelled order of Nowhere's, whose cancellation waits too (the accepted one above is no cancellation).
+    cancelled, _, _, _ = await fulfillment_order(store, dr_order_id="ord_nowhere_2", items=[{"quantity": 1}],
+                                                 order_state="cancelled", dr_order_state="cancelled")
+    await store.pool.execute("UPDATE orders SET storefront = 'Nowhere' WHERE id = $1", cancelled)
     return {"lines": len(lines)}
 
 
@@ -54,6 +58,16 @@ async def test_status_names_the_storefronts_waiting_for_a_key_and_what_they_hold
     text = status.render_text(data)
     assert "NOWHERE" in text and "waiting for a key: cancellations=1" in text and "set DR_API_KEY_NOWHERE" in text
     json.loads(status.render_json(data))
+
+    # DefaultStore's key is DR_API_KEY; with no engine live and no key here, nothing is said to wait (a guess).
+    only_eu = load({"DATABASE_URL": database_url, "DR_API_KEY_NOWHERE": TEST_KEY}, command="status",
+                   is_terminal=False)
+    fronts = (await status.collect(only_eu, store, set(settings.jobs)))["storefronts"]
+    assert [(row["storefront"], row["setting"]) for row in fronts["waiting_for_key"]] == [
+        ("DefaultStore", "DR_API_KEY")]
+    no_keys = load({"DATABASE_URL": database_url}, command="status", is_terminal=False)
+    fronts = (await status.collect(no_keys, store, set(settings.jobs)))["storefronts"]
+    assert fronts["waiting_for_key"] == [] and "not known" in fronts["key_source"]
 
     # A live engine with NOWHERE's key: its records are not waiting any more, whatever this command's settings say.
     await store.pool.execute(
