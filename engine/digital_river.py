@@ -107,11 +107,11 @@ from yarl import URL
 from engine import __version__
 from engine.logs import AppLogSink, redact, redact_text, register_secrets
 from engine.money import cents
-from engine.settings import DR_API_VERSION_BUILT_FOR
+from engine.settings import DEFAULT_STOREFRONT, DR_API_VERSION_BUILT_FOR
 
 if TYPE_CHECKING:
     from engine.metrics import Metrics
-    from engine.settings import Settings
+    from engine.settings import Settings, StorefrontSettings
 
 __all__ = [
     "AuthError",
@@ -902,23 +902,28 @@ class DigitalRiverClient:
         # Names the key in a shared pause without being the key: the first 16 hex digits of its SHA-256.
         self.key_id = hashlib.sha256(api_key.encode()).hexdigest()[:16]
         # The storefront (label, engine/storefronts.py) whose key this is: in its failure logs and pauses.
-        self.storefront = "DefaultStore"
+        self.storefront = DEFAULT_STOREFRONT
 
     @classmethod
-    def from_settings(cls, settings: Settings, app_log: AppLogSink | None = None) -> DigitalRiverClient:
-        """The process's client: connections enough for every job's concurrency (at least 16)."""
-        if not settings.dr_api_key:
-            raise ValueError("DR_API_KEY is required to talk to Digital River")
+    def from_settings(cls, settings: Settings, app_log: AppLogSink | None = None,
+                      storefront: StorefrontSettings | None = None) -> DigitalRiverClient:
+        """The client of `storefront` (default: DefaultStore's, DR_API_KEY and its siblings): connections enough
+        for every job's concurrency (at least 16)."""
+        config = storefront or settings.storefronts.get(DEFAULT_STOREFRONT)
+        if config is None or not config.api_key:
+            raise ValueError("a Digital River API key is required to talk to Digital River")
         connections = max(16, sum(job.concurrency for job in settings.jobs.values()))
-        return cls(
-            settings.dr_api_url,
-            settings.dr_api_key,
+        client = cls(
+            config.api_url,
+            config.api_key,
             api_version=settings.dr_api_version,
             timeout_seconds=settings.dr_timeout_seconds,
-            max_requests_per_second=settings.dr_max_requests_per_second,
+            max_requests_per_second=config.max_requests_per_second,
             connection_limit=connections,
             app_log=app_log,
         )
+        client.storefront = config.label
+        return client
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from engine.digital_river import DigitalRiverClient
 from engine.logs import AppLogSink
 from engine.metrics import Metrics
-from engine.settings import DEFAULT_STOREFRONT, Settings, StorefrontSettings, storefront_label
+from engine.settings import DEFAULT_STOREFRONT, Settings, storefront_label
 
 __all__ = ["DEFAULT_STOREFRONT", "Storefront", "Storefronts", "storefront_label"]
 
@@ -38,14 +38,14 @@ class Storefronts:
 
     def __init__(self, settings: Settings, app_log: AppLogSink | None = None, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        connections = max(16, sum(job.concurrency for job in settings.jobs.values()))
         by_key: dict[tuple[str, str], DigitalRiverClient] = {}
         self._by_label: dict[str, Storefront] = {}
         for config in settings.keyed_storefronts:
             assert config.api_key is not None
             client = by_key.get((config.api_key, config.api_url))
             if client is None:
-                client = by_key[(config.api_key, config.api_url)] = _client(settings, config, connections, app_log)
+                client = by_key[(config.api_key, config.api_url)] = DigitalRiverClient.from_settings(
+                    settings, app_log, config)
                 client.metrics = metrics
             self._by_label[config.label] = Storefront(config.label, client)
         self.clients: list[DigitalRiverClient] = list(by_key.values())
@@ -101,18 +101,3 @@ class Storefronts:
         return {s.label: {"key_id": s.client.key_id, "dr_api_url": s.client.base_url,
                           "dr_max_requests_per_second": s.client.max_requests_per_second} for s in self}
 
-
-def _client(settings: Settings, config: StorefrontSettings, connections: int,
-            app_log: AppLogSink | None) -> DigitalRiverClient:
-    assert config.api_key is not None
-    client = DigitalRiverClient(
-        config.api_url,
-        config.api_key,
-        api_version=settings.dr_api_version,
-        timeout_seconds=settings.dr_timeout_seconds,
-        max_requests_per_second=config.max_requests_per_second,
-        connection_limit=connections,
-        app_log=app_log,
-    )
-    client.storefront = config.label
-    return client

@@ -48,20 +48,7 @@ SELECT j.job, coalesce((SELECT c.paused FROM job_controls c WHERE c.job = j.job)
 -- status, /metrics and the console: records of storefronts whose label is not among $1 (the storefronts with a key),
 -- which no job touches: open installment records (counted up to $2 each, by the claim index), open cancellations
 -- of cancelled orders and open fulfillment lines (by their order's storefront). One row per (label, kind) with records.
-WITH RECURSIVE labels AS (
-    (SELECT drjobs_storefront_label(storefront) AS label
-       FROM subscription_process_data
-      WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed
-      ORDER BY 1 LIMIT 1)
-    UNION ALL
-    SELECT (SELECT drjobs_storefront_label(p.storefront)
-              FROM subscription_process_data p
-             WHERE p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed
-               AND drjobs_storefront_label(p.storefront) > labels.label
-             ORDER BY 1 LIMIT 1)
-      FROM labels
-     WHERE labels.label IS NOT NULL
-)
+WITH RECURSIVE labels AS {{open_payment_labels}}
 SELECT label, 'installments' AS kind,
        (SELECT count(*) FROM (SELECT 1 FROM subscription_process_data p
                                WHERE p.subscription_job_run_status = 'Open' AND NOT p.is_recurring_payment_processed

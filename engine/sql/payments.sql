@@ -63,10 +63,10 @@ SELECT last.claim_date, last.id, first_due.due, first_due.next_attempt_at AS fir
           FROM win JOIN subscription_process_data p ON p.id = win.id AND p.id = (SELECT win.id OFFSET 0)
          WHERE {{payment_record_due}}) first_due;
 
--- name: payment_storefronts
--- recurring-payments, status, /metrics: the labels (drjobs_storefront_label) of the storefronts with open
+-- fragment: open_payment_labels
+-- The body of the recursive CTE `labels`: the labels (drjobs_storefront_label) of the storefronts with open
 -- installment records, by a loose index scan of the claim index: one probe per storefront, whatever the backlog.
-WITH RECURSIVE labels AS (
+-- Used as `WITH RECURSIVE labels AS {{open_payment_labels}}`; the last row is NULL.
     (SELECT drjobs_storefront_label(storefront) AS label
        FROM subscription_process_data
       WHERE subscription_job_run_status = 'Open' AND NOT is_recurring_payment_processed
@@ -79,7 +79,10 @@ WITH RECURSIVE labels AS (
              ORDER BY 1 LIMIT 1)
       FROM labels
      WHERE labels.label IS NOT NULL
-)
+
+-- name: payment_storefronts
+-- recurring-payments, status, /metrics: the labels of the storefronts with open installment records.
+WITH RECURSIVE labels AS {{open_payment_labels}}
 SELECT label FROM labels WHERE label IS NOT NULL;
 
 -- name: count_due_payment_records

@@ -775,16 +775,24 @@ async def test_api_key_never_appears_in_errors_or_app_log_rows(client: DigitalRi
 
 
 def test_from_settings_sizes_connections_to_the_jobs_concurrency() -> None:
+    from engine.settings import StorefrontSettings
+
     def settings(*concurrency: int) -> Any:
+        default = StorefrontSettings("DefaultStore", "https://api.digitalriver.com", KEY, 200.0, None)
         return SimpleNamespace(
-            dr_api_url="https://api.digitalriver.com", dr_api_key=KEY, dr_api_version=None, dr_timeout_seconds=12.0,
-            dr_max_requests_per_second=200.0,
+            dr_api_version=None, dr_timeout_seconds=12.0, storefronts={"DefaultStore": default},
             jobs={f"job{i}": SimpleNamespace(concurrency=c) for i, c in enumerate(concurrency)})
 
     big = DigitalRiverClient.from_settings(settings(32, 8, 8, 8, 8))
-    assert (big.connection_limit, big.timeout_seconds) == (64, 12.0)
+    assert (big.connection_limit, big.timeout_seconds, big.storefront) == (64, 12.0, "DefaultStore")
     assert big.bucket.rate == pytest.approx(200.0 * RATE_HEADROOM)
     assert DigitalRiverClient.from_settings(settings(1, 1)).connection_limit == 16
+    # Another storefront's client: its own key, URL, budget and label.
+    eu = DigitalRiverClient.from_settings(settings(1), storefront=StorefrontSettings(
+        "EU_STORE", "https://eu.example", "sk_test_eu", 250.0, None))
+    assert eu.key_id != big.key_id
+    assert (eu.base_url, eu.storefront) == ("https://eu.example", "EU_STORE")
+    assert eu.bucket.rate == pytest.approx(250.0 * RATE_HEADROOM)
 
 
 async def test_calls_before_start_fail_clearly() -> None:
