@@ -105,7 +105,7 @@ class Engine:
         self.rate_pauses = RatePauses(store, self.storefronts.clients) if self.storefronts.clients else None
         # The webhook listener, once `serve` has started it (tests read its port).
         self.webhooks: WebhookServer | None = None
-        self.services = Services(settings, store, self.app_log, self.stop, dr=dr, metrics=self.metrics,
+        self.services = Services(settings, store, self.app_log, self.stop, metrics=self.metrics,
                                  storefronts=self.storefronts)
         self.jobs = build_jobs(self.services)
         self.services.jobs = self.jobs

@@ -108,9 +108,8 @@ class Services:
     store: Store
     app_log: AppLogSink
     stopping: asyncio.Event
-    dr: DigitalRiverClient | None = None
     metrics: Metrics = field(default_factory=Metrics)
-    # A client per storefront with a key (engine/storefronts.py); None: `dr` alone, as DefaultStore's.
+    # A client per storefront with a key (engine/storefronts.py); None: no Digital River client at all.
     storefronts: Storefronts | None = None
     jobs: dict[str, Job] = field(default_factory=dict)
     # True under `serve`: jobs may start each other's runs. `run JOB` and `drain` drive every run themselves.
@@ -152,18 +151,9 @@ class Job(Actor[RunRequest]):
         return self.stopping.is_set() or self.services.stopping.is_set()
 
     @property
-    def dr(self) -> DigitalRiverClient:
-        """DefaultStore's Digital River client (DR_API_KEY)."""
-        if self.services.dr is None:
-            raise RuntimeError("no Digital River client: DR_API_KEY is not set")
-        return self.services.dr
-
-    @property
     def storefronts(self) -> list[Storefront]:
         """The storefronts this process has a key for: each is claimed for on its own (`claim_by_storefront`)."""
-        if self.services.storefronts is not None:
-            return list(self.services.storefronts)
-        return [] if self.services.dr is None else [Storefront(self.services.dr.storefront, self.services.dr)]
+        return [] if self.services.storefronts is None else list(self.services.storefronts)
 
     def ready_labels(self) -> list[str]:
         """The labels of the storefronts whose records can be sent now: a key, and no 429 pause of more than

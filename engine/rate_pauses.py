@@ -41,12 +41,10 @@ class RatePauses(Actor[tuple[str, float]]):
 
     inbox_size = 64
 
-    def __init__(self, store: Store, clients: DigitalRiverClient | list[DigitalRiverClient], *,
-                 poll_seconds: float | None = None) -> None:
+    def __init__(self, store: Store, clients: list[DigitalRiverClient], *, poll_seconds: float | None = None) -> None:
         super().__init__("rate-pauses")
         self.store = store
-        self.clients = clients if isinstance(clients, list) else [clients]
-        self.dr = self.clients[0]
+        self.clients = clients
         for client in self.clients:
             client.on_rate_limited = self._publisher(client.key_id)
         # LISTEN needs a connection that is one server session for its whole life: not through a pooler.
@@ -60,10 +58,6 @@ class RatePauses(Actor[tuple[str, float]]):
             """The client met a 429 asking for `seconds`: share it (never blocks; a full inbox drops the repeat)."""
             self.offer((key_id, seconds))
         return publish
-
-    def publish(self, seconds: float) -> None:
-        """DefaultStore's (the first) client met a 429 asking for `seconds`: share it."""
-        self.offer((self.dr.key_id, seconds))
 
     async def run(self) -> None:
         structlog.contextvars.bind_contextvars(actor=self.name)
