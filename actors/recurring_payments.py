@@ -226,12 +226,6 @@ def claim_window(size: int) -> int:
     return max(CLAIM_WINDOW_MIN, min(CLAIM_WINDOW, size * 4))
 
 
-def refused_for_rate(exc: TransientError) -> bool:
-    """Whether Digital River refused the call for its rate limit (429) or the client did not send it during the key's
-    429 pause (`rate_paused`): either way nothing was done."""
-    return exc.status == 429 or exc.code == "rate_paused"
-
-
 def order_failure(order: Order) -> tuple[str, str, bool] | None:
     """(code, message, hard) when Digital River's order failed after it was made: blocked (a hard decline),
     cancelled or its charge failed (a soft one, billing-rules.md); None for a live order."""
@@ -456,7 +450,7 @@ class Charge:
             # An order may exist: keep the checkout, so the next attempt looks again before anything else.
             return await self.postpone("installment_unknown", "outcome_unknown", str(exc), outage=True)
         except TransientError as exc:
-            if refused_for_rate(exc):
+            if exc.rate_limited:
                 return await self.rate_limited(exc)
             return await self.postpone("installment_outage", "dr_unavailable", str(exc), outage=True)
         except BadRequestError as exc:
@@ -520,7 +514,7 @@ class Charge:
             # longer knows it: find out which.
             return await self.checkout_gone(checkout_id)
         except TransientError as exc:
-            if refused_for_rate(exc):
+            if exc.rate_limited:
                 # Refused before anything was done (Digital River's rate limit, or not sent at all during its
                 # pause): no order exists, and every call with this key is refused until Retry-After has passed, a
                 # lookup too. Try again after it; the checkout is kept, so that attempt still looks first.
@@ -658,9 +652,9 @@ class Charge:
     async def rate_limited(self, exc: TransientError) -> Outcome:
         """A call refused for Digital River's rate limit (a 429, or not sent during the key's pause): nothing was
         done, so the record waits out the Retry-After, not counted as an attempt."""
-        wait = RETRY_AFTER_CAP_SECONDS if exc.retry_after is None else min(exc.retry_after, RETRY_AFTER_CAP_SECONDS)
+        # Without a Retry-After the record waits the longest a 429 can ask for: nothing says when the key is free.
         return await self.postpone("installment_outage", "rate_limited", str(exc), outage=True,
-                                   until=datetime.now(UTC) + timedelta(seconds=max(wait, 1.0)))
+                                   until=datetime.now(UTC) + exc.rate_wait(absent=RETRY_AFTER_CAP_SECONDS))
 
     async def postpone(self, event: str, code: str, message: str, *, outage: bool = False,
                        until: datetime | None = None, looks: int = 0) -> Outcome:

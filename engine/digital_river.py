@@ -94,7 +94,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -340,6 +340,18 @@ class TransientError(DigitalRiverError):
     def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
+
+    @property
+    def rate_limited(self) -> bool:
+        """Refused for Digital River's rate limit (a 429), or not sent at all because the key waits out a 429's
+        pause (`rate_paused`): either way Digital River did nothing, so nothing needs looking up."""
+        return self.status == 429 or self.code == "rate_paused"
+
+    def rate_wait(self, absent: float) -> timedelta:
+        """How long a caller waits before trying again after this rate-limit refusal: its Retry-After, or `absent`
+        seconds without one, from 1 s to RETRY_AFTER_CAP_SECONDS."""
+        seconds = absent if self.retry_after is None else self.retry_after
+        return timedelta(seconds=min(max(seconds, 1.0), RETRY_AFTER_CAP_SECONDS))
 
 
 class MalformedResponseError(TransientError):

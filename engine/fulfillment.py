@@ -36,7 +36,6 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from engine.digital_river import (
-    RETRY_AFTER_CAP_SECONDS,
     AuthError,
     BadRequestError,
     ConflictError,
@@ -67,21 +66,21 @@ IDS_KEY = "drjobsIds"
 class Sent:
     """How one entry of a POST /fulfillments ended: `sent`, `done` (already done), `failed`, `retry`, or
     `throttled`: refused for Digital River's rate limit (a 429, or not sent during the key's 429 pause), so nothing
-    was done; `retry_after` is how long the key must wait."""
+    was done (`throttled_wait`: how long it waits)."""
 
     kind: str
     message: str | None = None
     fulfillment_id: str | None = None
     error: DigitalRiverError | None = None
     found: bool = False  # `sent` by an earlier request, found in the order's fulfillments by our metadata
-    retry_after: float | None = None
 
 
 def throttled_wait(sent: Sent) -> timedelta:
-    """How long a `throttled` entry waits before it is sent again: the 429's Retry-After (1 s when absent), at most
-    an hour."""
-    seconds = 1.0 if sent.retry_after is None else min(max(sent.retry_after, 1.0), RETRY_AFTER_CAP_SECONDS)
-    return timedelta(seconds=seconds)
+    """How long a `throttled` entry waits before it is sent again: the 429's Retry-After (1 s when absent, as the
+    client's own pause), at most an hour."""
+    if not isinstance(sent.error, TransientError):
+        return timedelta(seconds=1.0)
+    return sent.error.rate_wait(absent=1.0)
 
 
 def classify(exc: DigitalRiverError) -> str:
@@ -175,14 +174,14 @@ async def send_fulfillment(dr: DigitalRiverClient, order_id: str, entries: Seque
         except DigitalRiverError as exc:
             if isinstance(exc, TransientError):
                 unknown += 1
-                throttled = exc.status == 429 or exc.code == "rate_paused"
+                throttled = exc.rate_limited
                 if await dr.wait_to_retry(exc, unknown):
                     look = not throttled  # a 429 is refused before anything is done, and a paused call not sent
                     continue
                 if throttled:
                     # Nothing was done: not a failed send (no retry_count), just a wait for the key's Retry-After.
                     for key, _ in pending:
-                        results[key] = Sent("throttled", dr_message(exc), error=exc, retry_after=exc.retry_after)
+                        results[key] = Sent("throttled", dr_message(exc), error=exc)
                     return results
             kind = classify(exc)
             message = dr_message(exc)
